@@ -1,0 +1,434 @@
+r"""The plug-in: :class:`Harmonizer` replaces ``loss.backward()`` with a harmonized backward.
+
+A training loop that used to do ``(cls + trade_off * align).backward()`` does instead::
+
+    harmonizer = Harmonizer(mode="gh++", scope=model.backbone)
+    stats = harmonizer.backward(cls=cls_loss, align=align_loss, trade_off=1.0)
+    optimizer.step()
+
+The Gramian of the two per-loss gradients is measured over the *scope* (the shared parameters);
+:mod:`gradharmony.harmonize` turns it into weights :math:`(w_a, w_c)`; every parameter, inside the
+scope or not (discriminators, heads), then receives the gradient of
+
+.. math:: t \, w_a L_{align} + w_c L_{cls}
+
+with the weights held constant, where :math:`t` is ``trade_off``.  As in the authors' code the
+alignment gradient is probed *before* the trade-off multiplies it (``probe_trade_off=True``
+measures :math:`t \nabla L_{align}` instead, so the scope's update is exactly the harmonized pair).
+
+Strategies (how the per-loss gradients are obtained; all give the same ``.grad`` up to rounding
+except ``features``, which measures a different Gramian):
+
+``reweight``
+    the authors' scheme: probe each loss over the scope (two backward passes, which only traverse
+    the graph between the losses and the scope), then one backward of the weighted loss.
+``recombine``
+    two backward passes over every parameter; each ``.grad`` is rebuilt as
+    :math:`t w_a g_a + w_c g_c` from the probes, so no third pass is needed.
+``features``
+    the Gramian is measured on the gradients with respect to a shared feature tensor passed as
+    ``backward(..., features=f)`` (cheap: only the heads are traversed), then one full weighted
+    backward.  An approximation of parameter-space GH; its accuracy is measured in the benchmarks.
+
+``refresh_every=k`` measures the weights on every k-th call only and reuses the last weights in
+between with a single weighted backward.
+
+Guards, each counted in the per-step :class:`StepStats` and in :meth:`Harmonizer.summary`:
+non-finite probe gradients (no harmonization that step: plain weights, so an AMP ``GradScaler``
+still sees the inf and skips the step; or ``on_nonfinite="raise"``), zero or tiny norms,
+parameters of the scope that one loss does not reach (zeros, in a fixed order), ``acos`` clamping,
+and the optional ``max_weight`` cap.  See :func:`gradharmony.harmonize.harmonize`.
+
+Mixed precision: pass ``scaler=`` (a ``torch.amp.GradScaler``); the losses are scaled for every
+backward pass and the Gramian is unscaled before it is measured, so ``.grad`` holds scaled
+gradients exactly as after ``scaler.scale(loss).backward()``.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from gradharmony import Harmonizer
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> backbone, head, disc = nn.Linear(4, 8), nn.Linear(8, 3), nn.Linear(8, 1)
+    >>> x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    >>> f = backbone(x)
+    >>> cls_loss = nn.functional.cross_entropy(head(f), y)
+    >>> align_loss = -disc(f).mean()          # stands in for a reversed adversarial loss
+    >>> h = Harmonizer(mode="gh", scope=backbone, strategy="recombine")
+    >>> stats = h.backward(cls=cls_loss, align=align_loss)
+    >>> all(p.grad is not None for p in [*backbone.parameters(), *head.parameters(), *disc.parameters()])
+    True
+    >>> sorted(stats.as_dict())[:4]
+    ['angle', 'conflict', 'cos', 'guards']
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradharmony.harmonize import HarmonizeResult, _check_k_lead, check_mode, harmonize
+
+STRATEGIES: tuple[str, ...] = ("reweight", "recombine", "features")
+NONFINITE_POLICIES: tuple[str, ...] = ("plain", "raise")
+
+Grads = list[torch.Tensor | None]
+
+
+@dataclass
+class StepStats:
+    """What one :meth:`Harmonizer.backward` call measured and applied (plain Python values)."""
+
+    step: int
+    mode: str
+    strategy: str
+    measured: bool  # False on steps that reused cached weights (refresh_every > 1)
+    cos: float
+    angle: float  # degrees
+    norm_align: float  # of the probed (unscaled) alignment gradient over the scope
+    norm_cls: float
+    w_align: float
+    w_cls: float
+    conflict: bool
+    trade_off: float
+    guards: tuple[str, ...] = field(default_factory=tuple)
+    unreached_align: int = 0  # scope tensors the alignment loss does not reach (counted as zeros)
+    unreached_cls: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["guards"] = list(self.guards)
+        return d
+
+
+class RunningStats:
+    """Running means over steps: conflict rate, angle, applied weights, guard counts."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps = 0
+        self.measured = 0
+        self.conflicts = 0
+        self.angle_sum = 0.0
+        self.angle_count = 0
+        self.w_align_sum = 0.0
+        self.w_cls_sum = 0.0
+        self.guards: Counter[str] = Counter()
+
+    def update(self, s: StepStats) -> None:
+        self.steps += 1
+        self.w_align_sum += s.w_align
+        self.w_cls_sum += s.w_cls
+        self.guards.update(s.guards)
+        if s.measured:
+            self.measured += 1
+            self.conflicts += int(s.conflict)
+            if math.isfinite(s.angle):
+                self.angle_sum += s.angle
+                self.angle_count += 1
+
+    def summary(self) -> dict[str, Any]:
+        nan = math.nan
+        return {
+            "steps": self.steps,
+            "measured_steps": self.measured,
+            "conflict_rate": self.conflicts / self.measured if self.measured else nan,
+            "mean_angle": self.angle_sum / self.angle_count if self.angle_count else nan,
+            "mean_w_align": self.w_align_sum / self.steps if self.steps else nan,
+            "mean_w_cls": self.w_cls_sum / self.steps if self.steps else nan,
+            "guards": dict(self.guards),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: (dict(v) if isinstance(v, Counter) else v) for k, v in vars(self).items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            setattr(self, k, Counter(v) if k == "guards" else v)
+
+
+def _scope_parameters(scope: nn.Module | nn.Parameter | Iterable | None) -> list[torch.Tensor] | None:
+    """Flatten modules/parameters into a de-duplicated, ordered list of tensors requiring grad."""
+    if scope is None:
+        return None
+    items = [scope] if isinstance(scope, (nn.Module, torch.Tensor)) else list(scope)
+    params: list[torch.Tensor] = []
+    seen: set[int] = set()
+    for item in items:
+        tensors = item.parameters() if isinstance(item, nn.Module) else [item]
+        for t in tensors:
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"scope items must be modules or tensors, got {type(t).__name__}")
+            if t.requires_grad and id(t) not in seen:
+                seen.add(id(t))
+                params.append(t)
+    if not params:
+        raise ValueError("the harmonizer scope holds no parameter that requires grad")
+    return params
+
+
+def graph_leaves(*outputs: torch.Tensor) -> list[torch.Tensor]:
+    """Leaf tensors requiring grad that ``outputs`` depend on, in a deterministic order."""
+    leaves: list[torch.Tensor] = []
+    seen_nodes: set[Any] = set()
+    seen_leaves: set[int] = set()
+    stack = [o.grad_fn for o in reversed(outputs) if o.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node in seen_nodes:
+            continue
+        seen_nodes.add(node)
+        variable = getattr(node, "variable", None)  # AccumulateGrad nodes hold the leaf
+        if variable is not None and id(variable) not in seen_leaves:
+            seen_leaves.add(id(variable))
+            leaves.append(variable)
+        stack.extend(nxt for nxt, _ in reversed(node.next_functions) if nxt is not None)
+    return leaves
+
+
+def _probe(loss: torch.Tensor, inputs: Sequence[torch.Tensor], retain_graph: bool) -> Grads:
+    """Per-input gradients of ``loss``; ``None`` where the loss does not reach an input."""
+    if not loss.requires_grad:
+        return [None] * len(inputs)
+    return list(torch.autograd.grad(loss, inputs, retain_graph=retain_graph, allow_unused=True))
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    t = t.reshape(-1)
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def gramian_of(g_align: Grads, g_cls: Grads) -> tuple[float, float, float]:
+    """``(aa, cc, d)`` summed over paired per-tensor gradients; ``None`` counts as zero.
+
+    Per-tensor dot products run in the gradients' precision (float32 for half types) and are
+    summed in float64; the three values come back with a single device synchronisation.
+    """
+    aa_terms: list[torch.Tensor] = []
+    cc_terms: list[torch.Tensor] = []
+    d_terms: list[torch.Tensor] = []
+    for a, c in zip(g_align, g_cls):
+        fa = _flat(a) if a is not None else None
+        fc = _flat(c) if c is not None else None
+        if fa is not None:
+            aa_terms.append(torch.dot(fa, fa))
+        if fc is not None:
+            cc_terms.append(torch.dot(fc, fc))
+        if fa is not None and fc is not None:
+            d_terms.append(torch.dot(fa, fc))
+    device = next((t.device for t in aa_terms + cc_terms), torch.device("cpu"))
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    sums = [torch.stack(t).double().sum() if t else zero for t in (aa_terms, cc_terms, d_terms)]
+    aa, cc, d = torch.stack(sums).tolist()
+    return aa, cc, d
+
+
+class Harmonizer:
+    """Harmonized backward for a classification loss and an alignment loss.
+
+    Args:
+        mode: ``none``, ``gh``, ``gh++`` or ``gh++exact`` (see :mod:`gradharmony.harmonize`).
+            ``none`` still measures the geometry (for diagnostics) and applies weights 1.
+        scope: modules and/or parameters over which the Gramian is measured (the shared
+            parameters).  ``None``: every parameter the two losses reach.
+        strategy: ``recombine`` (default; two passes), ``reweight`` (the authors' three passes) or
+            ``features`` (Gramian on a feature tensor; one full pass).
+        k, lead: GH++ parameters (``lead``: ``align`` or ``cls``).
+        refresh_every: measure the weights every this many calls; reuse them in between.
+        max_weight: optional cap on each weight (off by default, as in the authors' code).
+        on_nonfinite: ``plain`` (no harmonization that step, counted) or ``raise``.
+        probe_trade_off: measure the alignment gradient after the trade-off (default: before,
+            as the authors do).
+        parameters: for ``recombine``, the tensors whose ``.grad`` to fill; by default every leaf
+            of the two losses' graphs (what ``loss.backward()`` would fill).
+    """
+
+    def __init__(self, mode: str = "gh", scope: nn.Module | Iterable | None = None,
+                 strategy: str = "recombine", k: float = 0.5, lead: str = "align",
+                 refresh_every: int = 1, max_weight: float | None = None,
+                 on_nonfinite: str = "plain", probe_trade_off: bool = False,
+                 parameters: Iterable[torch.Tensor] | None = None):
+        self.mode = check_mode(mode)
+        _check_k_lead(k, lead)
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if refresh_every < 1:
+            raise ValueError(f"refresh_every must be >= 1, got {refresh_every}")
+        if on_nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {on_nonfinite!r}")
+        if max_weight is not None and max_weight < 1.0:
+            raise ValueError(f"max_weight must be >= 1 (weights of 1 mean 'unchanged'), got {max_weight}")
+        self.strategy, self.k, self.lead = strategy, k, lead
+        self.refresh_every, self.max_weight = refresh_every, max_weight
+        self.on_nonfinite, self.probe_trade_off = on_nonfinite, probe_trade_off
+        self.scope = _scope_parameters(scope) if strategy != "features" else None
+        self.parameters = list(parameters) if parameters is not None else None
+        self.calls = 0
+        self.last: HarmonizeResult | None = None
+        self.running = RunningStats()
+
+    def __repr__(self) -> str:
+        n = "all" if self.scope is None else str(len(self.scope))
+        return (f"Harmonizer(mode={self.mode!r}, strategy={self.strategy!r}, k={self.k}, "
+                f"lead={self.lead!r}, refresh_every={self.refresh_every}, scope_tensors={n})")
+
+    # ---------------------------------------------------------------- public API
+    def backward(self, *, cls: torch.Tensor, align: torch.Tensor, trade_off: float = 1.0,
+                 features: torch.Tensor | Sequence[torch.Tensor] | None = None,
+                 scaler: torch.amp.GradScaler | None = None,
+                 retain_graph: bool = False) -> StepStats:
+        """Accumulate the harmonized gradient into ``.grad``, as ``loss.backward()`` would.
+
+        Args:
+            cls: the classification loss (scalar).
+            align: the alignment loss (scalar), as the shared parameters see it (reversed).
+            trade_off: multiplies the alignment loss after its probe.
+            features: the shared feature tensor(s), required by the ``features`` strategy.
+            scaler: an AMP ``GradScaler``; the losses are scaled for every backward pass.
+            retain_graph: keep the graph after the last backward pass.
+
+        Returns:
+            the :class:`StepStats` of this call (also added to :meth:`summary`).
+        """
+        if cls.dim() != 0 or align.dim() != 0:
+            raise ValueError("cls and align must be scalar losses (call .mean() or .sum() first)")
+        if self.strategy == "features" and features is None:
+            raise ValueError("strategy='features' needs backward(..., features=<shared feature tensor>)")
+        trade_off = float(trade_off)
+        scale = 1.0
+        if scaler is not None and scaler.is_enabled():
+            cls, align = scaler.scale(cls), scaler.scale(align)
+            scale = float(scaler.get_scale())
+
+        measure = self.last is None or self.calls % self.refresh_every == 0
+        step = self.calls
+        self.calls += 1
+        if not measure:
+            result = self.last
+            self._weighted_backward(cls, align, trade_off, result, retain_graph)
+            stats = self._stats(step, False, result, math.nan, math.nan, trade_off, (), 0, 0)
+        elif self.strategy == "recombine":
+            stats = self._recombine(step, cls, align, trade_off, scale, retain_graph)
+        else:
+            inputs = self._probe_inputs(cls, align, features)
+            g_align = _probe(align, inputs, retain_graph=True)
+            g_cls = _probe(cls, inputs, retain_graph=True)
+            result, stats = self._measure(step, g_align, g_cls, trade_off, scale)
+            self._weighted_backward(cls, align, trade_off, result, retain_graph)
+        self.running.update(stats)
+        return stats
+
+    def summary(self) -> dict[str, Any]:
+        """Running conflict rate, mean angle, mean applied weights and guard counts."""
+        return self.running.summary()
+
+    def reset_summary(self) -> None:
+        self.running.reset()
+
+    def state_dict(self) -> dict[str, Any]:
+        """What an exact resume needs: call count, cached weights, running statistics."""
+        return {"calls": self.calls, "last": asdict(self.last) if self.last else None,
+                "running": self.running.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.calls = int(state["calls"])
+        last = state["last"]
+        self.last = HarmonizeResult(**{**last, "guards": tuple(last["guards"])}) if last else None
+        self.running.load_state_dict(state["running"])
+
+    # ---------------------------------------------------------------- internals
+    def _probe_inputs(self, cls: torch.Tensor, align: torch.Tensor,
+                      features: torch.Tensor | Sequence[torch.Tensor] | None) -> list[torch.Tensor]:
+        if self.strategy == "features":
+            feats = [features] if isinstance(features, torch.Tensor) else list(features)
+            if not all(f.requires_grad for f in feats):
+                raise ValueError("features must be part of the autograd graph (requires_grad=True)")
+            return feats
+        if self.scope is not None:
+            return self.scope
+        return graph_leaves(align, cls)
+
+    def _measure(self, step: int, g_align: Grads, g_cls: Grads, trade_off: float,
+                 scale: float) -> tuple[HarmonizeResult, StepStats]:
+        aa, cc, d = gramian_of(g_align, g_cls)
+        unscale = 1.0 / (scale * scale)
+        aa, cc, d = aa * unscale, cc * unscale, d * unscale
+        if self.probe_trade_off:
+            aa, d = aa * trade_off * trade_off, d * trade_off
+        result = harmonize(aa, cc, d, mode=self.mode, k=self.k, lead=self.lead,
+                           max_weight=self.max_weight)
+        if "nonfinite" in result.guards and self.on_nonfinite == "raise":
+            which = [name for name, v in (("alignment", aa), ("classification", cc)) if not math.isfinite(v)]
+            raise FloatingPointError(
+                f"non-finite gradient of the {' and '.join(which) or 'combined'} loss at harmonizer "
+                f"step {step}; pass on_nonfinite='plain' to skip harmonization on such steps")
+        if "nonfinite" not in result.guards and "tiny_norm" not in result.guards:
+            self.last = result  # a degenerate step never becomes the cached weights
+        elif self.last is None:
+            self.last = result
+        unreached_a = sum(g is None for g in g_align)
+        unreached_c = sum(g is None for g in g_cls)
+        guards = result.guards + (("unreached",) if unreached_a or unreached_c else ())
+        stats = self._stats(step, True, result, aa, cc, trade_off, guards, unreached_a, unreached_c)
+        return result, stats
+
+    def _stats(self, step: int, measured: bool, r: HarmonizeResult, aa: float, cc: float,
+               trade_off: float, guards: tuple[str, ...], unreached_a: int, unreached_c: int) -> StepStats:
+        if not measured:
+            guards = ("reused",)
+        return StepStats(step=step, mode=self.mode, strategy=self.strategy, measured=measured,
+                         cos=r.cos, angle=r.angle, norm_align=math.sqrt(aa) if aa >= 0 else math.nan,
+                         norm_cls=math.sqrt(cc) if cc >= 0 else math.nan, w_align=r.w_align,
+                         w_cls=r.w_cls, conflict=r.conflict, trade_off=trade_off, guards=guards,
+                         unreached_align=unreached_a, unreached_cls=unreached_c)
+
+    def _weighted_backward(self, cls: torch.Tensor, align: torch.Tensor, trade_off: float,
+                           r: HarmonizeResult, retain_graph: bool) -> None:
+        total = align * (trade_off * r.w_align) + cls * r.w_cls
+        total.backward(retain_graph=retain_graph)
+
+    def _recombine(self, step: int, cls: torch.Tensor, align: torch.Tensor, trade_off: float,
+                   scale: float, retain_graph: bool) -> StepStats:
+        leaves = self.parameters if self.parameters is not None else graph_leaves(align, cls)
+        scope = self.scope if self.scope is not None else leaves
+        # Scope first, in its fixed order, then every other leaf: one probe pass per loss.
+        scope_ids = {id(t) for t in scope}
+        inputs = list(scope) + [t for t in leaves if id(t) not in scope_ids]
+        g_align = _probe(align, inputs, retain_graph=True)
+        g_cls = _probe(cls, inputs, retain_graph=retain_graph)
+        n = len(scope)
+        result, stats = self._measure(step, g_align[:n], g_cls[:n], trade_off, scale)
+        coef_align, coef_cls = trade_off * result.w_align, result.w_cls
+        with torch.no_grad():
+            for tensor, ga, gc in zip(inputs, g_align, g_cls):
+                _accumulate(tensor, ga, coef_align, gc, coef_cls)
+        return stats
+
+
+def _accumulate(tensor: torch.Tensor, ga: torch.Tensor | None, coef_a: float,
+                gc: torch.Tensor | None, coef_c: float) -> None:
+    """``tensor.grad += coef_a * ga + coef_c * gc`` (``None`` terms skipped), like AccumulateGrad."""
+    if ga is None and gc is None:
+        return
+    if tensor.grad is None:
+        grad = torch.empty_like(tensor)  # keeps the parameter's memory layout
+        if ga is not None:
+            torch.mul(ga, coef_a, out=grad)
+            if gc is not None:
+                grad.add_(gc, alpha=coef_c)
+        else:
+            torch.mul(gc, coef_c, out=grad)
+        tensor.grad = grad
+    else:
+        if ga is not None:
+            tensor.grad.add_(ga, alpha=coef_a)
+        if gc is not None:
+            tensor.grad.add_(gc, alpha=coef_c)
