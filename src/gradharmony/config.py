@@ -1,0 +1,154 @@
+"""The resolved configuration of one training run: defaults, YAML recipes, overrides, validation.
+
+A run is fully described by a :class:`TrainConfig`; it is saved next to the results, and its hash
+(over the fields that change the outcome) keys resumable runs and sweeps.
+
+Example:
+    >>> cfg = TrainConfig(method="dann", harmonizer="gh++", steps=100)
+    >>> cfg.with_overrides({"seed": 3}).seed
+    3
+    >>> TrainConfig.from_dict({"stepz": 10})
+    Traceback (most recent call last):
+    ...
+    gradharmony.config.ConfigError: unknown config key 'stepz' (did you mean 'steps'?)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gradharmony.harmonize import LEADS, check_mode
+from gradharmony.harmonizer import STRATEGIES
+
+SCOPES = ("default", "bottleneck", "backbone", "all")
+# Fields that do not change the outcome of a run: excluded from its hash.
+NON_OUTCOME_FIELDS = ("out", "data_root", "progress", "threads", "device", "checkpoint_every")
+
+
+class ConfigError(ValueError):
+    """A configuration value or key that cannot be used, with what would be accepted."""
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    method: str = "dann"
+    source: str = "mnist"
+    target: str = "mnistm-synth"
+    backbone: str = "lenet"
+    image_size: int = 32
+    channels: int = 3
+    bottleneck_dim: int = 256
+    method_params: dict[str, Any] = field(default_factory=dict)
+    # gradient harmonization
+    harmonizer: str = "none"
+    strategy: str = "recombine"
+    scope: str = "default"
+    k: float = 0.5
+    lead: str = "default"  # "default": the method's own GH++ lead
+    refresh_every: int = 1
+    max_weight: float | None = None
+    trade_off: float = 1.0
+    # optimisation (TLlib's digit recipe: SGD, nesterov, inverse decay)
+    steps: int = 3000
+    batch_size: int = 32
+    lr: float = 0.01
+    lr_gamma: float = 0.001
+    lr_decay: float = 0.75
+    momentum: float = 0.9
+    weight_decay: float = 1e-3
+    nesterov: bool = True
+    # data
+    data_root: str | None = None
+    source_limit: int | None = None  # use only the first N (shuffled by seed) source training images
+    target_limit: int | None = None
+    # evaluation, logging, reproducibility
+    eval_every: int = 500
+    checkpoint_every: int | None = None  # default: at every evaluation
+    seed: int = 0
+    out: str = "runs/default"
+    device: str = "cpu"
+    threads: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        try:
+            self.harmonizer = check_mode(self.harmonizer)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        if self.scope not in SCOPES:
+            raise ConfigError(f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
+        if self.lead not in (*LEADS, "default"):
+            raise ConfigError(f"lead must be 'align', 'cls' or 'default', got {self.lead!r}")
+        if not 0.0 <= self.k <= 1.0:
+            raise ConfigError(f"k must lie in [0, 1], got {self.k}")
+        for name in ("steps", "batch_size", "eval_every", "refresh_every", "image_size", "channels",
+                     "bottleneck_dim"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.channels not in (1, 3):
+            raise ConfigError(f"channels must be 1 or 3, got {self.channels}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}")
+        if not isinstance(self.method_params, dict):
+            raise ConfigError("method_params must be a mapping of hyper-parameter names to values")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        names = cls.field_names()
+        for key in values:
+            if key not in names:
+                hint = difflib.get_close_matches(key, names, n=1)
+                suggestion = f" (did you mean {hint[0]!r}?)" if hint else f"; valid keys: {', '.join(names)}"
+                raise ConfigError(f"unknown config key {key!r}{suggestion}")
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "TrainConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+        try:
+            return cls.from_dict({**values, **(overrides or {})})
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+    def with_overrides(self, overrides: dict[str, Any]) -> "TrainConfig":
+        return TrainConfig.from_dict({**self.to_dict(), **overrides})
+
+    # ------------------------------------------------------------------ output
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def outcome_hash(self) -> str:
+        """Hash of every field that changes the result (not paths, devices or logging)."""
+        values = {k: v for k, v in self.to_dict().items() if k not in NON_OUTCOME_FIELDS}
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
