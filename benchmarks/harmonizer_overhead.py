@@ -14,6 +14,7 @@ set size during the timed steps above the resident size before them; on CUDA: th
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -48,6 +49,8 @@ def configs() -> list[Config]:
             Config(f"{mode} recombine (2 passes)", mode, "recombine"),
             Config(f"{mode} features", mode, "features"),
             Config(f"{mode} reweight, bottleneck scope", mode, "reweight", scope="bottleneck"),
+            Config(f"{mode} recombine, bottleneck scope (cut at backbone output)", mode, "recombine",
+                   scope="bottleneck"),
             Config(f"{mode} recombine, refresh_every=4", mode, "recombine", refresh_every=4),
         ]
     return out
@@ -66,11 +69,13 @@ class DANNLike(nn.Module):
             nn.Linear(1024, 1024), nn.BatchNorm1d(1024), nn.ReLU(), nn.Linear(1024, 1))
 
     def losses(self, xs, ys, xt):
-        f = self.bottleneck(self.backbone(torch.cat([xs, xt])))
+        """Losses, the bottleneck output ``f`` and the backbone output ``h``."""
+        h = self.backbone(torch.cat([xs, xt]))
+        f = self.bottleneck(h)
         cls = nn.functional.cross_entropy(self.classifier(f[: len(xs)]), ys)
         domain = torch.cat([torch.ones(len(xs)), torch.zeros(len(xt))]).to(f.device)
         align = nn.functional.binary_cross_entropy_with_logits(self.discriminator(self.grl(f)).squeeze(1), domain)
-        return cls, align, f
+        return cls, align, f, h
 
 
 def build(model_name: str, device: torch.device, batch: int):
@@ -104,11 +109,13 @@ class Stepper:
 
     def __call__(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        cls, align, f = self.model.losses(*self.batch)
+        cls, align, f, h = self.model.losses(*self.batch)
         if self.cfg.mode is None:
             (cls + align).backward()
         else:
-            self.harmonizer.backward(cls=cls, align=align, features=f)
+            # features: the Gramian of the features strategy; the cut below a bottleneck scope.
+            cut = h if self.cfg.scope == "bottleneck" else f
+            self.harmonizer.backward(cls=cls, align=align, features=cut)
         self.optimizer.step()
 
 
@@ -122,7 +129,7 @@ def time_all(model_name: str, device: torch.device, batch: int, steps: int, repe
     cfgs = configs()
     model, data = build(model_name, device, batch)
     steppers = [Stepper(model, data, c) for c in cfgs]  # one model: every config starts from the same weights
-    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state = copy.deepcopy(model.state_dict())
     samples: dict[str, list[float]] = {c.name: [] for c in cfgs}
     for stepper in steppers:  # warm-up
         stepper()

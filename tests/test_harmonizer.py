@@ -41,14 +41,19 @@ class TinyDANN(nn.Module):
         self.to(dtype)
 
     def losses(self, xs, ys, xt, count=False):
-        h = self.backbone[0](torch.cat([xs, xt]))
+        return self.forward_all(xs, ys, xt, count)[:3]
+
+    def forward_all(self, xs, ys, xt, count=False):
+        """cls, align, bottleneck output f, backbone output h, first-layer activation h0."""
+        h0 = self.backbone[0](torch.cat([xs, xt]))
         if count:  # every gradient of the first layer's weights passes through here
-            h = CountBackward.apply(h)
-        f = self.bottleneck(self.backbone[1:](h))
+            h0 = CountBackward.apply(h0)
+        h = self.backbone[1:](h0)
+        f = self.bottleneck(h)
         cls = nn.functional.cross_entropy(self.classifier(f[: len(xs)]), ys)
         domain = torch.cat([torch.ones(len(xs)), torch.zeros(len(xt))]).to(f.dtype)
         align = nn.functional.binary_cross_entropy_with_logits(self.discriminator(self.grl(f)).squeeze(1), domain)
-        return cls, align, f
+        return cls, align, f, h, h0
 
     def scope(self):
         return [self.backbone, self.bottleneck, self.classifier]
@@ -340,3 +345,42 @@ def test_empty_scope_and_non_scalar_losses_are_rejected():
     h = Harmonizer(scope=nn.Linear(2, 2))
     with pytest.raises(ValueError, match="scalar"):
         h.backward(cls=torch.ones(3, requires_grad=True), align=torch.ones((), requires_grad=True))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_recombine_cut_below_a_small_scope_is_exact_and_traverses_the_backbone_once(mode):
+    model, batch = make(torch.float64, CONFLICT_SEED)
+    reference = copy.deepcopy(model)
+    cls, align, _ = reference.losses(*batch)
+    ref_stats = Harmonizer(mode=mode, scope=[reference.bottleneck], strategy="reweight").backward(cls=cls, align=align)
+    cls, align, _, h, _ = model.forward_all(*batch, count=True)
+    CountBackward.calls = 0
+    stats = Harmonizer(mode=mode, scope=[model.bottleneck], strategy="recombine").backward(
+        cls=cls, align=align, features=h)
+    assert CountBackward.calls == 1
+    assert (stats.w_align, stats.w_cls) == pytest.approx((ref_stats.w_align, ref_stats.w_cls), rel=1e-12)
+    for name, g in grads(reference).items():
+        assert torch.allclose(g, grads(model)[name], atol=1e-10), name
+
+
+def test_a_parameter_bypassing_the_cut_is_not_counted_twice():
+    # The alignment loss also sees the first layer's activation: a path around the cut at h.
+    model, batch = make(torch.float64, CONFLICT_SEED)
+    skip = nn.Linear(6, 1).double()
+
+    def losses(m):
+        cls, align, _, h, h0 = m.forward_all(*batch)
+        return cls, align + skip(h0).mean(), h
+
+    reference = copy.deepcopy(model)
+    cls, align, h = losses(reference)
+    Harmonizer(mode="gh", scope=[reference.bottleneck], strategy="reweight").backward(cls=cls, align=align)
+    expected = grads(reference)
+    skip.zero_grad()
+    cls, align, h = losses(model)
+    Harmonizer(mode="gh", scope=[model.bottleneck], strategy="recombine").backward(cls=cls, align=align, features=h)
+    for name, g in expected.items():
+        assert torch.allclose(g, grads(model)[name], atol=1e-10), name
+    cls, align, h = losses(model)
+    stats = Harmonizer(mode="gh", strategy="features").backward(cls=cls, align=align, features=h)
+    assert "bypass" in stats.guards

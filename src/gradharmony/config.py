@@ -72,6 +72,7 @@ class TrainConfig:
     target_limit: int | None = None
     # evaluation, logging, reproducibility
     eval_every: int = 500
+    source_eval_size: int = 2000  # source-test images evaluated (a cheap diagnostic); 0: none
     checkpoint_every: int | None = None  # default: at every evaluation
     seed: int = 0
     out: str = "runs/default"

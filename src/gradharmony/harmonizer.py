@@ -16,19 +16,22 @@ with the weights held constant, where :math:`t` is ``trade_off``.  As in the aut
 alignment gradient is probed *before* the trade-off multiplies it (``probe_trade_off=True``
 measures :math:`t \nabla L_{align}` instead, so the scope's update is exactly the harmonized pair).
 
-Strategies (how the per-loss gradients are obtained; all give the same ``.grad`` up to rounding
-except ``features``, which measures a different Gramian):
+Strategies (how the per-loss gradients are obtained; ``reweight`` and ``recombine`` give the same
+``.grad`` up to rounding; ``features`` measures a different Gramian):
 
 ``reweight``
     the authors' scheme: probe each loss over the scope (two backward passes, which only traverse
     the graph between the losses and the scope), then one backward of the weighted loss.
 ``recombine``
-    two backward passes over every parameter; each ``.grad`` is rebuilt as
-    :math:`t w_a g_a + w_c g_c` from the probes, so no third pass is needed.
+    two backward passes; each ``.grad`` is rebuilt as :math:`t w_a g_a + w_c g_c` from the
+    probes, so no third pass is needed.  When the scope lies entirely above a feature tensor passed
+    as ``backward(..., features=h)`` (e.g. a bottleneck scope with ``h`` the backbone output), the
+    probes stop at ``h`` and the combined gradient of ``h`` goes through the backbone once: the same
+    update at nearly the cost of plain training.
 ``features``
     the Gramian is measured on the gradients with respect to a shared feature tensor passed as
-    ``backward(..., features=f)`` (cheap: only the heads are traversed), then one full weighted
-    backward.  An approximation of parameter-space GH; its accuracy is measured in the benchmarks.
+    ``backward(..., features=f)``; the probes stop there and the backbone is traversed once.  An
+    approximation of parameter-space GH; its accuracy is measured in the benchmarks.
 
 ``refresh_every=k`` measures the weights on every k-th call only and reuses the last weights in
 between with a single weighted backward.
@@ -175,11 +178,16 @@ def _scope_parameters(scope: nn.Module | nn.Parameter | Iterable | None) -> list
     return params
 
 
-def graph_leaves(*outputs: torch.Tensor) -> list[torch.Tensor]:
-    """Leaf tensors requiring grad that ``outputs`` depend on, in a deterministic order."""
+def graph_leaves(*outputs: torch.Tensor, stop_at: Sequence[torch.Tensor] = ()) -> list[torch.Tensor]:
+    """Leaf tensors requiring grad that ``outputs`` depend on, in a deterministic order.
+
+    With ``stop_at``, the walk does not go below those tensors: it returns only the leaves that
+    the outputs reach without passing through them (and never the ``stop_at`` tensors themselves).
+    """
     leaves: list[torch.Tensor] = []
-    seen_nodes: set[Any] = set()
-    seen_leaves: set[int] = set()
+    stop_ids = {id(t) for t in stop_at}
+    seen_nodes: set[Any] = {t.grad_fn for t in stop_at if t.grad_fn is not None}
+    seen_leaves: set[int] = set(stop_ids)
     stack = [o.grad_fn for o in reversed(outputs) if o.grad_fn is not None]
     while stack:
         node = stack.pop()
@@ -240,7 +248,7 @@ class Harmonizer:
         scope: modules and/or parameters over which the Gramian is measured (the shared
             parameters).  ``None``: every parameter the two losses reach.
         strategy: ``recombine`` (default; two passes), ``reweight`` (the authors' three passes) or
-            ``features`` (Gramian on a feature tensor; one full pass).
+            ``features`` (Gramian on a feature tensor; the backbone is traversed once).
         k, lead: GH++ parameters (``lead``: ``align`` or ``cls``).
         refresh_every: measure the weights every this many calls; reuse them in between.
         max_weight: optional cap on each weight (off by default, as in the authors' code).
@@ -291,7 +299,9 @@ class Harmonizer:
             cls: the classification loss (scalar).
             align: the alignment loss (scalar), as the shared parameters see it (reversed).
             trade_off: multiplies the alignment loss after its probe.
-            features: the shared feature tensor(s), required by the ``features`` strategy.
+            features: the shared feature tensor(s): required by ``features``; for ``recombine``, a
+                cut below the scope that makes the probes cheaper (ignored when the scope reaches
+                below it).
             scaler: an AMP ``GradScaler``; the losses are scaled for every backward pass.
             retain_graph: keep the graph after the last backward pass.
 
@@ -311,18 +321,19 @@ class Harmonizer:
         measure = self.last is None or self.calls % self.refresh_every == 0
         step = self.calls
         self.calls += 1
+        feats = _feature_list(features)
         if not measure:
             result = self.last
             self._weighted_backward(cls, align, trade_off, result, retain_graph)
             stats = self._stats(step, False, result, math.nan, math.nan, trade_off, (), 0, 0)
-        elif self.strategy == "recombine":
-            stats = self._recombine(step, cls, align, trade_off, scale, retain_graph)
-        else:
-            inputs = self._probe_inputs(cls, align, features)
+        elif self.strategy == "reweight":
+            inputs = self.scope if self.scope is not None else graph_leaves(align, cls)
             g_align = _probe(align, inputs, retain_graph=True)
             g_cls = _probe(cls, inputs, retain_graph=True)
             result, stats = self._measure(step, g_align, g_cls, trade_off, scale)
             self._weighted_backward(cls, align, trade_off, result, retain_graph)
+        else:
+            stats = self._recombine(step, cls, align, trade_off, scale, retain_graph, feats)
         self.running.update(stats)
         return stats
 
@@ -345,19 +356,8 @@ class Harmonizer:
         self.running.load_state_dict(state["running"])
 
     # ---------------------------------------------------------------- internals
-    def _probe_inputs(self, cls: torch.Tensor, align: torch.Tensor,
-                      features: torch.Tensor | Sequence[torch.Tensor] | None) -> list[torch.Tensor]:
-        if self.strategy == "features":
-            feats = [features] if isinstance(features, torch.Tensor) else list(features)
-            if not all(f.requires_grad for f in feats):
-                raise ValueError("features must be part of the autograd graph (requires_grad=True)")
-            return feats
-        if self.scope is not None:
-            return self.scope
-        return graph_leaves(align, cls)
-
     def _measure(self, step: int, g_align: Grads, g_cls: Grads, trade_off: float,
-                 scale: float) -> tuple[HarmonizeResult, StepStats]:
+                 scale: float, extra_guards: tuple[str, ...] = ()) -> tuple[HarmonizeResult, StepStats]:
         aa, cc, d = gramian_of(g_align, g_cls)
         unscale = 1.0 / (scale * scale)
         aa, cc, d = aa * unscale, cc * unscale, d * unscale
@@ -376,7 +376,7 @@ class Harmonizer:
             self.last = result
         unreached_a = sum(g is None for g in g_align)
         unreached_c = sum(g is None for g in g_cls)
-        guards = result.guards + (("unreached",) if unreached_a or unreached_c else ())
+        guards = result.guards + (("unreached",) if unreached_a or unreached_c else ()) + extra_guards
         stats = self._stats(step, True, result, aa, cc, trade_off, guards, unreached_a, unreached_c)
         return result, stats
 
@@ -396,21 +396,87 @@ class Harmonizer:
         total.backward(retain_graph=retain_graph)
 
     def _recombine(self, step: int, cls: torch.Tensor, align: torch.Tensor, trade_off: float,
-                   scale: float, retain_graph: bool) -> StepStats:
-        leaves = self.parameters if self.parameters is not None else graph_leaves(align, cls)
-        scope = self.scope if self.scope is not None else leaves
-        # Scope first, in its fixed order, then every other leaf: one probe pass per loss.
-        scope_ids = {id(t) for t in scope}
-        inputs = list(scope) + [t for t in leaves if id(t) not in scope_ids]
+                   scale: float, retain_graph: bool, feats: list[torch.Tensor]) -> StepStats:
+        """Two probe passes, then every ``.grad`` rebuilt from them: no third pass.
+
+        With feature tensors given and every parameter of the scope above them, the probes stop
+        at the features ("the cut"): the heads are traversed once per loss, and the combined
+        feature gradient is sent through the backbone once.  That is the same update, exactly,
+        at almost the cost of plain training.
+        """
+        upper = self._upper_leaves(cls, align, feats)
+        if upper is not None:
+            measured_on = feats if self.strategy == "features" else self.scope or upper
+        elif self.strategy == "features":  # a parameter bypasses the cut: measure at it, then one full pass
+            g_align = _probe(align, feats, retain_graph=True)
+            g_cls = _probe(cls, feats, retain_graph=True)
+            result, stats = self._measure(step, g_align, g_cls, trade_off, scale, ("bypass",))
+            self._weighted_backward(cls, align, trade_off, result, retain_graph)
+            return stats
+        else:
+            upper = self.parameters if self.parameters is not None else graph_leaves(align, cls)
+            measured_on = self.scope or upper
+            feats = []
+        # Measured tensors first, in their fixed order, then every other input of the probes.
+        first_ids = {id(t) for t in measured_on}
+        inputs = list(measured_on) + [t for t in feats + upper if id(t) not in first_ids]
         g_align = _probe(align, inputs, retain_graph=True)
-        g_cls = _probe(cls, inputs, retain_graph=retain_graph)
-        n = len(scope)
+        g_cls = _probe(cls, inputs, retain_graph=retain_graph or bool(feats))
+        n = len(measured_on)
         result, stats = self._measure(step, g_align[:n], g_cls[:n], trade_off, scale)
         coef_align, coef_cls = trade_off * result.w_align, result.w_cls
+        feat_ids = {id(f) for f in feats}
+        cut, cut_grads = [], []
         with torch.no_grad():
             for tensor, ga, gc in zip(inputs, g_align, g_cls):
-                _accumulate(tensor, ga, coef_align, gc, coef_cls)
+                if id(tensor) in feat_ids:
+                    combined = _combine(ga, coef_align, gc, coef_cls)
+                    if combined is not None:
+                        cut.append(tensor)
+                        cut_grads.append(combined)
+                else:
+                    _accumulate(tensor, ga, coef_align, gc, coef_cls)
+        if cut:
+            torch.autograd.backward(cut, grad_tensors=cut_grads, retain_graph=retain_graph)
         return stats
+
+    def _upper_leaves(self, cls: torch.Tensor, align: torch.Tensor,
+                      feats: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """Leaves above the cut at ``feats``, or ``None`` if the probes cannot stop there.
+
+        They cannot when a parameter below the features also reaches a loss around them (its
+        gradient would be counted twice), or, for ``recombine``, when the scope is not entirely
+        above the features.
+        """
+        if not feats:
+            return None
+        upper = graph_leaves(align, cls, stop_at=feats)
+        upper_ids = {id(t) for t in upper}
+        if any(id(t) in upper_ids for t in graph_leaves(*feats)):
+            return None
+        if self.strategy == "recombine" and (self.scope is None or
+                                             not all(id(t) in upper_ids for t in self.scope)):
+            return None
+        return upper
+
+
+def _feature_list(features: torch.Tensor | Sequence[torch.Tensor] | None) -> list[torch.Tensor]:
+    if features is None:
+        return []
+    feats = [features] if isinstance(features, torch.Tensor) else list(features)
+    if not all(f.requires_grad for f in feats):
+        raise ValueError("features must be part of the autograd graph (requires_grad=True)")
+    return feats
+
+
+def _combine(ga: torch.Tensor | None, coef_a: float, gc: torch.Tensor | None,
+             coef_c: float) -> torch.Tensor | None:
+    if ga is None and gc is None:
+        return None
+    if ga is None:
+        return gc * coef_c
+    out = ga * coef_a
+    return out.add_(gc, alpha=coef_c) if gc is not None else out
 
 
 def _accumulate(tensor: torch.Tensor, ga: torch.Tensor | None, coef_a: float,

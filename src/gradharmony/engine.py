@@ -1,0 +1,373 @@
+"""The training loop: a method, a harmonizer and two domains wired together.
+
+``train(cfg)`` runs one configuration end to end: endless source/target batches, SGD with the
+inverse-decay schedule :math:`lr_i = lr (1 + \\gamma i)^{-0.75}`, evaluation every
+``eval_every`` steps (accuracy and per-class accuracy on the target test split; last and best both
+kept), a checkpoint after each evaluation, and one JSON line per evaluation holding the resolved
+config and the harmonizer's statistics over the interval.
+
+Interrupting a run (Ctrl-C or SIGTERM) finishes the current step, saves a checkpoint and stops;
+running the same command again continues from it and ends, on CPU, bit-identical to an
+uninterrupted run.
+
+Best-over-evaluations accuracy is selected on target *test* labels: it is what the UDA literature
+reports, and it is labelled as such (``best_target_acc``), never silently mixed with the last.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from gradharmony.config import ConfigError, TrainConfig
+from gradharmony.data import Domain, default_data_root, load_domain
+from gradharmony.harmonizer import Harmonizer
+from gradharmony.methods import Method, build_method
+from gradharmony.models import build_backbone
+from gradharmony.runlog import RunLog, load_checkpoint, save_checkpoint
+from gradharmony.sampler import InfiniteBatches
+
+EVAL_BATCH = 1000
+MAX_CONSECUTIVE_NONFINITE = 10  # skipped steps in a row before a run is declared diverged
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps with non-finite losses or gradients."""
+
+
+@dataclass
+class Evaluation:
+    accuracy: float
+    per_class: list[float]
+
+    @property
+    def mean_class_accuracy(self) -> float:
+        valid = [a for a in self.per_class if not math.isnan(a)]
+        return sum(valid) / len(valid) if valid else math.nan
+
+
+def to_input(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images in [0, 255] -> float inputs in [-1, 1]."""
+    return images.float().div_(127.5).sub_(1.0)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, domain: Domain, device: torch.device) -> Evaluation:
+    """Accuracy and per-class accuracy of ``model`` on ``domain`` (eval mode, restored after)."""
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros(domain.num_classes, dtype=torch.long)
+    total = torch.zeros(domain.num_classes, dtype=torch.long)
+    for start in range(0, len(domain), EVAL_BATCH):
+        images = domain.images[start:start + EVAL_BATCH].to(device)
+        labels = domain.labels[start:start + EVAL_BATCH].to(device)
+        predictions = model(to_input(images)).argmax(dim=1)
+        total += torch.bincount(labels, minlength=domain.num_classes).cpu()
+        correct += torch.bincount(labels[predictions == labels], minlength=domain.num_classes).cpu()
+    model.train(was_training)
+    per_class = [c / t if t else math.nan for c, t in zip(correct.tolist(), total.tolist())]
+    return Evaluation(accuracy=correct.sum().item() / max(1, total.sum().item()), per_class=per_class)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def build_harmonizer(cfg: TrainConfig, method: Method) -> Harmonizer:
+    scopes = {"default": method.scope_modules(), "bottleneck": [method.bottleneck],
+              "backbone": [method.backbone], "all": None}
+    lead = method.default_lead if cfg.lead == "default" else cfg.lead
+    return Harmonizer(mode=cfg.harmonizer, scope=scopes[cfg.scope], strategy=cfg.strategy, k=cfg.k,
+                      lead=lead, refresh_every=cfg.refresh_every, max_weight=cfg.max_weight)
+
+
+def build_model(cfg: TrainConfig, num_classes: int) -> Method:
+    backbone = build_backbone(cfg.backbone, in_channels=cfg.channels, image_size=cfg.image_size)
+    return build_method(cfg.method, backbone, num_classes, max_steps=cfg.steps,
+                        bottleneck_dim=cfg.bottleneck_dim, **cfg.method_params)
+
+
+def _limited(domain: Domain, limit: int | None, seed: int) -> Domain:
+    if limit is None or limit >= len(domain):
+        return domain
+    keep = torch.randperm(len(domain), generator=torch.Generator().manual_seed(seed))[:limit]
+    return Domain(name=domain.name, split=domain.split, images=domain.images[keep],
+                  labels=domain.labels[keep], num_classes=domain.num_classes)
+
+
+def load_domains(cfg: TrainConfig) -> dict[str, Domain]:
+    """Source train (labelled), target train (labels never used), source and target test."""
+    root = Path(cfg.data_root) if cfg.data_root else default_data_root()
+    common = dict(data_root=root, image_size=cfg.image_size, channels=cfg.channels)
+    domains = {
+        "source": _limited(load_domain(cfg.source, "train", **common), cfg.source_limit, 0),
+        "target": _limited(load_domain(cfg.target, "train", **common), cfg.target_limit, 1),
+        "source_test": _limited(load_domain(cfg.source, "test", **common), cfg.source_eval_size, 2),
+        "target_test": load_domain(cfg.target, "test", **common),
+    }
+    if domains["source"].num_classes != domains["target"].num_classes:
+        raise ConfigError(f"{cfg.source} has {domains['source'].num_classes} classes but {cfg.target} has "
+                          f"{domains['target'].num_classes}; closed-set UDA needs the same classes")
+    return domains
+
+
+class _DeferredInterrupt:
+    """Turn the first Ctrl-C / SIGTERM into a request to stop after the current step.
+
+    A step interrupted half-way (optimizer stepped, counter not yet advanced) could not be resumed
+    exactly, so the loop finishes the step, saves, then stops.  A second signal stops at once.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> "_DeferredInterrupt":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread: signals stay as they are
+                pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+
+
+class Trainer:
+    """One run: build everything from ``cfg``, then :meth:`run` (resuming if a checkpoint exists)."""
+
+    def __init__(self, cfg: TrainConfig, domains: dict[str, Domain] | None = None):
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.device = resolve_device(cfg.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        self.domains = domains if domains is not None else load_domains(cfg)
+        for key in ("source", "target"):  # keep training tensors on the device: no loader overhead
+            d = self.domains[key]
+            self.domains[key] = Domain(d.name, d.split, d.images.to(self.device), d.labels.to(self.device),
+                                       d.num_classes)
+        self.model = build_model(cfg, self.domains["source"].num_classes).to(self.device)
+        self.optimizer = torch.optim.SGD(self.model.parameter_groups(cfg.lr), lr=cfg.lr,
+                                         momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                         nesterov=cfg.nesterov)
+        self.harmonizer = build_harmonizer(cfg, self.model)
+        # Under a bottleneck scope the probes can stop at the backbone output (see Harmonizer).
+        self._backbone_output: list[torch.Tensor] = []
+        if cfg.scope == "bottleneck" and cfg.strategy == "recombine":
+            self.model.backbone.register_forward_hook(
+                lambda module, args, output: self._backbone_output.append(output) if module.training else None)
+        self.source_batches = InfiniteBatches(len(self.domains["source"]), cfg.batch_size, seed=cfg.seed)
+        self.target_batches = InfiniteBatches(len(self.domains["target"]), cfg.batch_size, seed=cfg.seed + 10_000)
+        self.step = 0
+        self.best = {"best_target_acc": -1.0, "best_step": -1}
+        self.interval = self._new_interval()
+        self.consecutive_nonfinite = 0
+        self.log = RunLog(self.out)
+
+    # ------------------------------------------------------------------ state
+    @staticmethod
+    def _new_interval() -> dict[str, float]:
+        return {"loss_cls": 0.0, "loss_align": 0.0, "steps": 0, "skipped_nonfinite": 0, "seconds": 0.0}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step, "config": self.cfg.to_dict(), "config_hash": self.cfg.outcome_hash(),
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "harmonizer": self.harmonizer.state_dict(),
+            "source_batches": self.source_batches.state_dict(),
+            "target_batches": self.target_batches.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "best": dict(self.best), "interval": dict(self.interval),
+            "consecutive_nonfinite": self.consecutive_nonfinite,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.harmonizer.load_state_dict(state["harmonizer"])
+        self.source_batches.load_state_dict(state["source_batches"])
+        self.target_batches.load_state_dict(state["target_batches"])
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.best, self.interval = dict(state["best"]), dict(state["interval"])
+        self.consecutive_nonfinite = int(state["consecutive_nonfinite"])
+
+    def save(self) -> None:
+        self.log.flush_steps()
+        save_checkpoint(self.out / "last.pt", self.state_dict())
+
+    def _resume_if_possible(self) -> bool:
+        path = self.out / "last.pt"
+        if not path.exists():
+            return False
+        state = load_checkpoint(path)
+        if state["config_hash"] != self.cfg.outcome_hash():
+            raise ConfigError(f"{self.out} holds a run with a different configuration "
+                              f"(see {self.out / 'config.yaml'}); choose another --out or delete it")
+        self.load_state_dict(state)
+        self.log.truncate_after(self.step)
+        return True
+
+    # ------------------------------------------------------------------ loop
+    def _set_lr(self) -> float:
+        factor = (1.0 + self.cfg.lr_gamma * self.step) ** (-self.cfg.lr_decay)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.cfg.lr * group.get("lr_mult", 1.0) * factor
+        return self.cfg.lr * factor
+
+    def _batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        s, t = self.domains["source"], self.domains["target"]
+        si, ti = self.source_batches.next_indices(), self.target_batches.next_indices()
+        return to_input(s.images[si.to(s.images.device)]), s.labels[si.to(s.labels.device)], \
+            to_input(t.images[ti.to(t.images.device)])
+
+    def train_step(self) -> dict[str, Any]:
+        self._set_lr()
+        xs, ys, xt = self._batch()
+        self._backbone_output.clear()
+        losses = self.model.compute_losses(xs, ys, xt, step=self.step)
+        cut = self._backbone_output[0] if len(self._backbone_output) == 1 else losses.features
+        self._backbone_output.clear()
+        self.optimizer.zero_grad(set_to_none=True)
+        if losses.align.requires_grad:
+            stats = self.harmonizer.backward(cls=losses.cls, align=losses.align,
+                                             trade_off=self.cfg.trade_off, features=cut)
+            record = {k: v for k, v in stats.as_dict().items() if k in
+                      ("cos", "angle", "w_align", "w_cls", "conflict", "measured")}
+            record["guards"] = "|".join(stats.guards)
+        else:  # source-only: nothing to harmonize
+            losses.cls.backward()
+            record = {"w_align": 1.0, "w_cls": 1.0, "guards": "no_align"}
+        logs = losses.logs
+        loss_cls = logs["cls_loss"] if "cls_loss" in logs else float(losses.cls.detach())
+        loss_align = logs["transfer_loss"] if "transfer_loss" in logs else float(losses.align.detach())
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        finite = math.isfinite(loss_cls) and math.isfinite(loss_align) and bool(
+            torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+        if finite:
+            self.optimizer.step()
+            self.consecutive_nonfinite = 0
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.consecutive_nonfinite += 1
+            self.interval["skipped_nonfinite"] += 1
+            record["guards"] = (record["guards"] + "|skipped_step").strip("|")
+        record.update(step=self.step, loss_cls=loss_cls, loss_align=loss_align)
+        self.interval["loss_cls"] += loss_cls if finite else 0.0
+        self.interval["loss_align"] += loss_align if finite else 0.0
+        self.interval["steps"] += 1
+        self.log.add_step(record)
+        self.step += 1
+        if self.consecutive_nonfinite >= MAX_CONSECUTIVE_NONFINITE:
+            raise TrainingDiverged(
+                f"{MAX_CONSECUTIVE_NONFINITE} consecutive steps with non-finite losses or gradients (the "
+                f"last at step {self.step - 1}); they were skipped, and the last good checkpoint is "
+                f"{self.out / 'last.pt'}. Lower --lr or --trade-off, or set --max-weight to cap the "
+                f"harmonizer's weights")
+        return record
+
+    def evaluation_record(self) -> dict[str, Any]:
+        target = evaluate(self.model, self.domains["target_test"], self.device)
+        source = evaluate(self.model, self.domains["source_test"], self.device) if self.cfg.source_eval_size else None
+        if target.accuracy > self.best["best_target_acc"]:
+            self.best = {"best_target_acc": target.accuracy, "best_step": self.step}
+        n = max(1, self.interval["steps"] - self.interval["skipped_nonfinite"])
+        record = {
+            "step": self.step, "target_acc": target.accuracy,
+            "target_mean_class_acc": target.mean_class_accuracy,
+            "target_per_class_acc": target.per_class,
+            "source_test_acc": source.accuracy if source else None,
+            "source_test_size": len(self.domains["source_test"]) if source else 0,
+            **self.best,
+            "loss_cls": self.interval["loss_cls"] / n, "loss_align": self.interval["loss_align"] / n,
+            "skipped_nonfinite": self.interval["skipped_nonfinite"],
+            "seconds_per_step": self.interval["seconds"] / max(1, self.interval["steps"]),
+            "harmonizer": self.harmonizer.summary(),
+            "config_hash": self.cfg.outcome_hash(), "config": self.cfg.to_dict(),
+        }
+        self.harmonizer.reset_summary()
+        self.interval = self._new_interval()
+        return record
+
+    def run(self) -> dict[str, Any]:
+        """Train to ``cfg.steps`` (resuming if possible); returns the final summary."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        resumed = self._resume_if_possible()
+        self.cfg.save(self.out / "config.yaml")
+        checkpoint_every = self.cfg.checkpoint_every or self.cfg.eval_every
+        last_eval: dict[str, Any] = {}
+        bar = tqdm(total=self.cfg.steps, initial=self.step, disable=not self.cfg.progress, dynamic_ncols=True,
+                   desc=f"{self.cfg.method}+{self.cfg.harmonizer} {self.cfg.source}->{self.cfg.target}"
+                        + (" (resumed)" if resumed else ""))
+        recent_angles: list[float] = []
+        try:
+            with _DeferredInterrupt() as interrupt:
+                while self.step < self.cfg.steps:
+                    started = time.perf_counter()
+                    record = self.train_step()
+                    self.interval["seconds"] += time.perf_counter() - started
+                    if record.get("measured") and record.get("angle") is not None and math.isfinite(record["angle"]):
+                        recent_angles = (recent_angles + [record["angle"]])[-50:]
+                    bar.update(1)
+                    if self.step % 10 == 0 or self.step == self.cfg.steps:
+                        summary = self.harmonizer.summary()
+                        bar.set_postfix(cls=f"{record['loss_cls']:.3f}", align=f"{record['loss_align']:.3f}",
+                                        acc=f"{last_eval.get('target_acc', math.nan):.3f}",
+                                        angle=f"{np.mean(recent_angles) if recent_angles else math.nan:.1f}",
+                                        conflict=f"{summary['conflict_rate']:.2f}", refresh=False)
+                    if self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps:
+                        last_eval = self.evaluation_record()
+                        self.log.add_evaluation(last_eval)
+                    if self.step % checkpoint_every == 0 or self.step == self.cfg.steps:
+                        self.save()
+                    if interrupt.requested and self.step < self.cfg.steps:
+                        raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            self.save()
+            bar.close()
+            raise KeyboardInterrupt(f"interrupted at step {self.step}; checkpoint saved to "
+                                    f"{self.out / 'last.pt'}: run the same command again to resume") from None
+        bar.close()
+        return self.final_summary()
+
+    def final_summary(self) -> dict[str, Any]:
+        from gradharmony.runlog import read_metrics
+
+        records = read_metrics(self.out)
+        last = records[-1]
+        return {"out": str(self.out), "method": self.cfg.method, "harmonizer": self.cfg.harmonizer,
+                "seed": self.cfg.seed, "steps": self.step, "last_target_acc": last["target_acc"],
+                "best_target_acc": last["best_target_acc"], "best_step": last["best_step"],
+                "config_hash": self.cfg.outcome_hash()}
+
+
+def train(cfg: TrainConfig, domains: dict[str, Domain] | None = None) -> dict[str, Any]:
+    """Run (or resume, or skip if finished) one configuration; returns its final summary."""
+    return Trainer(cfg, domains).run()

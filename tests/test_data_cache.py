@@ -1,0 +1,139 @@
+"""The on-disk cache: hits, keys, atomic writes, corrupt entries rebuilt."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from gradharmony.data import load_domain
+from gradharmony.data import registry
+from gradharmony.data.cache import cache_key, default_cache_dir, load_cached, save_cached
+from gradharmony.data.fake import fake_images, write_usps_libsvm
+
+
+@pytest.fixture
+def usps_root(tmp_path):
+    write_usps_libsvm(tmp_path / "root", "train", *fake_images(6, 16))
+    return tmp_path / "root"
+
+
+@pytest.fixture
+def read_calls(monkeypatch):
+    """Counts calls of the USPS reader."""
+    calls = []
+    spec = registry.DOMAINS["usps"]
+
+    def counting_read(*args):
+        calls.append(args)
+        return spec.read(*args)
+
+    monkeypatch.setitem(registry.DOMAINS, "usps", registry.DomainSpec(
+        spec.locate, counting_read, spec.size, spec.channels, spec.seeded, spec.version))
+    return calls
+
+
+def cache_files(folder):
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def test_second_load_hits_the_cache(usps_root, tmp_path, read_calls):
+    cache = tmp_path / "cache"
+    first = load_domain("usps", data_root=usps_root, image_size=16, cache_dir=cache)
+    second = load_domain("usps", data_root=usps_root, image_size=16, cache_dir=cache)
+    assert len(read_calls) == 1
+    assert torch.equal(first.images, second.images) and torch.equal(first.labels, second.labels)
+    assert second.source == first.source
+    assert len(cache_files(cache)) == 1 and not any(n.endswith(".tmp") for n in cache_files(cache))
+
+
+def test_other_size_reuses_the_native_entry(usps_root, tmp_path, read_calls):
+    cache = tmp_path / "cache"
+    load_domain("usps", data_root=usps_root, image_size=16, cache_dir=cache)
+    resized = load_domain("usps", data_root=usps_root, image_size=28, channels=3, cache_dir=cache)
+    assert len(read_calls) == 1 and resized.images.shape == (6, 3, 28, 28)
+    assert len(cache_files(cache)) == 2
+    load_domain("usps", data_root=usps_root, image_size=28, channels=3, cache_dir=cache)
+    assert len(read_calls) == 1
+
+
+def test_changed_source_file_invalidates_the_cache(usps_root, tmp_path, read_calls):
+    cache = tmp_path / "cache"
+    load_domain("usps", data_root=usps_root, image_size=16, cache_dir=cache)
+    write_usps_libsvm(usps_root, "train", *fake_images(4, 16, seed=9))
+    stat = (usps_root / "usps.bz2").stat()
+    os.utime(usps_root / "usps.bz2", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert len(load_domain("usps", data_root=usps_root, image_size=16, cache_dir=cache)) == 4
+    assert len(read_calls) == 2
+
+
+def test_corrupt_cache_entry_is_rebuilt_with_a_warning(usps_root, tmp_path, read_calls):
+    cache = tmp_path / "cache"
+    first = load_domain("usps", data_root=usps_root, image_size=16, cache_dir=cache)
+    (entry,) = cache.iterdir()
+    entry.write_bytes(entry.read_bytes()[:100])
+    with pytest.warns(RuntimeWarning, match="unreadable"):
+        rebuilt = load_domain("usps", data_root=usps_root, image_size=16, cache_dir=cache)
+    assert torch.equal(rebuilt.images, first.images) and len(read_calls) == 2
+    assert load_cached(entry) is not None  # rewritten whole
+
+
+def test_use_cache_false_writes_nothing(usps_root, tmp_path, read_calls):
+    cache = tmp_path / "cache"
+    load_domain("usps", data_root=usps_root, image_size=28, cache_dir=cache, use_cache=False)
+    load_domain("usps", data_root=usps_root, image_size=28, cache_dir=cache, use_cache=False)
+    assert len(read_calls) == 2 and cache_files(cache) == []
+
+
+def test_default_cache_dir_is_inside_a_writable_data_root(usps_root, tmp_path, monkeypatch):
+    assert default_cache_dir(usps_root) == usps_root / ".cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir(tmp_path / "missing") == tmp_path / "xdg" / "gradharmony"
+    load_domain("usps", data_root=usps_root, image_size=16)
+    assert len(cache_files(usps_root / ".cache")) == 1
+
+
+def test_unwritable_cache_dir_warns_and_still_loads(usps_root, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.warns(RuntimeWarning, match="could not write cache"):
+        domain = load_domain("usps", data_root=usps_root, image_size=16, cache_dir=blocker / "cache")
+    assert len(domain) == 6
+
+
+def test_save_is_atomic_when_interrupted(tmp_path, monkeypatch):
+    path = tmp_path / "entry.pt"
+    images, labels = torch.zeros(2, 1, 4, 4, dtype=torch.uint8), torch.zeros(2, dtype=torch.int64)
+    assert save_cached(path, images, labels, "old")
+
+    def failing_save(obj, fh):
+        fh.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_cached(path, images + 1, labels, "new")
+    assert load_cached(path)[2] == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["entry.pt"]
+
+
+def test_cache_key_depends_on_every_part():
+    base = {"name": "usps", "split": "train", "image_size": 28, "channels": 1, "seed": None}
+    keys = {cache_key(base)} | {cache_key({**base, k: v}) for k, v in
+                                [("split", "test"), ("image_size", 32), ("channels", 3), ("seed", 1)]}
+    assert len(keys) == 5
+    assert cache_key(dict(reversed(list(base.items())))) == cache_key(base)
+
+
+def test_cached_load_of_60k_images_is_fast(tmp_path):
+    import time
+
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (60_000, 1, 28, 28), dtype=np.uint8))
+    labels = torch.zeros(60_000, dtype=torch.int64)
+    save_cached(tmp_path / "big.pt", images, labels, "x")
+    start = time.perf_counter()
+    loaded = load_cached(tmp_path / "big.pt")
+    assert time.perf_counter() - start < 1.0
+    assert torch.equal(loaded[0], images)

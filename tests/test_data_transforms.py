@@ -1,0 +1,52 @@
+"""Resizing and channel conversion into the shared input space."""
+
+from __future__ import annotations
+
+import torch
+
+from gradharmony.data.transforms import resize, to_channels, to_input_space
+
+
+def test_gray_to_rgb_repeats_the_channel():
+    gray = torch.randint(0, 256, (5, 1, 6, 6), dtype=torch.uint8)
+    rgb = to_channels(gray, 3)
+    assert rgb.shape == (5, 3, 6, 6) and rgb.dtype == torch.uint8 and rgb.is_contiguous()
+    assert torch.equal(rgb[:, 0], gray[:, 0]) and torch.equal(rgb[:, 2], gray[:, 0])
+
+
+def test_rgb_to_gray_uses_luminance():
+    rgb = torch.zeros(3, 3, 2, 2, dtype=torch.uint8)
+    rgb[0, 0], rgb[1, 1], rgb[2, 2] = 255, 255, 255
+    gray = to_channels(rgb, 1)
+    assert gray.shape == (3, 1, 2, 2)
+    assert gray[:, 0, 0, 0].tolist() == [76, 150, 29]  # round(255 * (0.299, 0.587, 0.114))
+    white = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
+    assert to_channels(white, 1).unique().tolist() == [255]
+
+
+def test_resize_keeps_constant_images_and_range():
+    flat = torch.full((2, 1, 28, 28), 200, dtype=torch.uint8)
+    assert torch.equal(resize(flat, 16), torch.full((2, 1, 16, 16), 200, dtype=torch.uint8))
+    noise = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    small = resize(noise, 8)
+    assert small.shape == (3, 3, 8, 8) and small.dtype == torch.uint8
+
+
+def test_resize_antialiases_when_shrinking():
+    stripes = torch.zeros(1, 1, 32, 32, dtype=torch.uint8)
+    stripes[..., ::2] = 255  # one-pixel stripes: without antialiasing bilinear would alias
+    small = resize(stripes, 8)
+    assert (small.float() - 127.5).abs().max() < 20
+
+
+def test_same_size_is_returned_unchanged():
+    images = torch.randint(0, 256, (2, 1, 16, 16), dtype=torch.uint8)
+    assert to_input_space(images, 16, 1) is images
+
+
+def test_to_input_space_combines_both():
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    out = to_input_space(images, 28, 1)
+    assert out.shape == (4, 1, 28, 28)
+    out = to_input_space(torch.randint(0, 256, (4, 1, 16, 16), dtype=torch.uint8), 32, 3)
+    assert out.shape == (4, 3, 32, 32) and torch.equal(out[:, 0], out[:, 1])

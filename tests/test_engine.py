@@ -1,0 +1,160 @@
+"""The training loop on tiny in-memory domains: resume equivalence, skipping, logs, NaN handling."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from gradharmony.config import ConfigError, TrainConfig
+from gradharmony.data import Domain
+from gradharmony.engine import Trainer, TrainingDiverged, train
+from gradharmony.runlog import read_metrics, read_steps
+
+
+def tiny_domain(name: str, split: str, n: int, shift: float, seed: int) -> Domain:
+    """Class k is a bright bar at row 2k (+ noise); the target domain is brighter overall."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 4
+    images = torch.rand(n, 1, 16, 16, generator=g) * 60 + shift
+    for i, k in enumerate(labels.tolist()):
+        images[i, 0, 3 * k + 2: 3 * k + 4, 3:13] += 150
+    return Domain(name, split, images.clamp(0, 255).to(torch.uint8), labels, num_classes=4)
+
+
+def tiny_domains() -> dict[str, Domain]:
+    return {"source": tiny_domain("s", "train", 48, 0, 0), "target": tiny_domain("t", "train", 48, 60, 1),
+            "source_test": tiny_domain("s", "test", 16, 0, 2), "target_test": tiny_domain("t", "test", 16, 60, 3)}
+
+
+def config(tmp_path, **overrides) -> TrainConfig:
+    values = dict(method="dann", harmonizer="gh", image_size=16, channels=1, bottleneck_dim=16, steps=12,
+                  batch_size=8, eval_every=4, out=str(tmp_path / "run"), progress=False,
+                  method_params={"disc_hidden": 16})
+    return TrainConfig(**{**values, **overrides})
+
+
+def interrupted_run(cfg: TrainConfig, at_step: int) -> None:
+    """Run ``cfg`` and press Ctrl-C (a real SIGINT) in the middle of step ``at_step - 1``."""
+    trainer = Trainer(cfg, tiny_domains())
+    original = trainer.train_step
+
+    def step_then_interrupt():
+        if trainer.step == at_step - 1:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives mid-step: the step still completes
+        return original()
+
+    trainer.train_step = step_then_interrupt
+    with pytest.raises(KeyboardInterrupt, match="resume"):
+        trainer.run()
+
+
+def without_timing(records):
+    """Records without wall-clock times and output paths (which legitimately differ)."""
+    out = []
+    for r in records:
+        r = {k: v for k, v in r.items() if k != "seconds_per_step"}
+        r["config"] = {k: v for k, v in r["config"].items() if k != "out"}
+        out.append(r)
+    return out
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(), dict(harmonizer="gh++", refresh_every=3), dict(method="cdan+e", harmonizer="gh++exact", strategy="reweight")])
+def test_resumed_run_ends_identical_to_an_uninterrupted_one(tmp_path, overrides):
+    straight = config(tmp_path / "a", **overrides)
+    result = train(straight, tiny_domains())
+    resumed = config(tmp_path / "b", **overrides)
+    interrupted_run(resumed, at_step=6)  # mid-interval: between the evaluations at steps 4 and 8
+    assert torch.load(tmp_path / "b" / "run" / "last.pt", weights_only=False)["step"] == 6
+    result_b = train(resumed, tiny_domains())
+    assert result_b["last_target_acc"] == result["last_target_acc"]
+    a = torch.load(tmp_path / "a" / "run" / "last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "b" / "run" / "last.pt", weights_only=False)["model"]
+    for key, value in a.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, b[key]), key
+    # Each record exactly once, and the same records.
+    metrics_a, metrics_b = read_metrics(tmp_path / "a" / "run"), read_metrics(tmp_path / "b" / "run")
+    assert [m["step"] for m in metrics_b] == [4, 8, 12]
+    assert without_timing(metrics_a) == without_timing(metrics_b)
+    steps_b = read_steps(tmp_path / "b" / "run")
+    assert [r["step"] for r in steps_b] == list(range(12))
+    assert str(read_steps(tmp_path / "a" / "run")) == str(steps_b)
+
+
+def test_metrics_hold_config_accuracy_and_harmonizer_stats(tmp_path):
+    cfg = config(tmp_path)
+    train(cfg, tiny_domains())
+    records = read_metrics(cfg.out)
+    assert len(records) == 3
+    last = records[-1]
+    assert last["config"] == cfg.to_dict() and last["config_hash"] == cfg.outcome_hash()
+    assert 0.0 <= last["target_acc"] <= 1.0 and len(last["target_per_class_acc"]) == 4
+    assert last["best_target_acc"] == max(r["target_acc"] for r in records)
+    h = last["harmonizer"]
+    assert h["steps"] == 4 and 0.0 <= h["conflict_rate"] <= 1.0 and h["mean_w_align"] >= 1.0
+    assert (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_finished_run_is_not_repeated(tmp_path):
+    cfg = config(tmp_path)
+    first = train(cfg, tiny_domains())
+    trainer = Trainer(cfg, tiny_domains())
+    trainer.train_step = lambda: pytest.fail("a finished run must not train again")
+    assert trainer.run() == first
+
+
+def test_a_different_config_in_the_same_folder_is_refused(tmp_path):
+    train(config(tmp_path), tiny_domains())
+    with pytest.raises(ConfigError, match="different configuration"):
+        train(config(tmp_path, seed=1), tiny_domains())
+
+
+def test_corrupt_checkpoint_is_reported_by_path(tmp_path):
+    cfg = config(tmp_path)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "last.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match="last.pt"):
+        train(cfg, tiny_domains())
+
+
+def test_nonfinite_steps_are_skipped_then_the_run_stops_with_a_clear_error(tmp_path):
+    cfg = config(tmp_path, steps=40, eval_every=20)
+    trainer = Trainer(cfg, tiny_domains())
+    original = trainer.model.compute_losses
+
+    def poisoned(xs, ys, xt, step):
+        losses = original(xs, ys, xt, step)
+        if step >= 2:
+            losses.cls = losses.cls * torch.tensor(float("nan"))
+        return losses
+
+    trainer.model.compute_losses = poisoned
+    with pytest.raises(TrainingDiverged, match="non-finite"):
+        trainer.run()
+    assert trainer.step == 12  # 2 good steps, then 10 skipped ones
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_source_only_bypasses_the_harmonizer(tmp_path):
+    cfg = config(tmp_path, method="source_only", method_params={})
+    result = train(cfg, tiny_domains())
+    assert result["steps"] == 12
+    assert read_steps(cfg.out)[0]["guards"] == "no_align"
+
+
+def test_bottleneck_scope_and_features_strategy_run(tmp_path):
+    for i, overrides in enumerate([dict(scope="bottleneck"), dict(strategy="features")]):
+        result = train(config(tmp_path / str(i), **overrides), tiny_domains())
+        assert 0.0 <= result["last_target_acc"] <= 1.0
+
+
+def test_jsonl_has_no_nan_literals(tmp_path):
+    cfg = config(tmp_path, method="source_only", method_params={})
+    train(cfg, tiny_domains())
+    for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))

@@ -1,0 +1,372 @@
+"""UDA methods: losses, where their gradients go, reversal sign and schedule, registry, training."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from gradharmony import Harmonizer
+from gradharmony.methods import (METHODS, CDANE, Losses, Method, build_method,
+                                 class_confusion_loss, domain_adversarial_loss)
+from gradharmony.methods.cdan import MultilinearMap, RandomizedMultilinearMap, entropy_weights
+from gradharmony.methods.mdd import log_one_minus_softmax
+from gradharmony.models import build_backbone, warm_start_coefficient
+
+NAMES = ["source_only", "dann", "cdan", "cdan+e", "mdd", "mcc"]
+ADVERSARIAL = ["dann", "cdan", "cdan+e", "mdd"]
+NUM_CLASSES, MAX_STEPS, DIM = 5, 100, 16
+SMALL = {"dann": {"disc_hidden": 32}, "cdan": {"disc_hidden": 32}, "cdan+e": {"disc_hidden": 32}}
+
+
+def make(name: str, **hparams) -> Method:
+    torch.manual_seed(0)
+    backbone = build_backbone("lenet", 1, 28)
+    return build_method(name, backbone, NUM_CLASSES, MAX_STEPS, bottleneck_dim=DIM,
+                        **{**SMALL.get(name, {}), **hparams})
+
+
+def batch(n_s: int = 4, n_t: int = 4, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n_s, 1, 28, 28, generator=g), torch.randint(0, NUM_CLASSES, (n_s,), generator=g),
+            torch.rand(n_t, 1, 28, 28, generator=g))
+
+
+def losses_at(method: Method, step: int = 50, seed: int = 2, **sizes) -> Losses:
+    x_s, y_s, x_t = batch(**sizes)
+    torch.manual_seed(seed)  # dropout masks
+    return method.compute_losses(x_s, y_s, x_t, step)
+
+
+def adversary(method: Method) -> nn.Module | None:
+    return getattr(method, "discriminator", None) or getattr(method, "adv_head", None)
+
+
+def grads(loss: torch.Tensor, module: nn.Module) -> list[torch.Tensor | None]:
+    params = [p for p in module.parameters() if p.requires_grad]
+    return list(torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True))
+
+
+def reaches(loss: torch.Tensor, module: nn.Module) -> bool:
+    return any(g is not None and bool(g.abs().sum() > 0) for g in grads(loss, module))
+
+
+# ----------------------------------------------------------------------------- registry
+def test_registry_keys_and_names():
+    assert sorted(METHODS) == sorted(NAMES)
+    for key, cls in METHODS.items():
+        assert cls.name == key and cls.default_lead in ("align", "cls") and cls.__doc__
+
+
+def test_unknown_method_lists_the_names():
+    with pytest.raises(ValueError) as info:
+        build_method("dan", build_backbone("lenet", 1, 28), 10, 100)
+    assert all(name in str(info.value) for name in NAMES)
+
+
+def test_unknown_hparam_is_named():
+    with pytest.raises(TypeError, match="grl_alhpa"):
+        make("dann", grl_alhpa=3.0)
+    with pytest.raises(TypeError, match="margin"):
+        make("dann", margin=4.0)  # an MDD hyper-parameter
+
+
+def test_name_is_case_insensitive():
+    assert isinstance(build_method("CDAN+E", build_backbone("lenet", 1, 28), 10, 100), CDANE)
+
+
+def test_backbone_without_out_features_is_rejected():
+    with pytest.raises(TypeError, match="out_features"):
+        build_method("dann", nn.Flatten(), 10, 100)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_hparams_are_resolved_and_stored(name):
+    method = build_method(name, build_backbone("lenet", 1, 28), 10, 100)
+    assert method.hparams == type(method).hparam_defaults()
+    assert method.hparams["backbone_lr_mult"] == 1.0 and method.hparams["bottleneck_dim"] == 256
+
+
+def test_tllib_defaults():
+    d = METHODS["dann"].hparam_defaults()
+    assert (d["grl_alpha"], d["grl_low"], d["grl_high"], d["disc_hidden"]) == (10.0, 0.0, 1.0, 1024)
+    c = METHODS["cdan"].hparam_defaults()
+    assert (c["randomized"], c["randomized_dim"]) == (False, 1024)
+    m = METHODS["mdd"].hparam_defaults()
+    assert (m["margin"], m["grl_high"], m["grl_max_steps"]) == (4.0, 0.1, 1000)
+    assert METHODS["mcc"].hparam_defaults()["temperature"] == 2.5
+
+
+# ----------------------------------------------------------------------------- losses
+@pytest.mark.parametrize("name", NAMES)
+def test_losses_are_finite_scalars_and_features_in_graph(name):
+    method = make(name)
+    losses = losses_at(method, n_s=4, n_t=3)
+    assert losses.cls.dim() == 0 and losses.align.dim() == 0
+    assert math.isfinite(losses.cls.item()) and math.isfinite(losses.align.item())
+    assert losses.features.shape == (7, DIM) and losses.features.requires_grad
+    assert torch.autograd.grad(losses.cls, losses.features, retain_graph=True)[0].abs().sum() > 0
+    if name != "source_only":
+        assert torch.autograd.grad(losses.align, losses.features, retain_graph=True)[0].abs().sum() > 0
+    assert all(isinstance(v, float) and math.isfinite(v) for v in losses.logs.values())
+    assert {"cls_loss", "transfer_loss", "source_acc"} <= set(losses.logs)
+
+
+def test_source_only_align_is_a_constant_zero():
+    losses = losses_at(make("source_only"))
+    assert losses.align.item() == 0.0 and not losses.align.requires_grad
+
+
+ALIGN_REACHES = {  # module -> does align reach it
+    "dann": {"backbone": True, "bottleneck": True, "classifier": False, "adversary": True},
+    "cdan": {"backbone": True, "bottleneck": True, "classifier": False, "adversary": True},
+    "cdan+e": {"backbone": True, "bottleneck": True, "classifier": True, "adversary": True},
+    "mdd": {"backbone": True, "bottleneck": True, "classifier": False, "adversary": True},
+    "mcc": {"backbone": True, "bottleneck": True, "classifier": True},
+}
+
+
+@pytest.mark.parametrize("name", list(ALIGN_REACHES))
+def test_align_gradient_reaches_exactly_the_expected_modules(name):
+    method = make(name)
+    losses = losses_at(method)
+    for part, expected in ALIGN_REACHES[name].items():
+        module = adversary(method) if part == "adversary" else getattr(method, part)
+        assert reaches(losses.align, module) == expected, part
+
+
+@pytest.mark.parametrize("name, hparams, classifier", [
+    ("cdan", {"detach_predictions": False}, True),
+    ("cdan+e", {"entropy_grad": False}, False),
+    ("cdan", {"randomized": True, "randomized_dim": 64}, False),
+])
+def test_cdan_detach_options(name, hparams, classifier):
+    method = make(name, **hparams)
+    losses = losses_at(method)
+    assert reaches(losses.align, method.classifier) == classifier
+    assert reaches(losses.align, method.bottleneck) and reaches(losses.align, method.discriminator)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_cls_gradient_reaches_backbone_and_classifier_but_no_adversary(name):
+    method = make(name)
+    losses = losses_at(method)
+    for part in (method.backbone, method.bottleneck, method.classifier):
+        assert reaches(losses.cls, part)
+    if adversary(method) is not None:
+        assert all(g is None for g in grads(losses.cls, adversary(method)))
+
+
+@pytest.mark.parametrize("name", ["dann", "cdan", "cdan+e", "mdd"])
+def test_reversal_sign_and_scale(name):
+    """Shared parameters get -lambda times the unreversed gradient; the adversary gets it plainly."""
+    method = make(name)
+    step = 60
+    losses = losses_at(method, step=step)
+    coefficient = method.grl.coefficient
+    assert losses.logs["grl_coeff"] == pytest.approx(coefficient)
+    reversed_shared = grads(losses.align, method.bottleneck)
+    reversed_adv = grads(losses.align, adversary(method))
+    method.grl.constant = -1.0  # reversal by -1: the identity, the gradient without reversal
+    plain = losses_at(method, step=step)
+    assert plain.align.item() == pytest.approx(losses.align.item(), rel=1e-6)
+    for g_rev, g_plain in zip(reversed_shared, grads(plain.align, method.bottleneck)):
+        torch.testing.assert_close(g_rev, -coefficient * g_plain, rtol=1e-4, atol=1e-7)
+    for g_rev, g_plain in zip(reversed_adv, grads(plain.align, adversary(method))):
+        torch.testing.assert_close(g_rev, g_plain)
+
+
+@pytest.mark.parametrize("name", ADVERSARIAL)
+def test_compute_losses_sets_the_schedule_and_forward_never_moves_it(name):
+    method = make(name)
+    x_s, y_s, x_t = batch()
+    losses = method.compute_losses(x_s, y_s, x_t, step=37)
+    assert method.grl.step == 37
+    method.compute_losses(x_s, y_s, x_t, step=37)
+    method(x_t)
+    method.eval()(x_t)
+    assert method.grl.step == 37
+    hp = method.hparams
+    expected = warm_start_coefficient(37, hp["grl_max_steps"] or MAX_STEPS, hp["grl_alpha"],
+                                      hp["grl_low"], hp["grl_high"])
+    assert losses.logs["grl_coeff"] == pytest.approx(expected)
+
+
+def test_grl_step_is_saved_with_the_state_dict():
+    method = make("dann")
+    losses_at(method, step=42)
+    clone = make("dann")
+    clone.load_state_dict(method.state_dict())
+    assert clone.grl.step == 42
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_deterministic_under_a_seed(name):
+    method = make(name)
+    a, b = losses_at(method, seed=3), losses_at(method, seed=3)
+    assert torch.equal(a.cls, b.cls) and torch.equal(a.align, b.align)
+    assert torch.equal(a.features, b.features) and a.logs == b.logs
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_one_backbone_forward_per_step(name):
+    method = make(name)
+    calls = []
+    method.backbone.register_forward_hook(lambda *args: calls.append(1))
+    losses_at(method)
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_forward_gives_class_logits(name):
+    method = make(name).eval()
+    assert method(batch()[0]).shape == (4, NUM_CLASSES)
+
+
+# ----------------------------------------------------------------------------- loss maths
+def test_domain_adversarial_loss_values():
+    logits = torch.tensor([2.0, -1.0, 0.5, -3.0, 1.0])
+    loss, acc = domain_adversarial_loss(logits, n_source=2)
+    bce_s = F.binary_cross_entropy_with_logits(logits[:2], torch.ones(2))
+    bce_t = F.binary_cross_entropy_with_logits(logits[2:], torch.zeros(3))
+    assert loss.item() == pytest.approx(0.5 * (bce_s + bce_t).item())
+    assert acc.item() == pytest.approx(2 / 5)  # correct: 2.0 (source), -3.0 (target)
+    zero_loss, _ = domain_adversarial_loss(torch.zeros(4), 2)
+    assert zero_loss.item() == pytest.approx(math.log(2))
+
+
+def test_entropy_weights_have_mean_one_per_domain_and_favour_confidence():
+    ent = torch.tensor([0.1, 1.0, 2.0, 0.5, 0.5])
+    w = entropy_weights(ent, n_source=3)
+    assert w[:3].mean().item() == pytest.approx(1.0) and w[3:].mean().item() == pytest.approx(1.0)
+    assert w[0] > w[1] > w[2]
+    raw = 1 + torch.exp(-ent)
+    assert torch.allclose(w[:3], raw[:3] / raw[:3].sum() * 3)
+
+
+def test_multilinear_maps():
+    f, g = torch.randn(3, 4), torch.softmax(torch.randn(3, 5), dim=1)
+    exact = MultilinearMap(4, 5)
+    assert torch.allclose(exact(f, g), torch.einsum("nk,nd->nkd", g, f).reshape(3, 20))
+    assert exact.out_features == 20
+    rand = RandomizedMultilinearMap(4, 5, output_dim=8)
+    expected = (f @ rand.random_f) * (g @ rand.random_g) / math.sqrt(8)
+    assert torch.allclose(rand(f, g), expected)
+    assert not list(rand.parameters()) and set(rand.state_dict()) == {"random_f", "random_g"}
+
+
+def test_cdan_e_loss_is_the_per_domain_entropy_weighted_bce():
+    method = make("cdan+e")
+    x_s, y_s, x_t = batch(n_s=4, n_t=3)
+    torch.manual_seed(2)
+    losses = method.compute_losses(x_s, y_s, x_t, 50)
+    torch.manual_seed(2)
+    f = method.features(torch.cat((x_s, x_t)))
+    logits = method.classifier(f)
+    p = torch.softmax(logits, dim=1)
+    d = method.discriminator(method.map(f, p))
+    labels = torch.tensor([1.0] * 4 + [0.0] * 3)
+    bce = F.binary_cross_entropy_with_logits(d, labels, reduction="none")
+    w = 1 + torch.exp((p * p.log()).sum(1))
+    expected = 0.5 * ((w[:4] * bce[:4]).sum() / w[:4].sum() + (w[4:] * bce[4:]).sum() / w[4:].sum())
+    assert losses.align.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def tllib_style_mcc(logits: torch.Tensor, t: float) -> torch.Tensor:
+    n, k = logits.shape
+    p = torch.softmax(logits / t, dim=1)
+    h = -(p * torch.log(p + 1e-12)).sum(1)
+    w = 1 + torch.exp(-h)
+    w = (n * w / w.sum()).unsqueeze(1)
+    c = (p * w).t() @ p
+    c = c / c.sum(dim=1)  # column-wise broadcast: equal to row-wise because c is symmetric
+    return (c.sum() - c.trace()) / k
+
+
+def test_class_confusion_loss_values():
+    logits = torch.randn(6, 4)
+    assert class_confusion_loss(logits, 2.5).item() == pytest.approx(tllib_style_mcc(logits, 2.5).item(), rel=1e-5)
+    assert class_confusion_loss(torch.zeros(5, 4)).item() == pytest.approx(3 / 4)  # uniform: all confused
+    confident = 100.0 * torch.eye(4)
+    assert class_confusion_loss(confident).item() < 1e-6
+
+
+def test_log_one_minus_softmax_is_exact_and_stable():
+    z = torch.randn(5, 4, dtype=torch.float64)
+    k = torch.tensor([0, 1, 2, 3, 0])
+    direct = torch.log(1 - torch.softmax(z, 1)[torch.arange(5), k])
+    torch.testing.assert_close(log_one_minus_softmax(z, k), direct)
+    peaked = torch.tensor([[60.0, 0.0, 0.0]], requires_grad=True)
+    value = log_one_minus_softmax(peaked, torch.tensor([0]))
+    value.backward()
+    assert value.item() == pytest.approx(math.log(2) - 60.0, rel=1e-6)  # log(1 - p) underflows directly
+    assert torch.isfinite(peaked.grad).all()
+
+
+def test_mdd_transfer_loss_formula():
+    method = make("mdd", head_dropout=0.0, bottleneck_dropout=0.0, margin=3.0)
+    x_s, y_s, x_t = batch(n_s=4, n_t=3)
+    torch.manual_seed(2)
+    losses = method.compute_losses(x_s, y_s, x_t, 50)
+    torch.manual_seed(2)
+    f = method.features(torch.cat((x_s, x_t)))
+    pred = method.classifier(f).argmax(1)
+    adv = method.adv_head(f)
+    source = F.cross_entropy(adv[:4], pred[:4])
+    target = -torch.log(1 - torch.softmax(adv[4:], 1)[torch.arange(3), pred[4:]]).mean()
+    assert losses.align.item() == pytest.approx((3.0 * source + target).item(), rel=1e-5)
+    assert losses.logs["mdd"] == pytest.approx(-losses.align.item(), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- optimisation
+@pytest.mark.parametrize("name", NAMES)
+def test_parameter_groups_partition_the_parameters(name):
+    method = make(name, backbone_lr_mult=0.1)
+    groups = method.parameter_groups(lr=0.01)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids))
+    assert set(ids) == {id(p) for p in method.parameters() if p.requires_grad}
+    by_name = {g["name"]: g for g in groups}
+    assert by_name["backbone"]["lr"] == pytest.approx(0.001) and by_name["heads"]["lr"] == 0.01
+    assert ("adversary" in by_name) == (adversary(method) is not None)
+    torch.optim.SGD(groups, lr=0.01, momentum=0.9)
+
+
+def test_scope_is_backbone_bottleneck_classifier():
+    method = make("cdan")
+    assert method.scope_modules() == [method.backbone, method.bottleneck, method.classifier]
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("mode", ["gh", "gh++"])
+def test_three_harmonized_sgd_steps(name, mode):
+    method = make(name).train()
+    harmonizer = Harmonizer(mode=mode, scope=method.scope_modules(), strategy="recombine",
+                            lead=method.default_lead)
+    optimizer = torch.optim.SGD(method.parameter_groups(lr=0.05), lr=0.05, momentum=0.9)
+    before = {k: p.detach().clone() for k, p in method.named_parameters()}
+    for step in range(50, 53):
+        optimizer.zero_grad()
+        losses = losses_at(method, step=step, seed=step)
+        harmonizer.backward(cls=losses.cls, align=losses.align, trade_off=1.0)
+        optimizer.step()
+    after = dict(method.named_parameters())
+    changed = {k for k, v in after.items() if not torch.equal(v, before[k])}
+    for prefix in ("backbone.", "bottleneck.", "classifier."):
+        assert any(k.startswith(prefix) for k in changed), prefix
+    if adversary(method) is not None:
+        adv_prefix = "discriminator." if hasattr(method, "discriminator") else "adv_head."
+        assert any(k.startswith(adv_prefix) for k in changed)
+    assert all(torch.isfinite(v).all() for v in method.state_dict().values() if isinstance(v, torch.Tensor))
+    assert harmonizer.summary()["steps"] == 3
+
+
+def test_features_strategy_runs_on_the_method_features():
+    method = make("dann")
+    harmonizer = Harmonizer(mode="gh", strategy="features")
+    losses = losses_at(method)
+    stats = harmonizer.backward(cls=losses.cls, align=losses.align, features=losses.features)
+    assert math.isfinite(stats.w_align) and method.discriminator.net[0].weight.grad is not None
