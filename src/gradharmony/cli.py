@@ -1,4 +1,4 @@
-"""Command line: ``gradharmony train | eval | demo``.
+"""Command line: ``gradharmony train | eval | sweep | report | demo``.
 
 Every field of :class:`gradharmony.config.TrainConfig` is a ``train`` flag (``--eval-every``,
 ``--data-root``, ...); ``--config recipe.yaml`` loads a recipe and flags given on the command line
@@ -116,6 +116,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from gradharmony.report import write_report
+    from gradharmony.sweep import expand, load_grid, run_grid, run_status
+
+    grid = load_grid(args.grid)
+    if args.dry_run:
+        for run in expand(grid):
+            print(f"{run_status(run):8s} {run.task} {run.method} {run.variant} seed {run.seed} -> {run.out}")
+        return 0
+    counts = run_grid(grid, workers=args.workers, retry_failed=args.retry_failed)
+    md, _ = write_report(grid["out"])
+    print(f"runs: {counts}; report: {md}")
+    return 1 if counts.get("failed") else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from gradharmony.report import write_report
+
+    if not args.runs.is_dir():
+        raise ConfigError(f"runs folder {args.runs} does not exist")
+    md, csv_path = write_report(args.runs, args.out)
+    print(md.read_text())
+    print(f"written: {md}, {csv_path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gradharmony", description="Gradient Harmonization for UDA")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -132,11 +158,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="cpu")
     ev.set_defaults(func=cmd_eval)
 
+    sweep = sub.add_parser("sweep", help="run a grid of tasks x methods x variants x seeds (resumable)")
+    sweep.add_argument("grid", type=Path, help="grid YAML (see gradharmony.sweep)")
+    sweep.add_argument("--workers", type=int, default=None, help="runs in parallel, one CPU thread each")
+    sweep.add_argument("--dry-run", action="store_true", help="list the runs and their status only")
+    sweep.add_argument("--retry-failed", action="store_true")
+    sweep.set_defaults(func=cmd_sweep)
+
+    report = sub.add_parser("report", help="tables (mean +- std, paired deltas) from a folder of sweep runs")
+    report.add_argument("runs", type=Path)
+    report.add_argument("--out", type=Path, default=None, help="folder for report.md/csv (default: RUNS)")
+    report.set_defaults(func=cmd_report)
+
     demo = sub.add_parser("demo", help="DANN vs DANN+GH vs DANN+GH++ on MNIST -> MNIST-M (offline recipe)")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
     demo.add_argument("--steps", type=int, default=None, help="training steps per run (default: the demo's budget)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--workers", type=int, default=None, help="runs in parallel (default: CPU cores, at most 3)")
+    demo.add_argument("--workers", type=int, default=None, help="runs in parallel (default: all three, one CPU thread each)")
     demo.add_argument("--data-root", type=Path, default=None)
     demo.set_defaults(func=cmd_demo)
     return parser

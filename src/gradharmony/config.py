@@ -107,6 +107,30 @@ class TrainConfig:
             raise ConfigError(f"lr must be positive, got {self.lr}")
         if not isinstance(self.method_params, dict):
             raise ConfigError("method_params must be a mapping of hyper-parameter names to values")
+        if self.source_eval_size < 0:
+            raise ConfigError(f"source_eval_size must be >= 0, got {self.source_eval_size}")
+        self._validate_names()
+
+    def _validate_names(self) -> None:
+        """Method, its hyper-parameters, backbone and domains: checked before any data is read."""
+        from gradharmony.data import DOMAIN_NAMES
+        from gradharmony.methods import METHODS
+        from gradharmony.models import BACKBONES
+
+        def check(kind: str, value: str, valid) -> None:
+            if value not in valid:
+                hint = difflib.get_close_matches(value, list(valid), n=1)
+                maybe = f" (did you mean {hint[0]!r}?)" if hint else ""
+                raise ConfigError(f"unknown {kind} {value!r}{maybe}; choose one of {', '.join(sorted(valid))}")
+
+        check("method", self.method, METHODS)
+        check("backbone", self.backbone, BACKBONES)
+        check("source domain", self.source, DOMAIN_NAMES)
+        check("target domain", self.target, DOMAIN_NAMES)
+        accepted = METHODS[self.method].hparam_defaults()
+        accepted.pop("bottleneck_dim", None)  # a config field of its own
+        for key in self.method_params:
+            check(f"hyper-parameter of {self.method}", key, accepted)
 
     # ------------------------------------------------------------------ construction
     @classmethod

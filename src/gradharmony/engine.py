@@ -186,6 +186,7 @@ class Trainer:
         self.best = {"best_target_acc": -1.0, "best_step": -1}
         self.interval = self._new_interval()
         self.consecutive_nonfinite = 0
+        self.mid_step = False
         self.log = RunLog(self.out)
 
     # ------------------------------------------------------------------ state
@@ -249,6 +250,7 @@ class Trainer:
             to_input(t.images[ti.to(t.images.device)])
 
     def train_step(self) -> dict[str, Any]:
+        self.mid_step = True
         self._set_lr()
         xs, ys, xt = self._batch()
         self._backbone_output.clear()
@@ -285,6 +287,7 @@ class Trainer:
         self.interval["steps"] += 1
         self.log.add_step(record)
         self.step += 1
+        self.mid_step = False
         if self.consecutive_nonfinite >= MAX_CONSECUTIVE_NONFINITE:
             raise TrainingDiverged(
                 f"{MAX_CONSECUTIVE_NONFINITE} consecutive steps with non-finite losses or gradients (the "
@@ -350,8 +353,11 @@ class Trainer:
                     if interrupt.requested and self.step < self.cfg.steps:
                         raise KeyboardInterrupt
         except KeyboardInterrupt:
-            self.save()
             bar.close()
+            if self.mid_step:  # a second signal stopped a step half-way: keep the last consistent checkpoint
+                raise KeyboardInterrupt(f"stopped during step {self.step}; the last checkpoint "
+                                        f"{self.out / 'last.pt'} is kept: run the same command again to resume") from None
+            self.save()
             raise KeyboardInterrupt(f"interrupted at step {self.step}; checkpoint saved to "
                                     f"{self.out / 'last.pt'}: run the same command again to resume") from None
         bar.close()

@@ -1,0 +1,155 @@
+"""Tables from a folder of runs: mean +- std (last and best), paired GH-minus-baseline deltas.
+
+A GH claim is a paired comparison: for each (task, method, variant) the per-seed difference to the
+``none`` variant of the same task and method, on the seeds both have finished, with its mean, its
+standard deviation, the number of seeds where the variant won, and a two-sided paired t-test.
+Unfinished runs are listed as unfinished, never averaged in.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from scipy import stats as scipy_stats
+
+from gradharmony.runlog import read_metrics
+from gradharmony.sweep import labelled_runs
+
+BASELINE = "none"
+
+
+@dataclass
+class Cell:
+    task: str
+    method: str
+    variant: str
+    last: dict[int, float] = field(default_factory=dict)  # seed -> accuracy (%)
+    best: dict[int, float] = field(default_factory=dict)
+    conflict_rate: dict[int, float] = field(default_factory=dict)
+    mean_angle: dict[int, float] = field(default_factory=dict)
+    unfinished: list[str] = field(default_factory=list)  # "seed 3 at step 1500/3000"
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f}"
+
+
+def _run_means(records: list[dict[str, Any]], key: str) -> float:
+    """Mean over a run's evaluation intervals of a harmonizer statistic (NaN-free)."""
+    values = [r["harmonizer"].get(key) for r in records if r.get("harmonizer")]
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.mean(values) if values else math.nan
+
+
+def collect(root: str | Path) -> dict[tuple[str, str, str], Cell]:
+    cells: dict[tuple[str, str, str], Cell] = {}
+    for labels, folder in labelled_runs(root):
+        key = (labels["task"], labels["method"], labels["variant"])
+        cell = cells.setdefault(key, Cell(*key))
+        seed = int(labels["seed"])
+        records = read_metrics(folder) if (folder / "metrics.jsonl").exists() else []
+        steps = records[-1]["config"]["steps"] if records else None
+        if not records or records[-1]["step"] < steps:
+            at = records[-1]["step"] if records else 0
+            cell.unfinished.append(f"seed {seed} at step {at}" + (f"/{steps}" if steps else ""))
+            continue
+        cell.last[seed] = 100 * records[-1]["target_acc"]
+        cell.best[seed] = 100 * records[-1]["best_target_acc"]
+        cell.conflict_rate[seed] = 100 * _run_means(records, "conflict_rate")
+        cell.mean_angle[seed] = _run_means(records, "mean_angle")
+    return cells
+
+
+@dataclass
+class Paired:
+    seeds: list[int]
+    deltas: list[float]
+
+    @property
+    def summary(self) -> str:
+        if not self.deltas:
+            return "-"
+        wins = sum(d > 0 for d in self.deltas)
+        text = f"{statistics.mean(self.deltas):+.2f}"
+        if len(self.deltas) > 1:
+            text += f" +- {statistics.stdev(self.deltas):.2f}"
+        return f"{text} ({wins}/{len(self.deltas)} up)"
+
+    @property
+    def p_value(self) -> float:
+        if len(self.deltas) < 2 or statistics.pstdev(self.deltas) == 0:
+            return math.nan
+        return float(scipy_stats.ttest_1samp(self.deltas, 0.0).pvalue)
+
+
+def paired(cell: Cell, baseline: Cell | None, which: str = "last") -> Paired:
+    if baseline is None or cell.variant == BASELINE:
+        return Paired([], [])
+    mine, base = getattr(cell, which), getattr(baseline, which)
+    seeds = sorted(set(mine) & set(base))
+    return Paired(seeds, [mine[s] - base[s] for s in seeds])
+
+
+def table_rows(cells: dict[tuple[str, str, str], Cell]) -> list[dict[str, Any]]:
+    rows = []
+    for (task, method, variant), cell in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] != BASELINE, kv[0][2])):
+        baseline = cells.get((task, method, BASELINE))
+        p_last, p_best = paired(cell, baseline, "last"), paired(cell, baseline, "best")
+        rows.append({
+            "task": task, "method": method, "variant": variant, "seeds": len(cell.last),
+            "last": _mean_std(list(cell.last.values())), "best": _mean_std(list(cell.best.values())),
+            "delta_last": p_last.summary, "p_last": p_last.p_value,
+            "delta_best": p_best.summary, "p_best": p_best.p_value,
+            "conflict_rate": _mean_std([v for v in cell.conflict_rate.values() if math.isfinite(v)]),
+            "mean_angle": _mean_std([v for v in cell.mean_angle.values() if math.isfinite(v)]),
+            "unfinished": "; ".join(cell.unfinished),
+        })
+    return rows
+
+
+def _p(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.3f}"
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    lines = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        lines += [f"### {task}", "",
+                  "| method | variant | seeds | last (%) | best* (%) | paired delta last | p | "
+                  "paired delta best* | p | conflict rate (%) | mean angle | unfinished |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for r in (r for r in rows if r["task"] == task):
+            lines.append(f"| {r['method']} | {r['variant']} | {r['seeds']} | {r['last']} | {r['best']} | "
+                         f"{r['delta_last']} | {_p(r['p_last'])} | {r['delta_best']} | {_p(r['p_best'])} | "
+                         f"{r['conflict_rate']} | {r['mean_angle']} | {r['unfinished']} |")
+        lines.append("")
+    lines.append("Mean +- std over seeds. *best = best over evaluations, selected on target test labels (what "
+                 "the literature reports). Paired delta = variant minus `none` of the same method on the same "
+                 "seeds, mean +- std (seeds where the variant is higher); p = two-sided paired t-test. "
+                 "Conflict rate and mean angle: the raw gradients' geometry, measured before harmonization.")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(root: str | Path, out_dir: str | Path | None = None) -> tuple[Path, Path]:
+    """Write ``report.md`` and ``report.csv`` for the runs under ``root``; returns their paths."""
+    root = Path(root)
+    out_dir = Path(out_dir) if out_dir else root
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = table_rows(collect(root))
+    md, csv_path = out_dir / "report.md", out_dir / "report.csv"
+    md.write_text(markdown(rows))
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["task"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return md, csv_path

@@ -1,0 +1,168 @@
+"""Grids of runs: tasks x methods x harmonizer variants x seeds, resumable, several at once.
+
+A grid is a YAML mapping (or the same dict in Python)::
+
+    out: runs/digits                 # every run goes to <out>/<config hash>/
+    base: {steps: 3000, eval_every: 500, backbone: lenet, data_root: ../shared/data}
+    tasks:                           # name -> overrides (source, target, sizes, ...)
+      mnist->usps: {source: mnist, target: usps, image_size: 28, channels: 1}
+    methods: [dann, cdan]
+    variants:                        # name -> overrides of the harmonizer
+      none: {harmonizer: none}
+      gh: {harmonizer: gh}
+      gh++/align: {harmonizer: gh++, lead: align}
+    seeds: [0, 1, 2]
+
+Each run's folder is named by the hash of its resolved configuration (DomainBed style), so a run
+is never duplicated: a finished one is skipped, an interrupted one resumes from its checkpoint, and
+killing the sweep loses at most the unfinished steps since each run's last checkpoint.  Runs are
+ordered seed by seed so that, at any moment, the finished runs form paired comparisons.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gradharmony.config import ConfigError, TrainConfig
+
+GRID_KEYS = ("out", "base", "tasks", "methods", "variants", "seeds", "workers")
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    task: str
+    method: str
+    variant: str
+    seed: int
+    config: TrainConfig
+
+    @property
+    def out(self) -> Path:
+        return Path(self.config.out)
+
+
+def load_grid(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"grid file {path} does not exist")
+    grid = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(grid, dict):
+        raise ConfigError(f"grid file {path} must hold a mapping")
+    return grid
+
+
+def expand(grid: dict[str, Any]) -> list[PlannedRun]:
+    """Every run of the grid, seed-major, each with its resolved config and hash-named folder."""
+    unknown = set(grid) - set(GRID_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown grid key(s) {', '.join(sorted(unknown))}; valid: {', '.join(GRID_KEYS)}")
+    for key in ("out", "tasks", "methods", "seeds"):
+        if not grid.get(key):
+            raise ConfigError(f"the grid needs a non-empty {key!r}")
+    root = Path(grid["out"])
+    base = dict(grid.get("base") or {})
+    variants = grid.get("variants") or {"none": {"harmonizer": "none"}}
+    runs = []
+    for seed in grid["seeds"]:
+        for task, task_overrides in grid["tasks"].items():
+            for method in grid["methods"]:
+                for variant, variant_overrides in variants.items():
+                    values = {**base, **(task_overrides or {}), "method": method,
+                              **(variant_overrides or {}), "seed": int(seed), "progress": False}
+                    values.setdefault("threads", 1)
+                    cfg = TrainConfig.from_dict(values)
+                    cfg = cfg.with_overrides({"out": str(root / cfg.outcome_hash())})
+                    runs.append(PlannedRun(task, method, variant, int(seed), cfg))
+    return runs
+
+
+def run_status(run: PlannedRun) -> str:
+    """``done``, ``partial`` (a checkpoint exists), ``failed`` or ``pending``, read from disk only."""
+    metrics = run.out / "metrics.jsonl"
+    if metrics.exists():
+        lines = [line for line in metrics.read_text().splitlines() if line.strip()]
+        if lines and json.loads(lines[-1])["step"] >= run.config.steps:
+            return "done"
+    if (run.out / "error.txt").exists():
+        return "failed"
+    return "partial" if (run.out / "last.pt").exists() else "pending"
+
+
+def _label_run(run: PlannedRun) -> None:
+    run.out.mkdir(parents=True, exist_ok=True)
+    (run.out / "run.json").write_text(json.dumps(
+        {"task": run.task, "method": run.method, "variant": run.variant, "seed": run.seed}))
+
+
+def _execute(run: PlannedRun) -> tuple[str, str]:
+    from gradharmony.engine import train
+
+    _label_run(run)
+    (run.out / "error.txt").unlink(missing_ok=True)
+    try:
+        result = train(run.config)
+        return "done", f"last {100 * result['last_target_acc']:.2f} best {100 * result['best_target_acc']:.2f}"
+    except KeyboardInterrupt:
+        return "interrupted", ""
+    except Exception:  # one broken run must not stop the grid: record it and go on
+        (run.out / "error.txt").write_text(traceback.format_exc())
+        return "failed", traceback.format_exc().strip().splitlines()[-1]
+
+
+def run_grid(grid: dict[str, Any], workers: int | None = None, retry_failed: bool = False) -> dict[str, int]:
+    """Run every unfinished run of ``grid`` with ``workers`` processes; returns status counts."""
+    runs = expand(grid)
+    statuses = {id(r): run_status(r) for r in runs}
+    todo = [r for r in runs if statuses[id(r)] in ("pending", "partial")
+            or (retry_failed and statuses[id(r)] == "failed")]
+    workers = workers or int(grid.get("workers") or 1)
+    done = sum(s == "done" for s in statuses.values())
+    print(f"grid: {len(runs)} runs, {done} already done, {len(todo)} to run with {workers} process(es); "
+          f"results under {grid['out']}/", flush=True)
+    for run in todo:
+        _label_run(run)
+    _prepare_data(todo)
+    counts = {"done": done, "failed": sum(s == "failed" for s in statuses.values()) if not retry_failed else 0}
+    started = time.perf_counter()
+    pool = mp.get_context("spawn").Pool(workers, maxtasksperchild=1)
+    try:
+        for i, (run, (status, note)) in enumerate(zip(todo, pool.imap(_execute, todo)), 1):
+            counts[status] = counts.get(status, 0) + 1
+            elapsed = (time.perf_counter() - started) / 60
+            print(f"[{i}/{len(todo)} {elapsed:.1f} min] {run.task} {run.method} {run.variant} seed {run.seed}: "
+                  f"{status} {note}", flush=True)
+        pool.close()
+    except KeyboardInterrupt:
+        # Workers got the signal too (or get SIGTERM now): each finishes its step, saves, exits.
+        pool.terminate()
+        print("sweep interrupted: running runs saved a checkpoint; run the same command to continue", flush=True)
+        raise
+    finally:
+        pool.join()
+    return counts
+
+
+def _prepare_data(runs: list[PlannedRun]) -> None:
+    """Decode or generate each domain once, before the workers read it from the cache."""
+    from gradharmony.engine import load_domains
+
+    seen = set()
+    for run in runs:
+        c = run.config
+        key = (c.source, c.target, c.image_size, c.channels, c.data_root)
+        if key not in seen:
+            seen.add(key)
+            load_domains(c)
+
+
+def labelled_runs(root: str | Path) -> list[tuple[dict[str, Any], Path]]:
+    """``(labels, folder)`` of every run folder under ``root`` that a sweep labelled."""
+    return [(json.loads(p.read_text()), p.parent) for p in sorted(Path(root).glob("*/run.json"))]

@@ -1,0 +1,86 @@
+"""Sweeps and reports: hash-keyed runs, skipping finished ones, paired tables."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import yaml
+
+from gradharmony.cli import main
+from gradharmony.config import ConfigError
+from gradharmony.data.fake import write_fake_data_root
+from gradharmony.report import Cell, collect, paired, table_rows
+from gradharmony.sweep import expand, run_grid, run_status
+
+
+def tiny_grid(tmp_path):
+    root = write_fake_data_root(tmp_path / "data", count=24)
+    return {
+        "out": str(tmp_path / "runs"),
+        "base": {"steps": 2, "eval_every": 2, "batch_size": 8, "image_size": 16, "channels": 1,
+                 "bottleneck_dim": 8, "data_root": str(root)},
+        "tasks": {"usps->mnistm": {"source": "usps", "target": "mnistm"}},
+        "methods": ["mcc"],
+        "variants": {"none": {"harmonizer": "none"}, "gh": {"harmonizer": "gh"}},
+        "seeds": [0, 1],
+    }
+
+
+def test_expand_is_seed_major_and_hash_keyed(tmp_path):
+    runs = expand(tiny_grid(tmp_path))
+    assert [(r.seed, r.variant) for r in runs] == [(0, "none"), (0, "gh"), (1, "none"), (1, "gh")]
+    assert len({r.out for r in runs}) == 4
+    assert all(r.out.name == r.config.outcome_hash() for r in runs)
+    assert expand(tiny_grid(tmp_path))[0].out == runs[0].out  # stable across calls
+
+
+def test_grid_errors_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="unknown grid key"):
+        expand({**tiny_grid(tmp_path), "seedz": [0]})
+    with pytest.raises(ConfigError, match="seeds"):
+        expand({**tiny_grid(tmp_path), "seeds": []})
+    with pytest.raises(ConfigError, match="unknown config key"):
+        expand({**tiny_grid(tmp_path), "base": {"lr_rate": 1}})
+
+
+def test_sweep_runs_once_then_skips_and_reports(tmp_path):
+    grid = tiny_grid(tmp_path)
+    counts = run_grid(grid, workers=2)
+    assert counts == {"done": 4, "failed": 0}
+    assert all(run_status(r) == "done" for r in expand(grid))
+    mtimes = [(r.out / "last.pt").stat().st_mtime_ns for r in expand(grid)]
+    assert run_grid(grid, workers=2)["done"] == 4  # nothing re-run
+    assert mtimes == [(r.out / "last.pt").stat().st_mtime_ns for r in expand(grid)]
+    cells = collect(grid["out"])
+    assert set(cells) == {("usps->mnistm", "mcc", "none"), ("usps->mnistm", "mcc", "gh")}
+    assert sorted(cells[("usps->mnistm", "mcc", "gh")].last) == [0, 1]
+
+
+def test_sweep_and_report_commands(tmp_path, capsys):
+    grid = tiny_grid(tmp_path)
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    assert main(["sweep", str(path), "--workers", "1", "--dry-run"]) == 0
+    assert "pending" in capsys.readouterr().out
+    assert main(["sweep", str(path), "--workers", "1"]) == 0
+    assert main(["report", grid["out"]]) == 0
+    text = capsys.readouterr().out
+    assert "| mcc | gh | 2 |" in text and "(" in text
+
+
+def test_paired_delta_uses_common_seeds_only():
+    base = Cell("t", "dann", "none", last={0: 70.0, 1: 72.0, 2: 71.0})
+    gh = Cell("t", "dann", "gh", last={0: 71.0, 1: 74.0, 3: 99.0})
+    p = paired(gh, base)
+    assert p.seeds == [0, 1] and p.deltas == [1.0, 2.0]
+    assert p.summary == "+1.50 +- 0.71 (2/2 up)"
+    assert 0.0 < p.p_value < 1.0
+    assert math.isnan(paired(base, base).p_value)
+
+
+def test_unfinished_runs_are_listed_not_averaged():
+    cells = {("t", "dann", "none"): Cell("t", "dann", "none", last={0: 70.0}, best={0: 71.0},
+                                         unfinished=["seed 1 at step 500/3000"])}
+    row = table_rows(cells)[0]
+    assert row["seeds"] == 1 and row["last"] == "70.00" and "seed 1 at step 500/3000" in row["unfinished"]
