@@ -76,6 +76,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradharmony.distributed import MODES as DISTRIBUTED_MODES
+from gradharmony.distributed import World, average_, averaged_new_gradients, resolve_world, sum_scalars
 from gradharmony.harmonize import HarmonizeResult, _check_k_lead, check_mode, harmonize
 
 STRATEGIES: tuple[str, ...] = ("reweight", "recombine", "features")
@@ -257,13 +259,19 @@ class Harmonizer:
             as the authors do).
         parameters: for ``recombine``, the tensors whose ``.grad`` to fill; by default every leaf
             of the two losses' graphs (what ``loss.backward()`` would fill).
+        distributed: ``auto`` (exact averaging when torch.distributed is initialised with more
+            than one process), ``exact`` (require it) or ``off``.  In distributed mode the
+            harmonizer averages every gradient itself: use an unwrapped model or DDP's
+            ``no_sync()``.  See :mod:`gradharmony.distributed`.
+        process_group: the group to average over (default: the world).
     """
 
     def __init__(self, mode: str = "gh", scope: nn.Module | Iterable | None = None,
                  strategy: str = "recombine", k: float = 0.5, lead: str = "align",
                  refresh_every: int = 1, max_weight: float | None = None,
                  on_nonfinite: str = "plain", probe_trade_off: bool = False,
-                 parameters: Iterable[torch.Tensor] | None = None):
+                 parameters: Iterable[torch.Tensor] | None = None, distributed: str = "auto",
+                 process_group: Any = None):
         self.mode = check_mode(mode)
         _check_k_lead(k, lead)
         if strategy not in STRATEGIES:
@@ -279,7 +287,11 @@ class Harmonizer:
         self.on_nonfinite, self.probe_trade_off = on_nonfinite, probe_trade_off
         self.scope = _scope_parameters(scope) if strategy != "features" else None
         self.parameters = list(parameters) if parameters is not None else None
+        if distributed not in DISTRIBUTED_MODES:
+            raise ValueError(f"distributed must be one of {', '.join(DISTRIBUTED_MODES)}, got {distributed!r}")
+        self.distributed, self.process_group = distributed, process_group
         self.calls = 0
+        self.world: World | None = None
         self.last: HarmonizeResult | None = None
         self.running = RunningStats()
 
@@ -322,6 +334,7 @@ class Harmonizer:
         step = self.calls
         self.calls += 1
         feats = _feature_list(features)
+        self.world = resolve_world(self.distributed, self.process_group)
         if not measure:
             result = self.last
             self._weighted_backward(cls, align, trade_off, result, retain_graph)
@@ -330,6 +343,7 @@ class Harmonizer:
             inputs = self.scope if self.scope is not None else graph_leaves(align, cls)
             g_align = _probe(align, inputs, retain_graph=True)
             g_cls = _probe(cls, inputs, retain_graph=True)
+            self._average_probes(g_align, g_cls)
             result, stats = self._measure(step, g_align, g_cls, trade_off, scale)
             self._weighted_backward(cls, align, trade_off, result, retain_graph)
         else:
@@ -359,6 +373,10 @@ class Harmonizer:
     def _measure(self, step: int, g_align: Grads, g_cls: Grads, trade_off: float,
                  scale: float, extra_guards: tuple[str, ...] = ()) -> tuple[HarmonizeResult, StepStats]:
         aa, cc, d = gramian_of(g_align, g_cls)
+        if self.world is not None and self.strategy == "features":
+            # Per-sample feature gradients: the global vector concatenates the processes' blocks.
+            device = next((g.device for g in g_align + g_cls if g is not None), torch.device("cpu"))
+            aa, cc, d = sum_scalars([aa, cc, d], self.world, device)
         unscale = 1.0 / (scale * scale)
         aa, cc, d = aa * unscale, cc * unscale, d * unscale
         if self.probe_trade_off:
@@ -393,7 +411,18 @@ class Harmonizer:
     def _weighted_backward(self, cls: torch.Tensor, align: torch.Tensor, trade_off: float,
                            r: HarmonizeResult, retain_graph: bool) -> None:
         total = align * (trade_off * r.w_align) + cls * r.w_cls
-        total.backward(retain_graph=retain_graph)
+        with averaged_new_gradients(self._leaves(cls, align), self.world):
+            total.backward(retain_graph=retain_graph)
+
+    def _leaves(self, cls: torch.Tensor, align: torch.Tensor) -> list[torch.Tensor]:
+        if self.world is None:
+            return []
+        return self.parameters if self.parameters is not None else graph_leaves(align, cls)
+
+    def _average_probes(self, *grad_lists: Grads) -> None:
+        """Across processes, the Gramian must be that of the averaged gradients."""
+        if self.world is not None:
+            average_([g for grads in grad_lists for g in grads if g is not None], self.world)
 
     def _recombine(self, step: int, cls: torch.Tensor, align: torch.Tensor, trade_off: float,
                    scale: float, retain_graph: bool, feats: list[torch.Tensor]) -> StepStats:
@@ -423,21 +452,27 @@ class Harmonizer:
         g_align = _probe(align, inputs, retain_graph=True)
         g_cls = _probe(cls, inputs, retain_graph=retain_graph or bool(feats))
         n = len(measured_on)
+        if not feats:  # every gradient comes from the probes: average them all, once
+            self._average_probes(g_align, g_cls)
+        elif self.strategy == "recombine":
+            self._average_probes(g_align[:n], g_cls[:n])
         result, stats = self._measure(step, g_align[:n], g_cls[:n], trade_off, scale)
         coef_align, coef_cls = trade_off * result.w_align, result.w_cls
         feat_ids = {id(f) for f in feats}
         cut, cut_grads = [], []
-        with torch.no_grad():
-            for tensor, ga, gc in zip(inputs, g_align, g_cls):
-                if id(tensor) in feat_ids:
-                    combined = _combine(ga, coef_align, gc, coef_cls)
-                    if combined is not None:
-                        cut.append(tensor)
-                        cut_grads.append(combined)
-                else:
-                    _accumulate(tensor, ga, coef_align, gc, coef_cls)
-        if cut:
-            torch.autograd.backward(cut, grad_tensors=cut_grads, retain_graph=retain_graph)
+        written = self._leaves(cls, align) if feats else []
+        with averaged_new_gradients(written, self.world):
+            with torch.no_grad():
+                for tensor, ga, gc in zip(inputs, g_align, g_cls):
+                    if id(tensor) in feat_ids:
+                        combined = _combine(ga, coef_align, gc, coef_cls)
+                        if combined is not None:
+                            cut.append(tensor)
+                            cut_grads.append(combined)
+                    else:
+                        _accumulate(tensor, ga, coef_align, gc, coef_cls)
+            if cut:
+                torch.autograd.backward(cut, grad_tensors=cut_grads, retain_graph=retain_graph)
         return stats
 
     def _upper_leaves(self, cls: torch.Tensor, align: torch.Tensor,

@@ -1,0 +1,109 @@
+"""Exact GH across processes: 2 gloo processes on CPU equal one process on the concatenated batch."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from gradharmony import GradientReversal, Harmonizer
+
+CASES = [("gh", "reweight", "full"), ("gh", "recombine", "full"), ("gh++", "recombine", "bottleneck"),
+         ("gh++exact", "features", "full"), ("gh", "recombine", "refresh")]
+
+
+class Net(nn.Module):
+    """DANN-like, without batch norm (whose statistics are per process by design)."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(10, 16), nn.Tanh())
+        self.bottleneck = nn.Sequential(nn.Linear(16, 8), nn.Tanh())
+        self.classifier = nn.Linear(8, 3)
+        self.grl = GradientReversal(max_steps=10)
+        self.grl.set_step(5)
+        self.discriminator = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
+
+    def losses(self, xs, ys, xt):
+        h = self.backbone(torch.cat([xs, xt]))
+        f = self.bottleneck(h)
+        cls = nn.functional.cross_entropy(self.classifier(f[: len(xs)]), ys)
+        domain = torch.cat([torch.ones(len(xs)), torch.zeros(len(xt))]).double()
+        align = nn.functional.binary_cross_entropy_with_logits(self.discriminator(self.grl(f)).squeeze(1), domain)
+        return cls, align, f, h
+
+
+def data(world: int = 2, per_rank: int = 6):
+    g = torch.Generator().manual_seed(1)
+    xs = torch.randn(world * per_rank, 10, generator=g, dtype=torch.float64)
+    xt = torch.randn(world * per_rank, 10, generator=g, dtype=torch.float64) + 0.7
+    ys = torch.randint(0, 3, (world * per_rank,), generator=g)
+    return xs, ys, xt
+
+
+def train_steps(model, xs, ys, xt, mode, strategy, scope_kind, steps=3):
+    torch.manual_seed(0)
+    scope = [model.bottleneck] if scope_kind == "bottleneck" else [model.backbone, model.bottleneck, model.classifier]
+    h = Harmonizer(mode=mode, scope=scope, strategy=strategy, refresh_every=2 if scope_kind == "refresh" else 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    weights = []
+    for _ in range(steps):
+        opt.zero_grad()
+        cls, align, f, hidden = model.losses(xs, ys, xt)
+        cut = hidden if scope_kind == "bottleneck" else f
+        s = h.backward(cls=cls, align=align, trade_off=0.8, features=cut)
+        weights.append((s.w_align, s.w_cls))
+        opt.step()
+    return weights, [p.detach().clone() for p in model.parameters()]
+
+
+def _worker(rank, world, init_file, model, case, queue):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    xs, ys, xt = data(world)
+    n = len(xs) // world
+    part = slice(rank * n, (rank + 1) * n)
+    weights, params = train_steps(model, xs[part], ys[part], xt[part], *case)
+    queue.put((rank, weights, [p.numpy() for p in params]))  # numpy: no shared-memory handles
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("case", CASES, ids=["-".join(c) for c in CASES])
+def test_two_processes_equal_one_process_on_the_concatenated_batch(case, tmp_path):
+    torch.manual_seed(0)
+    model = Net().double()
+    single_weights, single_params = train_steps(copy.deepcopy(model), *data(), *case)
+    assert any(w != (1.0, 1.0) for w in single_weights), "the case must harmonize something"
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(r, 2, str(tmp_path / "init"), copy.deepcopy(model), case, queue))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    results = sorted(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    for _, weights, params in results:
+        flat = [w for pair in weights for w in pair]
+        assert flat == pytest.approx([w for pair in single_weights for w in pair], rel=1e-9)
+        for a, b in zip(params, single_params):
+            assert torch.allclose(torch.from_numpy(a), b, atol=1e-5, rtol=0)
+
+
+def test_exact_mode_without_a_process_group_is_a_clear_error():
+    h = Harmonizer(mode="gh", scope=nn.Linear(2, 2), distributed="exact")
+    w = nn.Linear(2, 2)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        h.backward(cls=w(torch.ones(1, 2)).sum(), align=w(torch.ones(1, 2)).sum())
+
+
+def test_unknown_distributed_mode_is_rejected():
+    with pytest.raises(ValueError, match="distributed"):
+        Harmonizer(scope=nn.Linear(2, 2), distributed="ring")
