@@ -139,6 +139,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     md, csv_path = write_report(args.runs, args.out)
     print(md.read_text())
     print(f"written: {md}, {csv_path}")
+    if args.plots:
+        from gradharmony.plots import plot_sweep
+
+        for path in plot_sweep(args.runs, args.out or args.runs):
+            print(f"plot: {path}")
     return 0
 
 
@@ -168,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="tables (mean +- std, paired deltas) from a folder of sweep runs")
     report.add_argument("runs", type=Path)
     report.add_argument("--out", type=Path, default=None, help="folder for report.md/csv (default: RUNS)")
+    report.add_argument("--plots", action="store_true",
+                        help="also PNGs per task and method: angle, conflict rate, weights, accuracy")
     report.set_defaults(func=cmd_report)
 
     demo = sub.add_parser("demo", help="DANN vs DANN+GH vs DANN+GH++ on MNIST -> MNIST-M (offline recipe)")

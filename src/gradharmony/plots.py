@@ -16,7 +16,8 @@ from gradharmony.runlog import read_steps  # noqa: E402
 
 def _smooth(values: np.ndarray, window: int) -> np.ndarray:
     """Moving average that ignores NaN (unmeasured steps)."""
-    if window <= 1 or len(values) == 0:
+    window = min(window, len(values))  # np.convolve "same" returns the longer of the two
+    if window <= 1:
         return values
     ok = np.isfinite(values)
     kernel = np.ones(window)
@@ -54,3 +55,73 @@ def plot_geometry(runs: dict[str, str | Path], path: str | Path, smooth: int = 5
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _group_runs(root: Path) -> dict[tuple[str, str], dict[str, list[Path]]]:
+    """(task, method) -> variant -> run folders, from a sweep's labelled runs."""
+    from gradharmony.sweep import labelled_runs
+
+    groups: dict[tuple[str, str], dict[str, list[Path]]] = {}
+    for labels, folder in labelled_runs(root):
+        if (folder / "steps.csv").exists():
+            groups.setdefault((labels["task"], labels["method"]), {}).setdefault(labels["variant"], []).append(folder)
+    return groups
+
+
+def _mean_curve(folders: list[Path], key: str, smooth: int) -> tuple[np.ndarray, np.ndarray]:
+    curves = []
+    for folder in folders:
+        rows = read_steps(folder)
+        curves.append(np.array([r.get(key, math.nan) for r in rows], dtype=float))
+    length = min(len(c) for c in curves)
+    stacked = np.stack([_smooth(c[:length], smooth) for c in curves])
+    with np.errstate(invalid="ignore"):
+        return np.arange(length), np.nanmean(stacked, axis=0) if len(curves) > 1 else stacked[0]
+
+
+def plot_sweep(root: str | Path, out_dir: str | Path, smooth: int = 100) -> list[Path]:
+    """Per (task, method): angle histogram and trajectory, conflict rate, weights, accuracy curves.
+
+    Curves are means over the seeds of each variant; the angle is the raw (pre-harmonization)
+    angle between the two gradients, measured on the steps where it was measured.
+    """
+    from gradharmony.runlog import read_metrics
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for (task, method), variants in sorted(_group_runs(Path(root)).items()):
+        fig, axes = plt.subplots(2, 3, figsize=(16, 8))
+        (hist, angle, conflict), (w_align, w_cls, accuracy) = axes
+        for variant, folders in sorted(variants.items()):
+            angles = np.concatenate([[r["angle"] for r in read_steps(f) if r.get("measured")] for f in folders])
+            angles = angles[np.isfinite(angles)]
+            if len(angles):
+                hist.hist(angles, bins=60, histtype="step", density=True, label=variant)
+            for ax, key in ((angle, "angle"), (w_align, "w_align"), (w_cls, "w_cls")):
+                x, y = _mean_curve(folders, key, smooth)
+                ax.plot(x, y, label=variant, linewidth=1.2)
+            records = [read_metrics(f) for f in folders if (f / "metrics.jsonl").exists()]
+            if records:
+                length = min(len(r) for r in records)
+                steps = [r["step"] for r in records[0][:length]]
+                acc = np.mean([[100 * e["target_acc"] for e in r[:length]] for r in records], axis=0)
+                rate = np.mean([[100 * (e["harmonizer"].get("conflict_rate") or math.nan) for e in r[:length]]
+                                for r in records], axis=0)
+                accuracy.plot(steps, acc, marker="o", label=variant)
+                conflict.plot(steps, rate, marker="o", label=variant)
+        hist.axvline(90, color="grey", linestyle=":")
+        angle.axhline(90, color="grey", linestyle=":")
+        titles = ["angle histogram (degrees)", f"angle ({smooth}-step mean)", "conflict rate per interval (%)",
+                  "weight of the alignment loss", "weight of the classification loss", "target accuracy (%)"]
+        for ax, title in zip(axes.flat, titles):
+            ax.set_title(title)
+            ax.grid(alpha=0.3)
+        hist.legend()
+        fig.suptitle(f"{task}, {method}: mean over seeds")
+        fig.tight_layout()
+        path = out_dir / f"{task.replace('->', '_to_')}_{method}.png".replace("/", "_")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
