@@ -10,7 +10,6 @@ of the gradient angle and the two weights over training.
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import time
 from pathlib import Path
 

@@ -116,7 +116,7 @@ def check_mode(mode: str) -> str:
     return normalised
 
 
-def _check_k_lead(k: float, lead: str) -> None:
+def check_k_lead(k: float, lead: str) -> None:
     if not 0.0 <= k <= 1.0:
         raise ValueError(f"k must lie in [0, 1], got {k}")
     if lead not in LEADS:
@@ -173,7 +173,7 @@ def harmonize(aa: float | torch.Tensor, cc: float | torch.Tensor, d: float | tor
         (1.25, 2.0, True, 120.0)
     """
     mode = check_mode(mode)
-    _check_k_lead(k, lead)
+    check_k_lead(k, lead)
     aa, cc, d = _as_float(aa, "aa"), _as_float(cc, "cc"), _as_float(d, "d")
     guards: list[str] = []
 

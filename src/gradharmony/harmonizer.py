@@ -68,9 +68,8 @@ Example:
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -78,87 +77,12 @@ from torch import nn
 
 from gradharmony.distributed import MODES as DISTRIBUTED_MODES
 from gradharmony.distributed import World, average_, averaged_new_gradients, resolve_world, sum_scalars
-from gradharmony.harmonize import HarmonizeResult, _check_k_lead, check_mode, harmonize
+from gradharmony.gradients import Grads, accumulate, combine, feature_list, gramian_of, graph_leaves, probe
+from gradharmony.harmonize import HarmonizeResult, check_k_lead, check_mode, harmonize
+from gradharmony.stats import RunningStats, StepStats
 
 STRATEGIES: tuple[str, ...] = ("reweight", "recombine", "features")
 NONFINITE_POLICIES: tuple[str, ...] = ("plain", "raise")
-
-Grads = list[torch.Tensor | None]
-
-
-@dataclass
-class StepStats:
-    """What one :meth:`Harmonizer.backward` call measured and applied (plain Python values)."""
-
-    step: int
-    mode: str
-    strategy: str
-    measured: bool  # False on steps that reused cached weights (refresh_every > 1)
-    cos: float
-    angle: float  # degrees
-    norm_align: float  # of the probed (unscaled) alignment gradient over the scope
-    norm_cls: float
-    w_align: float
-    w_cls: float
-    conflict: bool
-    trade_off: float
-    guards: tuple[str, ...] = field(default_factory=tuple)
-    unreached_align: int = 0  # scope tensors the alignment loss does not reach (counted as zeros)
-    unreached_cls: int = 0
-
-    def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["guards"] = list(self.guards)
-        return d
-
-
-class RunningStats:
-    """Running means over steps: conflict rate, angle, applied weights, guard counts."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.steps = 0
-        self.measured = 0
-        self.conflicts = 0
-        self.angle_sum = 0.0
-        self.angle_count = 0
-        self.w_align_sum = 0.0
-        self.w_cls_sum = 0.0
-        self.guards: Counter[str] = Counter()
-
-    def update(self, s: StepStats) -> None:
-        self.steps += 1
-        self.w_align_sum += s.w_align
-        self.w_cls_sum += s.w_cls
-        self.guards.update(s.guards)
-        if s.measured:
-            self.measured += 1
-            self.conflicts += int(s.conflict)
-            if math.isfinite(s.angle):
-                self.angle_sum += s.angle
-                self.angle_count += 1
-
-    def summary(self) -> dict[str, Any]:
-        nan = math.nan
-        return {
-            "steps": self.steps,
-            "measured_steps": self.measured,
-            "conflict_rate": self.conflicts / self.measured if self.measured else nan,
-            "mean_angle": self.angle_sum / self.angle_count if self.angle_count else nan,
-            "mean_w_align": self.w_align_sum / self.steps if self.steps else nan,
-            "mean_w_cls": self.w_cls_sum / self.steps if self.steps else nan,
-            "guards": dict(self.guards),
-        }
-
-    def state_dict(self) -> dict[str, Any]:
-        return {k: (dict(v) if isinstance(v, Counter) else v) for k, v in vars(self).items()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for k, v in state.items():
-            setattr(self, k, Counter(v) if k == "guards" else v)
-
 
 def _scope_parameters(scope: nn.Module | nn.Parameter | Iterable | None) -> list[torch.Tensor] | None:
     """Flatten modules/parameters into a de-duplicated, ordered list of tensors requiring grad."""
@@ -178,67 +102,6 @@ def _scope_parameters(scope: nn.Module | nn.Parameter | Iterable | None) -> list
     if not params:
         raise ValueError("the harmonizer scope holds no parameter that requires grad")
     return params
-
-
-def graph_leaves(*outputs: torch.Tensor, stop_at: Sequence[torch.Tensor] = ()) -> list[torch.Tensor]:
-    """Leaf tensors requiring grad that ``outputs`` depend on, in a deterministic order.
-
-    With ``stop_at``, the walk does not go below those tensors: it returns only the leaves that
-    the outputs reach without passing through them (and never the ``stop_at`` tensors themselves).
-    """
-    leaves: list[torch.Tensor] = []
-    stop_ids = {id(t) for t in stop_at}
-    seen_nodes: set[Any] = {t.grad_fn for t in stop_at if t.grad_fn is not None}
-    seen_leaves: set[int] = set(stop_ids)
-    stack = [o.grad_fn for o in reversed(outputs) if o.grad_fn is not None]
-    while stack:
-        node = stack.pop()
-        if node in seen_nodes:
-            continue
-        seen_nodes.add(node)
-        variable = getattr(node, "variable", None)  # AccumulateGrad nodes hold the leaf
-        if variable is not None and id(variable) not in seen_leaves:
-            seen_leaves.add(id(variable))
-            leaves.append(variable)
-        stack.extend(nxt for nxt, _ in reversed(node.next_functions) if nxt is not None)
-    return leaves
-
-
-def _probe(loss: torch.Tensor, inputs: Sequence[torch.Tensor], retain_graph: bool) -> Grads:
-    """Per-input gradients of ``loss``; ``None`` where the loss does not reach an input."""
-    if not loss.requires_grad:
-        return [None] * len(inputs)
-    return list(torch.autograd.grad(loss, inputs, retain_graph=retain_graph, allow_unused=True))
-
-
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    t = t.reshape(-1)
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-
-
-def gramian_of(g_align: Grads, g_cls: Grads) -> tuple[float, float, float]:
-    """``(aa, cc, d)`` summed over paired per-tensor gradients; ``None`` counts as zero.
-
-    Per-tensor dot products run in the gradients' precision (float32 for half types) and are
-    summed in float64; the three values come back with a single device synchronisation.
-    """
-    aa_terms: list[torch.Tensor] = []
-    cc_terms: list[torch.Tensor] = []
-    d_terms: list[torch.Tensor] = []
-    for a, c in zip(g_align, g_cls):
-        fa = _flat(a) if a is not None else None
-        fc = _flat(c) if c is not None else None
-        if fa is not None:
-            aa_terms.append(torch.dot(fa, fa))
-        if fc is not None:
-            cc_terms.append(torch.dot(fc, fc))
-        if fa is not None and fc is not None:
-            d_terms.append(torch.dot(fa, fc))
-    device = next((t.device for t in aa_terms + cc_terms), torch.device("cpu"))
-    zero = torch.zeros((), dtype=torch.float64, device=device)
-    sums = [torch.stack(t).double().sum() if t else zero for t in (aa_terms, cc_terms, d_terms)]
-    aa, cc, d = torch.stack(sums).tolist()
-    return aa, cc, d
 
 
 class Harmonizer:
@@ -273,7 +136,7 @@ class Harmonizer:
                  parameters: Iterable[torch.Tensor] | None = None, distributed: str = "auto",
                  process_group: Any = None):
         self.mode = check_mode(mode)
-        _check_k_lead(k, lead)
+        check_k_lead(k, lead)
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
         if refresh_every < 1:
@@ -333,7 +196,7 @@ class Harmonizer:
         measure = self.last is None or self.calls % self.refresh_every == 0
         step = self.calls
         self.calls += 1
-        feats = _feature_list(features)
+        feats = feature_list(features)
         self.world = resolve_world(self.distributed, self.process_group)
         if not measure:
             result = self.last
@@ -341,8 +204,8 @@ class Harmonizer:
             stats = self._stats(step, False, result, math.nan, math.nan, trade_off, (), 0, 0)
         elif self.strategy == "reweight":
             inputs = self.scope if self.scope is not None else graph_leaves(align, cls)
-            g_align = _probe(align, inputs, retain_graph=True)
-            g_cls = _probe(cls, inputs, retain_graph=True)
+            g_align = probe(align, inputs, retain_graph=True)
+            g_cls = probe(cls, inputs, retain_graph=True)
             self._average_probes(g_align, g_cls)
             result, stats = self._measure(step, g_align, g_cls, trade_off, scale)
             self._weighted_backward(cls, align, trade_off, result, retain_graph)
@@ -437,8 +300,8 @@ class Harmonizer:
         if upper is not None:
             measured_on = feats if self.strategy == "features" else self.scope or upper
         elif self.strategy == "features":  # a parameter bypasses the cut: measure at it, then one full pass
-            g_align = _probe(align, feats, retain_graph=True)
-            g_cls = _probe(cls, feats, retain_graph=True)
+            g_align = probe(align, feats, retain_graph=True)
+            g_cls = probe(cls, feats, retain_graph=True)
             result, stats = self._measure(step, g_align, g_cls, trade_off, scale, ("bypass",))
             self._weighted_backward(cls, align, trade_off, result, retain_graph)
             return stats
@@ -449,8 +312,8 @@ class Harmonizer:
         # Measured tensors first, in their fixed order, then every other input of the probes.
         first_ids = {id(t) for t in measured_on}
         inputs = list(measured_on) + [t for t in feats + upper if id(t) not in first_ids]
-        g_align = _probe(align, inputs, retain_graph=True)
-        g_cls = _probe(cls, inputs, retain_graph=retain_graph or bool(feats))
+        g_align = probe(align, inputs, retain_graph=True)
+        g_cls = probe(cls, inputs, retain_graph=retain_graph or bool(feats))
         n = len(measured_on)
         if not feats:  # every gradient comes from the probes: average them all, once
             self._average_probes(g_align, g_cls)
@@ -465,12 +328,12 @@ class Harmonizer:
             with torch.no_grad():
                 for tensor, ga, gc in zip(inputs, g_align, g_cls):
                     if id(tensor) in feat_ids:
-                        combined = _combine(ga, coef_align, gc, coef_cls)
+                        combined = combine(ga, coef_align, gc, coef_cls)
                         if combined is not None:
                             cut.append(tensor)
                             cut_grads.append(combined)
                     else:
-                        _accumulate(tensor, ga, coef_align, gc, coef_cls)
+                        accumulate(tensor, ga, coef_align, gc, coef_cls)
             if cut:
                 torch.autograd.backward(cut, grad_tensors=cut_grads, retain_graph=retain_graph)
         return stats
@@ -495,41 +358,3 @@ class Harmonizer:
         return upper
 
 
-def _feature_list(features: torch.Tensor | Sequence[torch.Tensor] | None) -> list[torch.Tensor]:
-    if features is None:
-        return []
-    feats = [features] if isinstance(features, torch.Tensor) else list(features)
-    if not all(f.requires_grad for f in feats):
-        raise ValueError("features must be part of the autograd graph (requires_grad=True)")
-    return feats
-
-
-def _combine(ga: torch.Tensor | None, coef_a: float, gc: torch.Tensor | None,
-             coef_c: float) -> torch.Tensor | None:
-    if ga is None and gc is None:
-        return None
-    if ga is None:
-        return gc * coef_c
-    out = ga * coef_a
-    return out.add_(gc, alpha=coef_c) if gc is not None else out
-
-
-def _accumulate(tensor: torch.Tensor, ga: torch.Tensor | None, coef_a: float,
-                gc: torch.Tensor | None, coef_c: float) -> None:
-    """``tensor.grad += coef_a * ga + coef_c * gc`` (``None`` terms skipped), like AccumulateGrad."""
-    if ga is None and gc is None:
-        return
-    if tensor.grad is None:
-        grad = torch.empty_like(tensor)  # keeps the parameter's memory layout
-        if ga is not None:
-            torch.mul(ga, coef_a, out=grad)
-            if gc is not None:
-                grad.add_(gc, alpha=coef_c)
-        else:
-            torch.mul(gc, coef_c, out=grad)
-        tensor.grad = grad
-    else:
-        if ga is not None:
-            tensor.grad.add_(ga, alpha=coef_a)
-        if gc is not None:
-            tensor.grad.add_(gc, alpha=coef_c)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import math
 import statistics
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
