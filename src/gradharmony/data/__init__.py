@@ -23,3 +23,23 @@ __all__ = [
     "DOMAIN_NAMES", "SPLITS", "DatasetFormatError", "DatasetNotFoundError", "Domain",
     "default_data_root", "load_domain",
 ]
+
+# Image benchmarks (Office-31, Office-Home, VisDA-2017, DomainNet): see gradharmony.data.image_domains.
+# Imported on first use, so that digit-only runs do not pay for importing torchvision.
+_IMAGE_EXPORTS = {
+    "BENCHMARKS": "gradharmony.data.benchmarks", "BENCHMARK_NAMES": "gradharmony.data.benchmarks",
+    "ImageBenchmark": "gradharmony.data.benchmarks", "get_benchmark": "gradharmony.data.benchmarks",
+    "load_image_domain": "gradharmony.data.image_domains",
+    "ImageListDataset": "gradharmony.data.images", "FolderDataset": "gradharmony.data.images",
+    "CorruptImageError": "gradharmony.data.images", "CorruptImageWarning": "gradharmony.data.images",
+    "train_transform": "gradharmony.data.image_transforms", "eval_transform": "gradharmony.data.image_transforms",
+}
+__all__ += list(_IMAGE_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _IMAGE_EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_IMAGE_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

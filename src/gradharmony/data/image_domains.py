@@ -75,16 +75,22 @@ def _relabel(entries: list[tuple[Path, int]], bench: ImageBenchmark, names: tupl
     return [(path, index[f]) for (path, _), f in zip(entries, folders) if f in index]
 
 
-def _from_lists(bench: ImageBenchmark, lists: Sequence[Path], base: Path, names: tuple[str, ...],
-                **dataset_kw: Any) -> ImageListDataset:
+def _from_lists(bench: ImageBenchmark, lists: Sequence[Path], bases: Sequence[Path],
+                names: tuple[str, ...], **dataset_kw: Any) -> ImageListDataset:
     entries: list[tuple[Path, int]] = []
     for list_file in lists:
         raw = read_image_list(list_file)
-        paths = resolve_image_paths([p for p, _ in raw], base)
+        paths = resolve_image_paths([p for p, _ in raw], bases)
         entries += [(path, label) for path, (_, label) in zip(paths, raw)]
     entries = _relabel(entries, bench, names, lists)
-    dataset = ImageListDataset(base, entries=entries, classes=names, **dataset_kw)
-    dataset.source = f"image list {', '.join(map(str, lists))} (paths under {base})"
+    present = {label for _, label in entries}
+    absent = [name for i, name in enumerate(names) if i not in present]
+    if absent:
+        shown = ", ".join(absent[:10]) + (f" ... and {len(absent) - 10} more" if len(absent) > 10 else "")
+        raise DatasetNotFoundError(f"{len(absent)} of {len(names)} classes have no image in "
+                                   f"{', '.join(map(str, lists))}: {shown}")
+    dataset = ImageListDataset(bases[0], entries=entries, classes=names, **dataset_kw)
+    dataset.source = f"image list {', '.join(map(str, lists))}"
     return dataset
 
 
@@ -101,9 +107,9 @@ def _find_lists(bench: ImageBenchmark, domain: str, split: str, root: Path) -> t
 
 def _looked_at(bench: ImageBenchmark, domain: str, split: str, roots: list[Path], data_root: Path,
                layout: str) -> list[Path]:
-    if not roots:
-        return [data_root / name for name in bench.folders]
-    paths: list[Path] = []
+    # Benchmark folders that are absent, then every domain path under those present (data_root
+    # itself is tried last, as the benchmark folder).
+    paths = [data_root / name for name in bench.folders if not (data_root / name).is_dir()]
     for root in roots:
         if layout != "list":
             paths += [root / folder for folder in bench.domain_folders[domain]]
@@ -189,12 +195,11 @@ def load_image_domain(benchmark: str, domain: str, split: str = "train",
                      else eval_transform(resize, crop, mean=mean, std=std))
     dataset_kw = {"transform": transform, "on_corrupt": on_corrupt}
     roots = _benchmark_roots(bench, data_root)
+    read = _locate(bench, domain, split, data_root, roots, layout, list_file)
     try:
-        dataset = _locate_and_read(bench, domain, split, data_root, roots, names, layout, list_file, dataset_kw)
+        dataset = read(names, dataset_kw)
     except DatasetNotFoundError as exc:
-        if "not found under" in str(exc):
-            raise
-        raise DatasetNotFoundError(f"{bench.title} domain {domain!r} is incomplete: {exc}\n"
+        raise DatasetNotFoundError(f"{bench.title} domain {domain!r}: {exc}\n"
                                    f"{_context(bench, domain, split)}") from exc
     dataset.benchmark, dataset.domain, dataset.split, dataset.metric = bench.name, domain, split, bench.metric
     dataset.source = f"{bench.title} {domain} ({split}) from {dataset.source}"
@@ -203,9 +208,9 @@ def load_image_domain(benchmark: str, domain: str, split: str = "train",
     return dataset
 
 
-def _locate_and_read(bench: ImageBenchmark, domain: str, split: str, data_root: Path, roots: list[Path],
-                     names: tuple[str, ...], layout: str, list_file: str | Path | None,
-                     dataset_kw: dict[str, Any]) -> ImageListDataset:
+def _locate(bench: ImageBenchmark, domain: str, split: str, data_root: Path, roots: list[Path],
+            layout: str, list_file: str | Path | None) -> Callable[[tuple[str, ...], dict], ImageListDataset]:
+    """Find the domain's folder or list(s); return the function that reads them."""
     if list_file is not None:
         path = Path(list_file).expanduser()
         candidates = [path] if path.is_absolute() else [r / path for r in roots] or [data_root / path]
@@ -213,14 +218,15 @@ def _locate_and_read(bench: ImageBenchmark, domain: str, split: str, data_root: 
         if found is None:
             raise DatasetNotFoundError(f"image list {list_file} not found under {data_root}; looked at "
                                        + ", ".join(map(str, candidates)))
-        base = next((r for r in roots if found.is_relative_to(r)), found.parent)
-        return _from_lists(bench, [found], base, names, **dataset_kw)
+        bases = [r for r in roots if found.is_relative_to(r)] + [found.parent]
+        return lambda names, kw: _from_lists(bench, [found], bases, names, **kw)
     folders_allowed = layout != "list" and not (bench.split_lists and split != "all")
     for root in roots:
         if folders_allowed:
             for folder in bench.domain_folders[domain]:
                 if (root / folder).is_dir():
-                    return FolderDataset(root / folder, names, **dataset_kw)
-        if layout != "folder" and (found := _find_lists(bench, domain, split, root)) is not None:
-            return _from_lists(bench, found[0], found[1], names, **dataset_kw)
+                    return lambda names, kw, folder=root / folder: FolderDataset(folder, names, **kw)
+        if layout != "folder" and (found_lists := _find_lists(bench, domain, split, root)) is not None:
+            files, base = found_lists
+            return lambda names, kw: _from_lists(bench, files, [base], names, **kw)
     raise _not_found(bench, domain, split, roots, data_root, layout)

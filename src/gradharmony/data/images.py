@@ -104,14 +104,19 @@ def _rebase_depth(paths: Sequence[str], root: Path, tries: int = 20) -> int | No
     return None
 
 
-def resolve_image_paths(paths: Sequence[str], root: str | Path) -> list[Path]:
+def resolve_image_paths(paths: Sequence[str], root: str | Path | Sequence[str | Path]) -> list[Path]:
     """Turn the paths of a list into file paths under ``root`` (see the module doc on re-rooting).
 
-    Absolute paths that exist are kept.  The number of leading folders to drop is found once, from
-    the first paths, and applied to every path; nothing is checked here.
+    ``root`` may be several candidate folders: the first under which the paths can be found is
+    used.  Absolute paths that exist are kept.  The number of leading folders to drop is found
+    once, from the first paths, and applied to every path; nothing else is checked here.
     """
-    root = Path(root)
-    depth = _rebase_depth(paths, root) or 0
+    roots = [Path(root)] if isinstance(root, (str, Path)) else [Path(r) for r in root]
+    depth, base = 0, roots[0]
+    for candidate in roots:
+        if (found := _rebase_depth(paths, candidate)) is not None:
+            depth, base = found, candidate
+            break
     out = []
     for raw in paths:
         path = Path(raw)
@@ -119,7 +124,7 @@ def resolve_image_paths(paths: Sequence[str], root: str | Path) -> list[Path]:
             out.append(path)
             continue
         parts = path.parts[depth:]
-        out.append(root / Path(*parts) if parts else root)
+        out.append(base / Path(*parts) if parts else base)
     return out
 
 

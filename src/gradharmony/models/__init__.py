@@ -8,3 +8,20 @@ __all__ = [
     "BACKBONES", "DTN", "Bottleneck", "ClassifierHead", "DomainDiscriminator", "GradientReversal",
     "LeNet", "build_backbone", "reverse_gradient", "warm_start_coefficient",
 ]
+
+# ImageNet-scale image backbones (ResNet, ViT via timm, EfficientNet-Lite): see
+# gradharmony.models.backbones.  Imported on first use, so that digit-only runs do not import torchvision.
+_IMAGE_EXPORTS = {
+    "IMAGE_BACKBONES": "gradharmony.models.backbones", "IMAGE_BACKBONE_NAMES": "gradharmony.models.backbones",
+    "build_image_backbone": "gradharmony.models.backbones",
+    "PretrainedWeightsNotFoundError": "gradharmony.models.pretrained",
+}
+__all__ += list(_IMAGE_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _IMAGE_EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_IMAGE_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
