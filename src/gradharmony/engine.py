@@ -171,9 +171,7 @@ class Trainer:
             self.domains[key] = Domain(d.name, d.split, d.images.to(self.device), d.labels.to(self.device),
                                        d.num_classes)
         self.model = build_model(cfg, self.domains["source"].num_classes).to(self.device)
-        self.optimizer = torch.optim.SGD(self.model.parameter_groups(cfg.lr), lr=cfg.lr,
-                                         momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                                         nesterov=cfg.nesterov)
+        self.optimizers = self._build_optimizers()
         self.harmonizer = build_harmonizer(cfg, self.model)
         # Under a bottleneck scope the probes can stop at the backbone output (see Harmonizer).
         self._backbone_output: list[torch.Tensor] = []
@@ -197,7 +195,8 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         return {
             "step": self.step, "config": self.cfg.to_dict(), "config_hash": self.cfg.outcome_hash(),
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "model": self.model.state_dict(),
+            "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
             "harmonizer": self.harmonizer.state_dict(),
             "source_batches": self.source_batches.state_dict(),
             "target_batches": self.target_batches.state_dict(),
@@ -210,7 +209,8 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state["optimizers"][name])
         self.harmonizer.load_state_dict(state["harmonizer"])
         self.source_batches.load_state_dict(state["source_batches"])
         self.target_batches.load_state_dict(state["target_batches"])
@@ -239,8 +239,9 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def _set_lr(self) -> float:
         factor = (1.0 + self.cfg.lr_gamma * self.step) ** (-self.cfg.lr_decay)
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.cfg.lr * group.get("lr_mult", 1.0) * factor
+        for optimizer in self.optimizers.values():
+            for group in optimizer.param_groups:
+                group["lr"] = self.cfg.lr * group.get("lr_mult", 1.0) * factor
         return self.cfg.lr * factor
 
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -249,21 +250,29 @@ class Trainer:
         return to_input(s.images[si.to(s.images.device)]), s.labels[si.to(s.labels.device)], \
             to_input(t.images[ti.to(t.images.device)])
 
-    def train_step(self) -> dict[str, Any]:
-        self.mid_step = True
-        self._set_lr()
-        xs, ys, xt = self._batch()
+    def _build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """One SGD per named group set: a single one, or several for multi-step methods (MCD)."""
+        cfg = self.cfg
+        groups = (self.model.optimizer_groups(cfg.lr) if hasattr(self.model, "optimizer_groups")
+                  else {"all": self.model.parameter_groups(cfg.lr)})
+        return {name: torch.optim.SGD(g, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                      nesterov=cfg.nesterov) for name, g in groups.items()}
+
+    def _zero_grad(self) -> None:
+        for optimizer in self.optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
+
+    def _harmonized_step(self, xs: torch.Tensor, ys: torch.Tensor, xt: torch.Tensor) -> tuple[dict, float, float, bool]:
+        """Forward, harmonized backward, optimizer step (skipped if anything is non-finite)."""
         self._backbone_output.clear()
         losses = self.model.compute_losses(xs, ys, xt, step=self.step)
         cut = self._backbone_output[0] if len(self._backbone_output) == 1 else losses.features
         self._backbone_output.clear()
-        self.optimizer.zero_grad(set_to_none=True)
+        self._zero_grad()
         if losses.align.requires_grad:
             stats = self.harmonizer.backward(cls=losses.cls, align=losses.align,
                                              trade_off=self.cfg.trade_off, features=cut)
-            record = {k: v for k, v in stats.as_dict().items() if k in
-                      ("cos", "angle", "w_align", "w_cls", "conflict", "measured")}
-            record["guards"] = "|".join(stats.guards)
+            record = _stats_record(stats)
         else:  # source-only: nothing to harmonize
             losses.cls.backward()
             record = {"w_align": 1.0, "w_cls": 1.0, "guards": "no_align"}
@@ -274,13 +283,32 @@ class Trainer:
         finite = math.isfinite(loss_cls) and math.isfinite(loss_align) and bool(
             torch.isfinite(torch.nn.utils.get_total_norm(grads)))
         if finite:
-            self.optimizer.step()
+            for optimizer in self.optimizers.values():
+                optimizer.step()
+        else:
+            self._zero_grad()
+        return record, loss_cls, loss_align, finite
+
+    def _multi_step(self, xs: torch.Tensor, ys: torch.Tensor, xt: torch.Tensor) -> tuple[dict, float, float, bool]:
+        """A method that owns its update order (MCD): it steps its own optimizers."""
+        result = self.model.update(xs, ys, xt, self.step, self.optimizers, self.harmonizer, self.cfg.trade_off)
+        record = _stats_record(result.stats) if result.stats is not None else {"guards": "no_harmonizer"}
+        finite = math.isfinite(result.loss_cls) and math.isfinite(result.loss_align) and all(
+            torch.isfinite(p).all() for p in self.model.parameters())
+        return record, result.loss_cls, result.loss_align, finite
+
+    def train_step(self) -> dict[str, Any]:
+        self.mid_step = True
+        self._set_lr()
+        xs, ys, xt = self._batch()
+        step_fn = self._multi_step if getattr(self.model, "multi_step", False) else self._harmonized_step
+        record, loss_cls, loss_align, finite = step_fn(xs, ys, xt)
+        if finite:
             self.consecutive_nonfinite = 0
         else:
-            self.optimizer.zero_grad(set_to_none=True)
             self.consecutive_nonfinite += 1
             self.interval["skipped_nonfinite"] += 1
-            record["guards"] = (record["guards"] + "|skipped_step").strip("|")
+            record["guards"] = (record.get("guards", "") + "|skipped_step").strip("|")
         record.update(step=self.step, loss_cls=loss_cls, loss_align=loss_align)
         self.interval["loss_cls"] += loss_cls if finite else 0.0
         self.interval["loss_align"] += loss_align if finite else 0.0
@@ -372,6 +400,14 @@ class Trainer:
                 "seed": self.cfg.seed, "steps": self.step, "last_target_acc": last["target_acc"],
                 "best_target_acc": last["best_target_acc"], "best_step": last["best_step"],
                 "config_hash": self.cfg.outcome_hash()}
+
+
+def _stats_record(stats) -> dict[str, Any]:
+    """The per-step CSV fields of a harmonizer StepStats."""
+    record = {k: v for k, v in stats.as_dict().items()
+              if k in ("cos", "angle", "w_align", "w_cls", "conflict", "measured")}
+    record["guards"] = "|".join(stats.guards)
+    return record
 
 
 def train(cfg: TrainConfig, domains: dict[str, Domain] | None = None) -> dict[str, Any]:
