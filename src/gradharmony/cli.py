@@ -98,7 +98,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     root = args.data_root or cfg.data_root
     domain = load_domain(target, args.split, data_root=root, image_size=cfg.image_size, channels=cfg.channels)
     device = resolve_device(args.device)
-    model = build_model(cfg, domain.num_classes).to(device)
+    model = build_model(cfg, domain.num_classes, tuple(domain.images.shape[1:])).to(device)
     model.load_state_dict(state["model"])
     with torch.no_grad():
         result = evaluate(model, domain, device)

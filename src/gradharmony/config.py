@@ -115,7 +115,7 @@ class TrainConfig:
         """Method, its hyper-parameters, backbone and domains: checked before any data is read."""
         from gradharmony.data import DOMAIN_NAMES
         from gradharmony.methods import METHODS
-        from gradharmony.models import BACKBONES
+        from gradharmony.models import BACKBONES, FEATURE_BACKBONES
 
         def check(kind: str, value: str, valid) -> None:
             if value not in valid:
@@ -124,7 +124,7 @@ class TrainConfig:
                 raise ConfigError(f"unknown {kind} {value!r}{maybe}; choose one of {', '.join(sorted(valid))}")
 
         check("method", self.method, METHODS)
-        check("backbone", self.backbone, BACKBONES)
+        check("backbone", self.backbone, {**BACKBONES, **FEATURE_BACKBONES})
         check("source domain", self.source, DOMAIN_NAMES)
         check("target domain", self.target, DOMAIN_NAMES)
         accepted = METHODS[self.method].hparam_defaults()

@@ -32,7 +32,7 @@ from gradharmony.config import ConfigError, TrainConfig
 from gradharmony.data import Domain, default_data_root, load_domain
 from gradharmony.harmonizer import Harmonizer
 from gradharmony.methods import Method, build_method
-from gradharmony.models import build_backbone
+from gradharmony.models import FEATURE_BACKBONES, build_backbone
 from gradharmony.runlog import RunLog, load_checkpoint, save_checkpoint
 from gradharmony.sampler import InfiniteBatches
 
@@ -56,7 +56,9 @@ class Evaluation:
 
 
 def to_input(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images in [0, 255] -> float inputs in [-1, 1]."""
+    """uint8 images in [0, 255] -> float inputs in [-1, 1]; feature vectors pass through."""
+    if images.dtype != torch.uint8:
+        return images.float()
     return images.float().div_(127.5).sub_(1.0)
 
 
@@ -94,8 +96,17 @@ def build_harmonizer(cfg: TrainConfig, method: Method) -> Harmonizer:
                       lead=lead, refresh_every=cfg.refresh_every, max_weight=cfg.max_weight)
 
 
-def build_model(cfg: TrainConfig, num_classes: int) -> Method:
-    backbone = build_backbone(cfg.backbone, in_channels=cfg.channels, image_size=cfg.image_size)
+def build_model(cfg: TrainConfig, num_classes: int, input_shape: tuple[int, ...]) -> Method:
+    """The method with its backbone; ``input_shape`` is one example's shape (C, H, W) or (D,)."""
+    if cfg.backbone in FEATURE_BACKBONES:
+        if len(input_shape) != 1:
+            raise ConfigError(f"backbone {cfg.backbone!r} takes feature vectors; {cfg.source} holds images")
+        backbone = FEATURE_BACKBONES[cfg.backbone](input_shape[0])
+    else:
+        if len(input_shape) != 3:
+            raise ConfigError(f"backbone {cfg.backbone!r} takes images; {cfg.source} holds feature vectors "
+                              f"(use --backbone mlp)")
+        backbone = build_backbone(cfg.backbone, in_channels=cfg.channels, image_size=cfg.image_size)
     return build_method(cfg.method, backbone, num_classes, max_steps=cfg.steps,
                         bottleneck_dim=cfg.bottleneck_dim, **cfg.method_params)
 
@@ -170,7 +181,8 @@ class Trainer:
             d = self.domains[key]
             self.domains[key] = Domain(d.name, d.split, d.images.to(self.device), d.labels.to(self.device),
                                        d.num_classes)
-        self.model = build_model(cfg, self.domains["source"].num_classes).to(self.device)
+        source = self.domains["source"]
+        self.model = build_model(cfg, source.num_classes, tuple(source.images.shape[1:])).to(self.device)
         self.optimizers = self._build_optimizers()
         self.harmonizer = build_harmonizer(cfg, self.model)
         # Under a bottleneck scope the probes can stop at the backbone output (see Harmonizer).

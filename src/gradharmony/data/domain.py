@@ -38,7 +38,8 @@ class Domain:
     Attributes:
         name: the domain's name, one of ``DOMAIN_NAMES`` (e.g. ``"mnist"``).
         split: ``"train"`` or ``"test"``.
-        images: ``uint8`` tensor ``[N, C, H, W]`` at the requested size and channels.
+        images: ``uint8`` tensor ``[N, C, H, W]`` at the requested size and channels, or for a
+            feature domain (Office-Caltech10) a ``float32`` tensor ``[N, D]``.
         labels: ``int64`` tensor ``[N]`` with values in ``0 .. num_classes - 1``.
         num_classes: 10 for every digit domain.
         source: where the data came from (files, layout, or for generated domains the recipe and
@@ -53,9 +54,11 @@ class Domain:
     source: str = ""
 
     def __post_init__(self) -> None:
-        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
-            raise ValueError(f"images must be uint8 [N, C, H, W], got {self.images.dtype} "
-                             f"{tuple(self.images.shape)}")
+        is_image = self.images.dtype == torch.uint8 and self.images.dim() == 4
+        is_feature = self.images.dtype == torch.float32 and self.images.dim() == 2
+        if not (is_image or is_feature):
+            raise ValueError(f"images must be uint8 [N, C, H, W] (or float32 [N, D] features), got "
+                             f"{self.images.dtype} {tuple(self.images.shape)}")
         if self.labels.dtype != torch.int64 or self.labels.shape != (self.images.shape[0],):
             raise ValueError(f"labels must be int64 [N] with N={self.images.shape[0]}, got "
                              f"{self.labels.dtype} {tuple(self.labels.shape)}")
@@ -67,6 +70,6 @@ class Domain:
         return self.images[index], self.labels[index]
 
     def __repr__(self) -> str:
-        n, c, h, w = self.images.shape
-        return (f"Domain(name={self.name!r}, split={self.split!r}, n={n}, shape=[{c}, {h}, {w}], "
+        n, *shape = self.images.shape
+        return (f"Domain(name={self.name!r}, split={self.split!r}, n={n}, shape={shape}, "
                 f"num_classes={self.num_classes}, source={self.source!r})")

@@ -11,6 +11,7 @@ import torch
 
 from gradharmony.data.cache import cache_path, default_cache_dir, load_cached, save_cached
 from gradharmony.data.domain import Domain
+from gradharmony.data.office_caltech import FEATURE_DOMAINS, load_feature_domain
 from gradharmony.data.registry import DOMAIN_NAMES, DOMAINS, SPLITS, DomainSpec
 from gradharmony.data.transforms import to_input_space
 
@@ -67,7 +68,9 @@ def load_domain(name: str, split: str = "train", data_root: str | Path | None = 
     Args:
         name: one of ``DOMAIN_NAMES``: ``mnist``, ``usps``, ``mnistm``, ``svhn`` (real data),
             ``mnistm-synth``, ``syndigits``, ``mnist8`` (generated offline), ``uci8`` (real,
-            bundled with scikit-learn).  Each module's docstring gives the source and layout.
+            bundled with scikit-learn), ``oc10-{surf,decaf}-{amazon,caltech,dslr,webcam}``
+            (Office-Caltech10 features: float ``[N, D]``, size and channels ignored).  Each
+            module's docstring gives the source and layout.
         split: ``"train"`` or ``"test"``.
         data_root: folder holding the datasets (default :func:`default_data_root`).
         image_size: output height and width; images are resized bilinearly (antialiased).
@@ -88,8 +91,10 @@ def load_domain(name: str, split: str = "train", data_root: str | Path | None = 
     Two cache entries may be written: the native form (e.g. 32x32 RGB for MNIST-M) and the
     requested one, so asking for another size later skips the slow decode.
     """
-    spec = _check_arguments(name, split, image_size, channels, seed, limit)
     root = Path(data_root).expanduser() if data_root is not None else default_data_root()
+    if name in FEATURE_DOMAINS:  # pre-extracted features: no resizing, no cache needed (small .mat files)
+        return load_feature_domain(name, split, root)
+    spec = _check_arguments(name, split, image_size, channels, seed, limit)
     found = spec.locate(split, root)
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir(root)
     native_parts = {

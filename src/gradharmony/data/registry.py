@@ -43,5 +43,8 @@ DOMAINS: dict[str, DomainSpec] = {
     "uci8": DomainSpec(uci8.locate, uci8.read, 8, 1),
     "mnist8": DomainSpec(mnist8.locate, mnist8.read, 8, 1, version="2"),
 }
-DOMAIN_NAMES: tuple[str, ...] = tuple(DOMAINS)
+# Feature domains (float vectors, no image size or channels) are read by office_caltech.py.
+from gradharmony.data.office_caltech import FEATURE_DOMAINS  # noqa: E402
+
+DOMAIN_NAMES: tuple[str, ...] = tuple(DOMAINS) + FEATURE_DOMAINS
 SPLITS: tuple[str, ...] = ("train", "test")

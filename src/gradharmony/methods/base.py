@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -27,6 +27,10 @@ from torch.nn import functional as F
 
 from gradharmony.models.grl import GradientReversal
 from gradharmony.models.heads import Bottleneck, ClassifierHead
+
+if TYPE_CHECKING:
+    from gradharmony.harmonizer import Harmonizer
+    from gradharmony.stats import StepStats
 
 # Positional arguments of every method's constructor: not hyper-parameters.
 _STRUCTURAL = ("self", "backbone", "num_classes", "max_steps")
@@ -39,6 +43,21 @@ class Losses:
     cls: torch.Tensor
     align: torch.Tensor
     features: torch.Tensor
+    logs: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class UpdateResult:
+    """What :meth:`Method.update` did in one training step.
+
+    ``stats``: the harmonizer's statistics of the call where GH is applied (``None`` if none was);
+    ``loss_cls``, ``loss_align``: the step's losses as plain floats (NaN when a phase was skipped
+    for non-finite gradients, so that the engine counts the step as skipped); ``logs``: extra scalars.
+    """
+
+    stats: "StepStats | None"
+    loss_cls: float
+    loss_align: float
     logs: dict[str, float] = field(default_factory=dict)
 
 
@@ -77,6 +96,9 @@ class Method(nn.Module):
 
     name: ClassVar[str] = ""
     default_lead: ClassVar[str] = "align"
+    #: ``True``: the method owns its update order (MCD, GVB-GD, DWL): the engine calls
+    #: :meth:`update` instead of :meth:`compute_losses` + ``harmonizer.backward``.
+    multi_step: ClassVar[bool] = False
 
     def __init__(self, backbone: nn.Module, num_classes: int, max_steps: int,
                  bottleneck_dim: int = 256, *, backbone_lr_mult: float = 1.0,
@@ -168,3 +190,44 @@ class Method(nn.Module):
                   ("adversary", adversary, 1.0)]
         return [{"params": params, "lr": lr * mult, "lr_mult": mult, "name": name}
                 for name, params, mult in groups if params]
+
+    def optimizer_groups(self, lr: float) -> dict[str, list[dict]]:
+        """Named optimizers -> their SGD parameter groups (each with ``lr``, ``lr_mult``, ``name``).
+
+        Default: one optimizer, ``{"all": self.parameter_groups(lr)}``.
+        """
+        return {"all": self.parameter_groups(lr)}
+
+    # ------------------------------------------------------------------ whole training step
+    def update(self, x_s: torch.Tensor, y_s: torch.Tensor, x_t: torch.Tensor, step: int,
+               optimizers: dict[str, torch.optim.Optimizer], harmonizer: "Harmonizer",
+               trade_off: float) -> UpdateResult:
+        """A whole training step: zero_grad, forward(s), backward(s) (through the harmonizer where GH
+        applies), optimizer steps.  The engine sets every group's ``lr`` before the call.
+
+        Default (single-step methods): :meth:`compute_losses`, one harmonized backward, then every
+        optimizer steps, unless a gradient is non-finite (no step; the losses are reported as NaN).
+        Multi-step methods override it.
+        """
+        for optimizer in optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
+        losses = self.compute_losses(x_s, y_s, x_t, step)
+        stats = None
+        if losses.align.requires_grad:
+            stats = harmonizer.backward(cls=losses.cls, align=losses.align, trade_off=trade_off,
+                                        features=losses.features)
+        else:
+            losses.cls.backward()
+        grads = [p.grad for opt in optimizers.values() for g in opt.param_groups for p in g["params"]
+                 if p.grad is not None]
+        finite = not grads or bool(torch.isfinite(torch.stack([g.detach().float().norm() for g in grads])).all())
+        loss_cls = losses.logs.get("cls_loss", float(losses.cls.detach()))
+        loss_align = losses.logs.get("transfer_loss", float(losses.align.detach()))
+        if finite:
+            for optimizer in optimizers.values():
+                optimizer.step()
+        else:
+            for optimizer in optimizers.values():
+                optimizer.zero_grad(set_to_none=True)
+            loss_cls = loss_align = float("nan")
+        return UpdateResult(stats=stats, loss_cls=loss_cls, loss_align=loss_align, logs=dict(losses.logs))

@@ -3,9 +3,13 @@
 from gradharmony.models.digits import BACKBONES, DTN, LeNet, build_backbone
 from gradharmony.models.grl import GradientReversal, reverse_gradient, warm_start_coefficient
 from gradharmony.models.heads import Bottleneck, ClassifierHead, DomainDiscriminator
+from gradharmony.models.mlp import MLP
+
+# Backbones for pre-extracted feature vectors, built from the feature dimension.
+FEATURE_BACKBONES = {"mlp": MLP}
 
 __all__ = [
-    "BACKBONES", "DTN", "Bottleneck", "ClassifierHead", "DomainDiscriminator", "GradientReversal",
+    "BACKBONES", "DTN", "FEATURE_BACKBONES", "MLP", "Bottleneck", "ClassifierHead", "DomainDiscriminator", "GradientReversal",
     "LeNet", "build_backbone", "reverse_gradient", "warm_start_coefficient",
 ]
 
