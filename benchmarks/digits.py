@@ -16,12 +16,9 @@ one CPU thread each.  ``report`` writes the tables (mean +- std, paired deltas, 
 
 from __future__ import annotations
 
-import argparse
-from collections import Counter
 from pathlib import Path
 
-from gradharmony.report import write_report
-from gradharmony.sweep import expand, run_grid, run_status
+from gradharmony.sweep import staged_benchmark_main
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT.parent / "shared" / "data"
@@ -59,29 +56,5 @@ def stages(data_root: Path, out: Path) -> dict[int, dict]:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["run", "report", "plan"])
-    parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "digits", help="where the runs live")
-    parser.add_argument("--stages", type=int, nargs="+", default=None)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=None, help="report folder (default: the runs folder)")
-    args = parser.parse_args()
-    all_stages = stages(args.data_root, args.runs)
-    chosen = args.stages or sorted(all_stages)
-    if args.command == "plan":
-        for s in chosen:
-            counts = Counter(run_status(r) for r in expand(all_stages[s]))
-            print(f"stage {s}: {dict(counts)}")
-    elif args.command == "run":
-        for s in chosen:
-            print(f"== stage {s}", flush=True)
-            run_grid(all_stages[s], workers=args.workers)
-    if args.command in ("run", "report"):
-        md, csv_path = write_report(args.runs, args.out)
-        print(f"report: {md} and {csv_path}")
-
-
 if __name__ == "__main__":
-    main()
+    staged_benchmark_main(__doc__, stages, ROOT / "runs" / "digits", DEFAULT_DATA)

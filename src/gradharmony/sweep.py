@@ -166,3 +166,37 @@ def _prepare_data(runs: list[PlannedRun]) -> None:
 def labelled_runs(root: str | Path) -> list[tuple[dict[str, Any], Path]]:
     """``(labels, folder)`` of every run folder under ``root`` that a sweep labelled."""
     return [(json.loads(p.read_text()), p.parent) for p in sorted(Path(root).glob("*/run.json"))]
+
+
+def staged_benchmark_main(description: str, make_stages, default_runs: Path, default_data: Path,
+                          argv: list[str] | None = None) -> None:
+    """Command line shared by the benchmark scripts: ``run | report | plan`` over numbered stages.
+
+    ``make_stages(data_root, runs_folder)`` returns ``{stage number: grid}``; stages run in order
+    and all write into one runs folder, so the report aggregates them.
+    """
+    import argparse
+    from collections import Counter
+
+    from gradharmony.report import write_report
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["run", "report", "plan"])
+    parser.add_argument("--data-root", type=Path, default=default_data)
+    parser.add_argument("--runs", type=Path, default=default_runs, help="where the runs live")
+    parser.add_argument("--stages", type=int, nargs="+", default=None)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=None, help="report folder (default: the runs folder)")
+    args = parser.parse_args(argv)
+    all_stages = make_stages(args.data_root, args.runs)
+    chosen = args.stages or sorted(all_stages)
+    if args.command == "plan":
+        for s in chosen:
+            print(f"stage {s}: {dict(Counter(run_status(r) for r in expand(all_stages[s])))}")
+    elif args.command == "run":
+        for s in chosen:
+            print(f"== stage {s}", flush=True)
+            run_grid(all_stages[s], workers=args.workers)
+    if args.command in ("run", "report"):
+        md, csv_path = write_report(args.runs, args.out)
+        print(f"report: {md} and {csv_path}")
