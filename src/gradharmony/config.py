@@ -44,6 +44,7 @@ class TrainConfig:
     source: str = "mnist"
     target: str = "mnistm-synth"
     backbone: str = "lenet"
+    pretrained: str | None = None  # image backbones: "imagenet" (the standard weights) or a weights file
     image_size: int = 32
     channels: int = 3
     bottleneck_dim: int = 256
@@ -116,6 +117,7 @@ class TrainConfig:
         from gradharmony.data import DOMAIN_NAMES
         from gradharmony.methods import METHODS
         from gradharmony.models import BACKBONES, FEATURE_BACKBONES
+        from gradharmony.models.backbones import IMAGE_BACKBONE_NAMES
 
         def check(kind: str, value: str, valid) -> None:
             if value not in valid:
@@ -124,7 +126,10 @@ class TrainConfig:
                 raise ConfigError(f"unknown {kind} {value!r}{maybe}; choose one of {', '.join(sorted(valid))}")
 
         check("method", self.method, METHODS)
-        check("backbone", self.backbone, {**BACKBONES, **FEATURE_BACKBONES})
+        check("backbone", self.backbone, {**BACKBONES, **FEATURE_BACKBONES, **dict.fromkeys(IMAGE_BACKBONE_NAMES)})
+        if self.pretrained is not None and self.backbone not in IMAGE_BACKBONE_NAMES:
+            raise ConfigError(f"pretrained weights apply to the image backbones ({', '.join(IMAGE_BACKBONE_NAMES)}), "
+                              f"not to {self.backbone!r}")
         check("source domain", self.source, DOMAIN_NAMES)
         check("target domain", self.target, DOMAIN_NAMES)
         accepted = METHODS[self.method].hparam_defaults()

@@ -33,6 +33,7 @@ from gradharmony.data import Domain, default_data_root, load_domain
 from gradharmony.harmonizer import Harmonizer
 from gradharmony.methods import Method, build_method
 from gradharmony.models import FEATURE_BACKBONES, build_backbone
+from gradharmony.models.backbones import IMAGE_BACKBONE_NAMES, build_image_backbone
 from gradharmony.runlog import RunLog, load_checkpoint, save_checkpoint
 from gradharmony.sampler import InfiniteBatches
 
@@ -106,7 +107,15 @@ def build_model(cfg: TrainConfig, num_classes: int, input_shape: tuple[int, ...]
         if len(input_shape) != 3:
             raise ConfigError(f"backbone {cfg.backbone!r} takes images; {cfg.source} holds feature vectors "
                               f"(use --backbone mlp)")
-        backbone = build_backbone(cfg.backbone, in_channels=cfg.channels, image_size=cfg.image_size)
+        if cfg.backbone in IMAGE_BACKBONE_NAMES:
+            if cfg.channels != 3:
+                raise ConfigError(f"{cfg.backbone} takes RGB images: set channels: 3")
+            # Inputs are in [-1, 1], which is what EfficientNet-Lite's weights expect ((x - 127) / 128);
+            # ResNet/ViT weights expect ImageNet statistics, close to it after their first batch norm.
+            pretrained = {None: False, "imagenet": True}.get(cfg.pretrained, cfg.pretrained)
+            backbone = build_image_backbone(cfg.backbone, pretrained=pretrained)
+        else:
+            backbone = build_backbone(cfg.backbone, in_channels=cfg.channels, image_size=cfg.image_size)
     return build_method(cfg.method, backbone, num_classes, max_steps=cfg.steps,
                         bottleneck_dim=cfg.bottleneck_dim, **cfg.method_params)
 
