@@ -158,3 +158,15 @@ def test_jsonl_has_no_nan_literals(tmp_path):
     train(cfg, tiny_domains())
     for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
         json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+
+
+def rgb(domains: dict[str, Domain]) -> dict[str, Domain]:
+    return {k: Domain(d.name, d.split, d.images.repeat(1, 3, 1, 1), d.labels, d.num_classes) for k, d in domains.items()}
+
+
+def test_an_imagenet_scale_backbone_trains_on_in_memory_images(tmp_path):
+    cfg = config(tmp_path, backbone="efficientnet_lite0", channels=3, steps=2, eval_every=2, batch_size=4)
+    result = train(cfg, rgb(tiny_domains()))
+    assert result["steps"] == 2
+    with pytest.raises(ConfigError, match="pretrained weights apply"):
+        config(tmp_path, pretrained="imagenet")
