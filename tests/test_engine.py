@@ -170,3 +170,19 @@ def test_an_imagenet_scale_backbone_trains_on_in_memory_images(tmp_path):
     assert result["steps"] == 2
     with pytest.raises(ConfigError, match="pretrained weights apply"):
         config(tmp_path, pretrained="imagenet")
+
+
+def test_bf16_autocast_trains_and_resumes_exactly(tmp_path):
+    straight = config(tmp_path / "a", amp="bf16")
+    result = train(straight, tiny_domains())
+    resumed = config(tmp_path / "b", amp="bf16")
+    interrupted_run(resumed, at_step=6)
+    assert train(resumed, tiny_domains())["last_target_acc"] == result["last_target_acc"]
+    a = torch.load(tmp_path / "a" / "run" / "last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "b" / "run" / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(v, b[k]) for k, v in a.items() if isinstance(v, torch.Tensor))
+
+
+def test_fp16_needs_cuda(tmp_path):
+    with pytest.raises(ConfigError, match="fp16"):
+        Trainer(config(tmp_path, amp="fp16"), tiny_domains())

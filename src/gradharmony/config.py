@@ -78,6 +78,7 @@ class TrainConfig:
     seed: int = 0
     out: str = "runs/default"
     device: str = "cpu"
+    amp: str = "none"  # mixed precision: "bf16" (autocast), "fp16" (autocast + gradient scaler, CUDA)
     threads: int | None = None
     progress: bool = True
 
@@ -108,6 +109,8 @@ class TrainConfig:
             raise ConfigError(f"lr must be positive, got {self.lr}")
         if not isinstance(self.method_params, dict):
             raise ConfigError("method_params must be a mapping of hyper-parameter names to values")
+        if self.amp not in ("none", "bf16", "fp16"):
+            raise ConfigError(f"amp must be none, bf16 or fp16, got {self.amp!r}")
         if self.source_eval_size < 0:
             raise ConfigError(f"source_eval_size must be >= 0, got {self.source_eval_size}")
         self._validate_names()

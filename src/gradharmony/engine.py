@@ -193,6 +193,11 @@ class Trainer:
         source = self.domains["source"]
         self.model = build_model(cfg, source.num_classes, tuple(source.images.shape[1:])).to(self.device)
         self.optimizers = self._build_optimizers()
+        if cfg.amp == "fp16" and self.device.type != "cuda":
+            raise ConfigError("amp fp16 needs a CUDA device; on CPU use amp bf16")
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+        # fp16 gradients underflow without loss scaling; bf16 has float32's range and needs none.
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.amp == "fp16" else None
         self.harmonizer = build_harmonizer(cfg, self.model)
         # Under a bottleneck scope the probes can stop at the backbone output (see Harmonizer).
         self._backbone_output: list[torch.Tensor] = []
@@ -218,6 +223,7 @@ class Trainer:
             "step": self.step, "config": self.cfg.to_dict(), "config_hash": self.cfg.outcome_hash(),
             "model": self.model.state_dict(),
             "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
+            "scaler": self.scaler.state_dict() if self.scaler else None,
             "harmonizer": self.harmonizer.state_dict(),
             "source_batches": self.source_batches.state_dict(),
             "target_batches": self.target_batches.state_dict(),
@@ -232,6 +238,8 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         for name, opt in self.optimizers.items():
             opt.load_state_dict(state["optimizers"][name])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         self.harmonizer.load_state_dict(state["harmonizer"])
         self.source_batches.load_state_dict(state["source_batches"])
         self.target_batches.load_state_dict(state["target_batches"])
@@ -286,20 +294,26 @@ class Trainer:
     def _harmonized_step(self, xs: torch.Tensor, ys: torch.Tensor, xt: torch.Tensor) -> tuple[dict, float, float, bool]:
         """Forward, harmonized backward, optimizer step (skipped if anything is non-finite)."""
         self._backbone_output.clear()
-        losses = self.model.compute_losses(xs, ys, xt, step=self.step)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            losses = self.model.compute_losses(xs, ys, xt, step=self.step)
         cut = self._backbone_output[0] if len(self._backbone_output) == 1 else losses.features
         self._backbone_output.clear()
         self._zero_grad()
         if losses.align.requires_grad:
-            stats = self.harmonizer.backward(cls=losses.cls, align=losses.align,
-                                             trade_off=self.cfg.trade_off, features=cut)
+            stats = self.harmonizer.backward(cls=losses.cls, align=losses.align, trade_off=self.cfg.trade_off,
+                                             features=cut, scaler=self.scaler)
             record = _stats_record(stats)
         else:  # source-only: nothing to harmonize
-            losses.cls.backward()
+            (self.scaler.scale(losses.cls) if self.scaler else losses.cls).backward()
             record = {"w_align": 1.0, "w_cls": 1.0, "guards": "no_align"}
         logs = losses.logs
         loss_cls = logs["cls_loss"] if "cls_loss" in logs else float(losses.cls.detach())
         loss_align = logs["transfer_loss"] if "transfer_loss" in logs else float(losses.align.detach())
+        if self.scaler is not None:  # the scaler skips overflowing steps itself and lowers its scale
+            for optimizer in self.optimizers.values():
+                self.scaler.step(optimizer)
+            self.scaler.update()
+            return record, loss_cls, loss_align, math.isfinite(loss_cls) and math.isfinite(loss_align)
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         finite = math.isfinite(loss_cls) and math.isfinite(loss_align) and bool(
             torch.isfinite(torch.nn.utils.get_total_norm(grads)))
