@@ -83,6 +83,7 @@ def test_paired_delta_uses_common_seeds_only():
 
 def test_unfinished_runs_are_listed_not_averaged():
     cells = {("t", "dann", "none"): Cell("t", "dann", "none", last={0: 70.0}, best={0: 71.0},
-                                         unfinished=["seed 1 at step 500/3000"])}
+                                         unfinished={2: (0, 3000), 1: (500, 3000), 3: (0, 3000)})}
     row = table_rows(cells)[0]
-    assert row["seeds"] == 1 and row["last"] == "70.00" and "seed 1 at step 500/3000" in row["unfinished"]
+    assert row["seeds"] == 1 and row["last"] == "70.00"
+    assert row["unfinished"] == "not started: seeds 2, 3; seed 1 at step 500/3000"

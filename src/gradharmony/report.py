@@ -32,7 +32,7 @@ class Cell:
     best: dict[int, float] = field(default_factory=dict)
     conflict_rate: dict[int, float] = field(default_factory=dict)
     mean_angle: dict[int, float] = field(default_factory=dict)
-    unfinished: list[str] = field(default_factory=list)  # "seed 3 at step 1500/3000"
+    unfinished: dict[int, tuple[int, int | None]] = field(default_factory=dict)  # seed -> (step, steps)
 
 
 def _mean_std(values: list[float]) -> str:
@@ -59,8 +59,7 @@ def collect(root: str | Path) -> dict[tuple[str, str, str], Cell]:
         records = read_metrics(folder) if (folder / "metrics.jsonl").exists() else []
         steps = records[-1]["config"]["steps"] if records else None
         if not records or records[-1]["step"] < steps:
-            at = records[-1]["step"] if records else 0
-            cell.unfinished.append(f"seed {seed} at step {at}" + (f"/{steps}" if steps else ""))
+            cell.unfinished[seed] = (records[-1]["step"] if records else 0, steps)
             continue
         cell.last[seed] = 100 * records[-1]["target_acc"]
         cell.best[seed] = 100 * records[-1]["best_target_acc"]
@@ -111,9 +110,18 @@ def table_rows(cells: dict[tuple[str, str, str], Cell]) -> list[dict[str, Any]]:
             "delta_best": p_best.summary, "p_best": p_best.p_value,
             "conflict_rate": _mean_std([v for v in cell.conflict_rate.values() if math.isfinite(v)]),
             "mean_angle": _mean_std([v for v in cell.mean_angle.values() if math.isfinite(v)]),
-            "unfinished": "; ".join(cell.unfinished),
+            "unfinished": _unfinished(cell),
         })
     return rows
+
+
+def _unfinished(cell: Cell) -> str:
+    """``not started: seeds 1, 2; seed 0 at step 1500/3000`` (steps of the last evaluation)."""
+    waiting = sorted(seed for seed, (step, _) in cell.unfinished.items() if step == 0)
+    parts = [f"not started: seed{'s' if len(waiting) > 1 else ''} {', '.join(map(str, waiting))}"] if waiting else []
+    parts += [f"seed {seed} at step {step}/{steps}" for seed, (step, steps) in sorted(cell.unfinished.items())
+              if step > 0]
+    return "; ".join(parts)
 
 
 def _p(value: float) -> str:
