@@ -186,3 +186,17 @@ def test_bf16_autocast_trains_and_resumes_exactly(tmp_path):
 def test_fp16_needs_cuda(tmp_path):
     with pytest.raises(ConfigError, match="fp16"):
         Trainer(config(tmp_path, amp="fp16"), tiny_domains())
+
+
+@pytest.mark.parametrize("method", ["mcd", "gvb", "dwl"])
+def test_multi_step_methods_train_and_resume_through_the_engine(tmp_path, method):
+    params = {} if method == "mcd" else {"disc_hidden": 16} if method == "gvb" else {}
+    straight = config(tmp_path / "a", method=method, method_params=params, steps=6, eval_every=3)
+    result = train(straight, tiny_domains())
+    assert result["steps"] == 6 and 0.0 <= result["last_target_acc"] <= 1.0
+    resumed = config(tmp_path / "b", method=method, method_params=params, steps=6, eval_every=3)
+    interrupted_run(resumed, at_step=4)
+    assert train(resumed, tiny_domains())["last_target_acc"] == result["last_target_acc"]
+    a = torch.load(tmp_path / "a" / "run" / "last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "b" / "run" / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(v, b[k]) for k, v in a.items() if isinstance(v, torch.Tensor))

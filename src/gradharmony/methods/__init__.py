@@ -3,7 +3,7 @@
 Example:
     >>> from gradharmony.models import build_backbone
     >>> sorted(METHODS)
-    ['cdan', 'cdan+e', 'dann', 'mcc', 'mdd', 'source_only']
+    ['cdan', 'cdan+e', 'dann', 'dwl', 'gvb', 'mcc', 'mcd', 'mdd', 'source_only']
     >>> method = build_method("dann", build_backbone("lenet", 1, 28), num_classes=10, max_steps=100,
     ...                       grl_alpha=5.0)
     >>> method.name, method.default_lead, method.hparams["grl_alpha"]
@@ -16,14 +16,19 @@ from typing import Any
 
 from torch import nn
 
-from gradharmony.methods.base import Losses, Method, entropy
+from gradharmony.methods.base import Losses, Method, UpdateResult, entropy
 from gradharmony.methods.cdan import CDAN, CDANE
 from gradharmony.methods.dann import DANN, domain_adversarial_loss
+from gradharmony.methods.dwl import DWL
+from gradharmony.methods.gvb import GVB
 from gradharmony.methods.mcc import MCC, class_confusion_loss
+from gradharmony.methods.mcd import MCD, classifier_discrepancy
 from gradharmony.methods.mdd import MDD
 from gradharmony.methods.source_only import SourceOnly
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (SourceOnly, DANN, CDAN, CDANE, MDD, MCC)}
+# Multi-step methods (they own their update order: Method.update).
+METHODS.update({cls.name: cls for cls in (MCD, GVB, DWL)})
 
 
 def build_method(name: str, backbone: nn.Module, num_classes: int, max_steps: int,
@@ -42,6 +47,7 @@ def build_method(name: str, backbone: nn.Module, num_classes: int, max_steps: in
 
 
 __all__ = [
-    "CDAN", "CDANE", "DANN", "MCC", "MDD", "METHODS", "Losses", "Method", "SourceOnly",
-    "build_method", "class_confusion_loss", "domain_adversarial_loss", "entropy",
+    "CDAN", "CDANE", "DANN", "DWL", "GVB", "MCC", "MCD", "MDD", "METHODS", "Losses", "Method", "SourceOnly",
+    "UpdateResult", "build_method", "class_confusion_loss", "classifier_discrepancy", "domain_adversarial_loss",
+    "entropy",
 ]

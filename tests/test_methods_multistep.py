@@ -1,0 +1,572 @@
+"""Multi-step methods (MCD, GVB-GD, DWL): update order, where gradients go, GH placement, maths."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from gradharmony import Harmonizer
+from gradharmony.methods import METHODS, Method, UpdateResult, build_method
+from gradharmony.methods.dwl import (A_MAX, A_MIN, A_NORM, J_MAX, J_MIN, J_NORM, WINDOWS, DWL,
+                                     dynamic_weight, lda_criterion)
+from gradharmony.methods.mcd import classifier_discrepancy, mean_prediction_entropy
+
+NUM_CLASSES, DIM, IN = 3, 8, 12
+MULTI = ["mcd", "gvb", "dwl"]
+SMALL = {"mcd": {"num_k": 2, "head_hidden": 8},
+         "gvb": {"disc_hidden": 8},
+         "dwl": {"num_k1": 1, "num_k3": 2, "disc_hidden": 8, "stats_window": 2}}
+
+
+class Tiny(nn.Sequential):
+    """``Linear - ReLU``: a backbone with ``out_features``, cheap enough for many steps."""
+
+    def __init__(self, in_features: int = IN, out_features: int = 16):
+        super().__init__(nn.Linear(in_features, out_features), nn.ReLU())
+        self.out_features = out_features
+
+
+def make(name: str, **hparams) -> Method:
+    torch.manual_seed(0)
+    return build_method(name, Tiny(), NUM_CLASSES, 100, bottleneck_dim=DIM, **{**SMALL[name], **hparams})
+
+
+def batch(n_s: int = 6, n_t: int = 6, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n_s) % NUM_CLASSES  # every class present
+    return torch.randn(n_s, IN, generator=g), y, torch.randn(n_t, IN, generator=g) + 0.5
+
+
+def sgd(method: Method, lr: float = 0.1, momentum: float = 0.0) -> dict[str, torch.optim.Optimizer]:
+    return {name: torch.optim.SGD(groups, lr=lr, momentum=momentum)
+            for name, groups in method.optimizer_groups(lr).items()}
+
+
+def harmonizer_for(method: Method, mode: str = "gh", **kwargs) -> Harmonizer:
+    return Harmonizer(mode=mode, scope=method.scope_modules(), lead=method.default_lead, **kwargs)
+
+
+def snapshot(method: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: p.detach().clone() for k, p in method.named_parameters()}
+
+
+def moved(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> set[str]:
+    """Top-level modules with a changed parameter (``classifier.fc`` -> ``classifier``)."""
+    return {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+
+
+class Recorder:
+    """Records every optimizer step (with the modules it moved) and every harmonizer call."""
+
+    def __init__(self, method: Method, optimizers: dict, harmonizer: Harmonizer):
+        self.events: list[tuple] = []
+        self.calls: list[dict] = []
+        for name, opt in optimizers.items():
+            original = opt.step
+
+            def step(*args, _name=name, _original=original, **kwargs):
+                before = snapshot(method)
+                out = _original(*args, **kwargs)
+                self.events.append((_name, moved(before, snapshot(method))))
+                return out
+
+            opt.step = step
+        backward = harmonizer.backward
+
+        def harmonized(**kwargs):
+            stats = backward(**kwargs)
+            self.events.append(("gh", set()))
+            self.calls.append({**kwargs, "stats": stats, "params": snapshot(method)})
+            return stats
+
+        harmonizer.backward = harmonized
+
+    def names(self) -> list[str]:
+        return [name for name, _ in self.events]
+
+
+def flat(grads, params) -> torch.Tensor:
+    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)])
+
+
+def authors_gh(loss1: torch.Tensor, loss2: torch.Tensor, params: list[torch.Tensor]) -> tuple[float, float]:
+    """The authors' GH weights (gh1 on loss1, gh2 on loss2), measured over ``params``."""
+    g1 = flat(torch.autograd.grad(loss1, params, retain_graph=True, allow_unused=True), params)
+    g2 = flat(torch.autograd.grad(loss2, params, retain_graph=True, allow_unused=True), params)
+    dot = torch.dot(g1, g2)
+    if dot < 0:
+        return float(1 - dot / g1.dot(g1)), float(1 - dot / g2.dot(g2))
+    return 1.0, 1.0
+
+
+def params_of(*modules: nn.Module) -> list[torch.Tensor]:
+    return [p for m in modules for p in m.parameters()]
+
+
+def reaches(loss: torch.Tensor, module: nn.Module) -> bool:
+    grads = torch.autograd.grad(loss, list(module.parameters()), retain_graph=True, allow_unused=True)
+    return any(g is not None and bool(g.abs().sum() > 0) for g in grads)
+
+
+def assert_same_parameters(a: nn.Module, b: nn.Module) -> None:
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ----------------------------------------------------------------------------- registry, shared API
+def test_registry_and_flags():
+    assert {"mcd", "gvb", "dwl"} <= set(METHODS)
+    expected_lead = {"mcd": "cls", "gvb": "align", "dwl": "align"}
+    for name in MULTI:
+        cls = METHODS[name]
+        assert cls.name == name and cls.multi_step and cls.default_lead == expected_lead[name]
+        assert cls.__doc__ and "Example" in cls.__doc__
+    assert not METHODS["dann"].multi_step
+
+
+def test_defaults_of_the_papers_and_releases():
+    m = METHODS["mcd"].hparam_defaults()
+    assert (m["num_k"], m["entropy_weight"], m["bottleneck_dim"], m["head_dropout"], m["generator_momentum"]) == \
+        (4, 0.01, 1024, 0.5, 0.0)
+    g = METHODS["gvb"].hparam_defaults()
+    assert (g["gvbg_weight"], g["gvbd_weight"], g["grl_max_steps"], g["disc_batch_norm"], g["disc_dropout"]) == \
+        (1.0, 1.0, 10000, False, 0.5)
+    d = METHODS["dwl"].hparam_defaults()
+    assert (d["num_k1"], d["num_k2"], d["num_k3"], d["num_k4"], d["disc_weight"], d["adv_weight"],
+            d["stats_window"], d["domain_loss"]) == (8, 1, 8, 1, 0.1, 0.2, 100, "authors")
+
+
+@pytest.mark.parametrize("name", MULTI)
+def test_hparams_stored_and_optimizers_partition_the_parameters(name):
+    method = make(name, backbone_lr_mult=0.1)
+    assert set(method.hparams) == set(type(method).hparam_defaults())
+    groups = method.optimizer_groups(0.01)
+    ids = [id(p) for gs in groups.values() for g in gs for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(method.parameters()))
+    for gs in groups.values():
+        for g in gs:
+            assert {"lr", "lr_mult", "name"} <= set(g) and g["lr"] == pytest.approx(0.01 * g["lr_mult"])
+    assert {id(p) for g in method.parameter_groups(0.01) for p in g["params"]} == set(ids)
+    # the engine's optimizers: SGD with nesterov momentum must accept the groups
+    for gs in groups.values():
+        torch.optim.SGD(gs, lr=0.01, momentum=0.9, nesterov=True)
+
+
+@pytest.mark.parametrize("name", MULTI)
+def test_compute_losses_diagnostic_and_forward(name):
+    method = make(name)
+    x_s, y_s, x_t = batch()
+    losses = method.compute_losses(x_s, y_s, x_t, step=3)
+    assert losses.cls.dim() == 0 and losses.align.dim() == 0
+    assert math.isfinite(losses.cls.item()) and math.isfinite(losses.align.item())
+    assert losses.align.requires_grad and losses.features.shape == (12, DIM)
+    assert {"cls_loss", "transfer_loss", "source_acc"} <= set(losses.logs)
+    assert method.eval()(x_t).shape == (6, NUM_CLASSES)
+
+
+@pytest.mark.parametrize("name", MULTI)
+def test_few_gh_updates_change_parameters_and_stay_finite(name):
+    method = make(name).train()
+    optimizers, harmonizer = sgd(method, lr=0.05, momentum=0.9), harmonizer_for(method, "gh")
+    before = snapshot(method)
+    for step in range(3):
+        x_s, y_s, x_t = batch(seed=step)
+        result = method.update(x_s, y_s, x_t, step, optimizers, harmonizer, trade_off=1.0)
+        assert isinstance(result, UpdateResult) and result.stats is not None
+        assert math.isfinite(result.loss_cls) and math.isfinite(result.loss_align)
+        # angles are NaN when a probe is zero (GVB's discriminator bridge at reversal coefficient 0)
+        assert all(math.isfinite(v) for k, v in result.logs.items() if not k.endswith("angle"))
+    assert moved(before, snapshot(method)) == {k.split(".")[0] for k in before}
+    assert all(torch.isfinite(v).all() for v in method.state_dict().values() if isinstance(v, torch.Tensor))
+
+
+def test_default_update_of_a_single_step_method():
+    torch.manual_seed(0)
+    method = build_method("dann", Tiny(), NUM_CLASSES, 100, bottleneck_dim=DIM, disc_hidden=8)
+    optimizers = sgd(method)
+    assert list(optimizers) == ["all"]
+    before = snapshot(method)
+    x_s, y_s, x_t = batch()
+    result = method.update(x_s, y_s, x_t, 50, optimizers, harmonizer_for(method), 1.0)
+    assert result.stats is not None and math.isfinite(result.loss_cls)
+    assert {"backbone", "bottleneck", "classifier", "discriminator"} == moved(before, snapshot(method))
+
+
+# ----------------------------------------------------------------------------- MCD
+def test_mcd_update_order_and_what_moves():
+    method = make("mcd", num_k=3)
+    optimizers, harmonizer = sgd(method), harmonizer_for(method)
+    rec = Recorder(method, optimizers, harmonizer)
+    x_s, y_s, x_t = batch()
+    method.update(x_s, y_s, x_t, 0, optimizers, harmonizer, 1.0)
+    assert rec.names() == ["generator", "classifiers",  # A
+                           "gh", "classifiers",          # B
+                           "generator", "generator", "generator"]  # C x num_k
+    generator, classifiers = {"backbone", "bottleneck"}, {"classifier", "classifier2"}
+    for name, changed in rec.events:
+        if name == "generator":
+            assert changed == generator
+        elif name == "classifiers":
+            assert changed == classifiers
+
+
+def test_mcd_step_b_fixes_the_generator_and_step_c_fixes_the_classifiers():
+    method = make("mcd", num_k=2)
+    optimizers, harmonizer = sgd(method), harmonizer_for(method)
+    rec = Recorder(method, optimizers, harmonizer)
+    x_s, y_s, x_t = batch()
+    before = snapshot(method)
+    method.update(x_s, y_s, x_t, 0, optimizers, harmonizer, 1.0)
+    after = snapshot(method)
+    at_gh = rec.calls[0]["params"]  # after step A, before B's step
+    # B: from the GH call to the end, the classifiers move only in B; the generator only in C
+    b_and_c = moved(at_gh, after)
+    assert b_and_c == {"backbone", "bottleneck", "classifier", "classifier2"}
+    names = rec.names()
+    c_moves = set().union(*(m for n, m in rec.events[names.index("gh") + 2:]))
+    assert c_moves == {"backbone", "bottleneck"}
+    b_moves = rec.events[names.index("gh") + 1][1]
+    assert b_moves == {"classifier", "classifier2"}
+    assert moved(before, after) == b_and_c
+
+
+def test_mcd_gh_is_step_b_measured_on_the_generator():
+    method = make("mcd")
+    optimizers, harmonizer = sgd(method), harmonizer_for(method)
+    assert [id(p) for p in harmonizer.scope] == [id(p) for p in params_of(method.backbone, method.bottleneck)]
+    rec = Recorder(method, optimizers, harmonizer)
+    x_s, y_s, x_t = batch()
+    result = method.update(x_s, y_s, x_t, 0, optimizers, harmonizer, trade_off=0.7)
+    assert len(rec.calls) == 1 and harmonizer.calls == 1
+    call = rec.calls[0]
+    assert result.stats is call["stats"] and call["trade_off"] == 0.7
+    assert call["align"].item() < 0  # -discrepancy: the classifiers maximise it
+    assert result.logs["discrepancy_b"] == pytest.approx(-call["align"].item())
+    assert result.logs["cls_loss_b"] == pytest.approx(call["cls"].item())
+
+
+@pytest.mark.parametrize("num_k", [1, 4])
+def test_mcd_num_k_is_the_number_of_generator_updates(num_k):
+    method = make("mcd", num_k=num_k)
+    optimizers, harmonizer = sgd(method), harmonizer_for(method)
+    rec = Recorder(method, optimizers, harmonizer)
+    forwards = []
+    method.backbone.register_forward_hook(lambda *args: forwards.append(1))
+    x_s, y_s, x_t = batch()
+    result = method.update(x_s, y_s, x_t, 0, optimizers, harmonizer, 1.0)
+    assert rec.names().count("generator") == 1 + num_k  # step A + step C
+    assert rec.names().count("classifiers") == 2 and len(forwards) == 2 + num_k
+    assert result.logs["generator_updates"] == num_k
+
+
+@pytest.mark.parametrize("strategy", ["reweight", "recombine"])
+def test_mcd_update_equals_the_authors_step_by_hand(strategy):
+    method = make("mcd", num_k=2, head_dropout=0.0, generator_momentum=None)
+    ref = copy.deepcopy(method)
+    lr, x_s, y_s, x_t = 0.1, *batch()
+    result = method.update(x_s, y_s, x_t, 0, sgd(method, lr), harmonizer_for(method, strategy=strategy), 1.0)
+
+    generator = params_of(ref.backbone, ref.bottleneck)
+    heads = params_of(ref.classifier, ref.classifier2)
+    n, x = x_s.shape[0], torch.cat((x_s, x_t))
+
+    def losses():
+        f = ref.features(x)
+        y1, y2 = ref.classifier(f), ref.classifier2(f)
+        p1, p2 = F.softmax(y1[n:], 1), F.softmax(y2[n:], 1)
+        loss = F.cross_entropy(y1[:n], y_s) + F.cross_entropy(y2[:n], y_s) + 0.01 * (
+            mean_prediction_entropy(p1) + mean_prediction_entropy(p2))
+        return loss, classifier_discrepancy(p1, p2)
+
+    def step(params, loss):
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                if g is not None:
+                    p -= lr * g
+
+    loss_a, _ = losses()
+    step(generator + heads, loss_a)
+    loss_c, disc = losses()
+    gh1, gh2 = authors_gh(loss_c, -disc, generator)  # measured on G, gh1 on loss_c
+    step(heads, gh1 * loss_c + gh2 * -disc)
+    for _ in range(2):
+        step(generator, losses()[1])
+    assert result.stats.conflict and gh1 != 1.0  # the weights matter in this batch
+    assert result.stats.w_cls == pytest.approx(gh1, rel=1e-4)
+    assert result.stats.w_align == pytest.approx(gh2, rel=1e-4)
+    assert_same_parameters(method, ref)
+
+
+def test_mcd_eval_heads_and_generator_momentum_groups():
+    method = make("mcd").eval()
+    x = batch()[0]
+    f = method.features(x)
+    torch.testing.assert_close(method(x), method.classifier(f) + method.classifier2(f))
+    method.eval_head = "f2"
+    torch.testing.assert_close(method(x), method.classifier2(f))
+    groups = method.optimizer_groups(0.01)["generator"]
+    assert all(g["momentum"] == 0.0 and g["nesterov"] is False for g in groups)
+    assert "momentum" not in make("mcd", generator_momentum=None).optimizer_groups(0.01)["generator"][0]
+    assert "momentum" not in method.optimizer_groups(0.01)["classifiers"][0]
+
+
+def test_mcd_skips_a_phase_with_non_finite_gradients():
+    method = make("mcd", num_k=1)
+    optimizers = sgd(method)
+    with torch.no_grad():
+        method.classifier[-1].weight[0, 0] = float("inf")
+    before = snapshot(method)
+    x_s, y_s, x_t = batch()
+    result = method.update(x_s, y_s, x_t, 0, optimizers, harmonizer_for(method), 1.0)
+    assert math.isnan(result.loss_cls) and result.logs["skipped_phases"] >= 1
+    assert "classifier2" not in moved(before, snapshot(method))  # the classifiers' steps were skipped
+
+
+# ----------------------------------------------------------------------------- GVB-GD
+def test_gvb_gradients_reach_the_right_modules():
+    method = make("gvb", disc_dropout=0.0)
+    x_s, y_s, x_t = batch()
+    t = method._terms(x_s, y_s, x_t, step=5000)  # reversal coefficient ~1
+    fc, bridge, disc = method.classifier.fc, method.classifier.bridge, method.discriminator
+    expected = {  # loss -> (backbone, bottleneck, fc, bridge, disc hidden, disc head, disc bridge)
+        "align": (True, True, True, True, True, True, True),
+        "cls": (True, True, True, True, False, False, False),
+        "bridge_g": (True, True, False, True, False, False, False),
+        "bridge_d": (True, True, True, True, True, False, True),
+    }
+    modules = (method.backbone, method.bottleneck, fc, bridge, disc.hidden, disc.head, disc.bridge)
+    for loss, flags in expected.items():
+        assert tuple(reaches(t[loss], m) for m in modules) == flags, loss
+    # the discriminator bridge reaches the classifier reversed, the discriminator plainly
+    coefficient = method.grl.coefficient
+    g_rev = torch.autograd.grad(t["bridge_d"], fc.weight, retain_graph=True)[0]
+    g_disc = torch.autograd.grad(t["bridge_d"], disc.bridge.weight, retain_graph=True)[0]
+    method.grl.constant = -1.0  # the identity
+    plain = method._terms(x_s, y_s, x_t, step=5000)
+    g_fc, g_bridge = torch.autograd.grad(plain["bridge_d"], [fc.weight, disc.bridge.weight])
+    torch.testing.assert_close(g_rev, -coefficient * g_fc)
+    torch.testing.assert_close(g_disc, g_bridge)
+
+
+def test_gvb_logits_are_bridged_and_the_weights_switch_bridges_off():
+    method = make("gvb")
+    f = torch.randn(4, DIM)
+    c = method.classifier
+    torch.testing.assert_close(c(f), c.fc(f) - c.bridge(f))
+    off = make("gvb", gvbg_weight=0.0, gvbd_weight=0.0)
+    torch.testing.assert_close(off.classifier(f), off.classifier.fc(f))
+    assert not off.discriminator.use_bridge
+    with pytest.raises(ValueError):
+        make("gvb", gvbd_weight=-1.0)
+
+
+def test_gvb_compute_losses_is_the_single_pair_form():
+    method = make("gvb", gvbg_weight=0.5, gvbd_weight=2.0, disc_dropout=0.0)
+    x_s, y_s, x_t = batch()
+    losses = method.compute_losses(x_s, y_s, x_t, 100)
+    t = method._terms(x_s, y_s, x_t, 100)
+    assert losses.cls.item() == pytest.approx((t["cls"] + 0.5 * t["bridge_g"]).item(), rel=1e-6)
+    assert losses.align.item() == pytest.approx((t["align"] + 2.0 * t["bridge_d"]).item(), rel=1e-6)
+
+
+def _gvb_by_hand(ref, x_s, y_s, x_t, step, lr, gh: bool, trade_off: float = 1.0):
+    t = ref._terms(x_s, y_s, x_t, step)
+    scope = params_of(ref.backbone, ref.bottleneck, ref.classifier)
+    w1, w2 = authors_gh(t["align"], t["cls"], scope) if gh else (1.0, 1.0)
+    w3, w4 = authors_gh(t["bridge_g"], t["bridge_d"], scope) if gh else (1.0, 1.0)
+    total = trade_off * w1 * t["align"] + w2 * t["cls"] + w3 * t["bridge_g"] + w4 * t["bridge_d"]
+    params = list(ref.parameters())
+    grads = torch.autograd.grad(total, params, allow_unused=True)
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            if g is not None:
+                p -= lr * g
+    return w1, w2, w3, w4
+
+
+@pytest.mark.parametrize("mode", ["none", "gh"])
+def test_gvb_update_equals_the_authors_total_loss_with_gh_on_both_pairs(mode):
+    method = make("gvb", disc_dropout=0.0)
+    ref = copy.deepcopy(method)
+    lr, step, x_s, y_s, x_t = 0.1, 3000, *batch()
+    harmonizer = harmonizer_for(method, mode, strategy="reweight")
+    result = method.update(x_s, y_s, x_t, step, sgd(method, lr), harmonizer, trade_off=0.8)
+    w = _gvb_by_hand(ref, x_s, y_s, x_t, step, lr, gh=mode == "gh", trade_off=0.8)
+    assert_same_parameters(method, ref)
+    assert mode == "none" or (result.stats.conflict and result.logs["bridge_conflict"] == 1.0)
+    got = (result.stats.w_align, result.stats.w_cls, result.logs["bridge_w_align"], result.logs["bridge_w_cls"])
+    assert got == pytest.approx(w, rel=1e-4)
+
+
+def test_gvb_uses_a_second_harmonizer_whose_state_is_saved():
+    method = make("gvb")
+    optimizers, harmonizer = sgd(method), harmonizer_for(method, "gh++", strategy="reweight", k=0.3)
+    for step in range(2):
+        method.update(*batch(seed=step), step, optimizers, harmonizer, 1.0)
+    second = method.bridge_harmonizer(harmonizer)
+    assert second is not harmonizer and harmonizer.calls == second.calls == 2
+    assert (second.mode, second.k, second.lead, second.strategy) == ("gh++", 0.3, "align", "reweight")
+    assert [id(p) for p in second.scope] == [id(p) for p in harmonizer.scope]
+    clone = make("gvb")
+    clone.load_state_dict(method.state_dict())
+    assert clone.bridge_harmonizer(harmonizer_for(clone)).calls == 2
+
+
+def test_gvb_without_bridges_needs_one_harmonizer_call():
+    method = make("gvb", gvbg_weight=0.0, gvbd_weight=0.0)
+    harmonizer = harmonizer_for(method)
+    result = method.update(*batch(), 0, sgd(method), harmonizer, 1.0)
+    assert harmonizer.calls == 1 and "bridge_angle" not in result.logs
+
+
+# ----------------------------------------------------------------------------- DWL
+def test_dwl_update_order_and_what_moves():
+    method = make("dwl", num_k1=2, num_k2=1, num_k3=2, num_k4=1)
+    optimizers, harmonizer = sgd(method), harmonizer_for(method)
+    rec = Recorder(method, optimizers, harmonizer)
+    result = method.update(*batch(), 0, optimizers, harmonizer, 1.0)
+    assert rec.names() == ["generator", "classifier"] * 2 + ["discriminator", "aux_classifiers", "classifier"] \
+        + ["gh", "generator"] * 2 + ["generator", "classifier"]
+    owners = {"generator": {"backbone", "bottleneck"}, "classifier": {"classifier"},
+              "aux_classifiers": {"classifier1", "classifier2"}, "discriminator": {"discriminator"}}
+    for name, changed in rec.events:
+        if name != "gh":
+            assert changed == owners[name], name
+    assert len(rec.calls) == 2 and result.stats is rec.calls[-1]["stats"]
+    assert [id(p) for p in harmonizer.scope] == [id(p) for p in params_of(method.backbone, method.bottleneck)]
+
+
+def test_dwl_phase_three_gradient_is_the_weighted_harmonized_pair():
+    method = make("dwl", disc_dropout=0.0)
+    x_s, _, x_t = batch()
+    weight, trade_off = 0.3, 0.9
+    generator = params_of(method.backbone, method.bottleneck)
+    f_s, f_t = method.features(x_s), method.features(x_t)
+    adv = -method.adv_weight * method._domain_loss(f_s, f_t)
+    dis = method._discrepancies(f_t)
+    w_a, w_c = authors_gh(adv, dis, generator)  # probes before T and 1 - T
+    assert w_a != 1.0  # a conflict in this batch
+    g_adv = torch.autograd.grad(adv, generator, retain_graph=True)
+    g_dis = torch.autograd.grad(dis, generator, retain_graph=True)
+    stats = method._generator_backward(harmonizer_for(method, "gh"), adv, dis, weight, trade_off, [f_s, f_t])
+    assert (stats.w_align, stats.w_cls) == pytest.approx((w_a, w_c), rel=1e-4)
+    for p, ga, gd in zip(generator, g_adv, g_dis):
+        expected = trade_off * weight * w_a * ga + (1 - weight) * w_c * gd
+        torch.testing.assert_close(p.grad, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_dwl_phase_three_losses_reach_the_right_modules():
+    method = make("dwl", disc_dropout=0.0)
+    x_s, _, x_t = batch()
+    f_s, f_t = method.features(x_s), method.features(x_t)
+    adv = -method.adv_weight * method._domain_loss(f_s, f_t)
+    dis = method._discrepancies(f_t)
+    for module in (method.backbone, method.bottleneck, method.discriminator):
+        assert reaches(adv, module)
+    for module in (method.classifier, method.classifier1, method.classifier2):
+        assert not reaches(adv, module)
+    for module in (method.backbone, method.bottleneck, method.classifier, method.classifier1, method.classifier2):
+        assert reaches(dis, module)
+    assert not reaches(dis, method.discriminator)
+
+
+def test_dwl_domain_losses():
+    method = make("dwl")
+    d_s, d_t = torch.randn(4), torch.randn(4)
+    q = torch.sigmoid(d_t)
+    expected = -(q * torch.log(torch.sigmoid(d_s)) + (1 - q) * torch.log(1 - torch.sigmoid(d_s))).mean()
+    from gradharmony.methods.dwl import authors_domain_loss
+    assert authors_domain_loss(d_s, d_t).item() == pytest.approx(expected.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="batch sizes"):
+        method.compute_losses(*batch(n_s=6, n_t=3), step=0)
+    standard = make("dwl", domain_loss="standard")
+    assert math.isfinite(standard.compute_losses(*batch(n_s=6, n_t=3), step=0).align.item())
+
+
+def release_lda(features: np.ndarray, labels: np.ndarray, k: int) -> float:
+    """The release's J: sum of the top K-1 eigenvalues of inv(Sw + 1e-6 I) Sb, over K."""
+    d = features.shape[1]
+    sw, sb, u = np.zeros((d, d)), np.zeros((d, d)), features.mean(0)
+    for c in np.unique(labels):
+        x = features[labels == c]
+        xc = x - x.mean(0)
+        sw += xc.T @ xc
+        sb += len(x) * np.outer(x.mean(0) - u, x.mean(0) - u)
+    eig = np.linalg.eigvals(np.linalg.inv(sw + 1e-6 * np.eye(d)) @ sb)
+    return float(np.sort(eig.real)[::-1][: k - 1].sum()) / k
+
+
+def test_lda_criterion_matches_the_release_eigenvalue_sum():
+    rng = np.random.default_rng(0)
+    k, d = 3, 5
+    labels = np.arange(40) % k
+    features = rng.normal(size=(40, d)) + labels[:, None] * 0.7
+    f = torch.tensor(features)
+    sums = torch.zeros(k, d, dtype=torch.float64).index_add_(0, torch.tensor(labels), f)
+    counts = torch.bincount(torch.tensor(labels), minlength=k).double()
+    value = lda_criterion(f.T @ f, sums, counts, k)
+    assert value == pytest.approx(release_lda(features, labels, k), rel=1e-6)
+    assert lda_criterion(f.T @ f, sums, torch.tensor([40.0, 0.0, 0.0], dtype=torch.float64), k) == 0.0
+
+
+def test_dwl_window_statistics_follow_the_release():
+    method = make("dwl", stats_window=2)
+    assert method.dynamic_weight == 0.5 and dynamic_weight(0.5, 0.5) == 0.5
+    rng = np.random.default_rng(1)
+    k = NUM_CLASSES
+    feats, labs = [rng.normal(size=(30, DIM)) + 0.3 * i for i in range(2)], [np.arange(30) % k] * 2
+    for i in range(2):
+        f = torch.tensor(feats[i])
+        method.dwl_scatter[i] = f.T @ f
+        method.dwl_class_sums[i] = torch.zeros(k, DIM, dtype=torch.float64).index_add_(0, torch.tensor(labs[i]), f)
+        method.dwl_class_counts[i] = torch.bincount(torch.tensor(labs[i]), minlength=k).double()
+    state = method.dwl_state.tolist()
+    method._close_window(state)
+    delta = feats[0] - feats[1]
+    a = float(np.mean(delta @ delta.T))  # the release's linear MMD of paired features
+    j_s, j_t = release_lda(feats[0], labs[0], k), release_lda(feats[1], labs[1], k)
+    a_max, j_max, j_min = a, max(1.0, j_s, j_t), min(1.0, j_s, j_t)
+    assert state[A_MIN] == 0.0 and state[A_MAX] == pytest.approx(a_max)
+    assert state[A_NORM] == pytest.approx(a / (a_max + 1e-6))
+    assert state[J_NORM] == pytest.approx((min(j_s, j_t) - j_min) / (j_max - j_min + 1e-6), rel=1e-6)
+    assert state[J_MIN] == state[J_MAX] == pytest.approx(j_max)  # reset after the first window
+    assert state[WINDOWS] == 1.0 and method.dwl_class_counts.sum() == 0
+
+
+def test_dwl_updates_close_windows_and_the_state_is_saved():
+    method = make("dwl", stats_window=2)
+    optimizers, harmonizer = sgd(method), harmonizer_for(method, "gh")
+    weights = []
+    for step in range(4):
+        result = method.update(*batch(seed=step), step, optimizers, harmonizer, 1.0)
+        weights.append(result.logs["dwl_T"])
+    assert weights[:2] == [0.5, 0.5] and int(method.dwl_state[WINDOWS]) == 2
+    assert 0.0 <= weights[2] < 1.0
+    clone = make("dwl", stats_window=2)
+    clone.load_state_dict(method.state_dict())
+    assert clone.dynamic_weight == method.dynamic_weight
+    assert torch.equal(clone.dwl_state, method.dwl_state)
+
+
+def test_dwl_per_step_mmd_updates_the_alignment_term_every_step():
+    method = make("dwl", stats_window=50, mmd_per_step=True)
+    method.update(*batch(), 0, sgd(method), harmonizer_for(method), 1.0)
+    state = method.dwl_state.tolist()
+    assert state[A_MAX] > 0 and state[A_NORM] == pytest.approx(state[A_MAX] / (state[A_MAX] + 1e-6))
+    assert state[WINDOWS] == 0
+
+
+def test_dwl_is_a_method_subclass_with_generator_scope():
+    method = make("dwl")
+    assert isinstance(method, DWL) and method.scope_modules() == [method.backbone, method.bottleneck]
+    mcd = make("mcd")
+    assert mcd.scope_modules() == [mcd.backbone, mcd.bottleneck]
+    gvb = make("gvb")
+    assert gvb.scope_modules() == [gvb.backbone, gvb.bottleneck, gvb.classifier]
