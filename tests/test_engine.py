@@ -200,3 +200,10 @@ def test_multi_step_methods_train_and_resume_through_the_engine(tmp_path, method
     a = torch.load(tmp_path / "a" / "run" / "last.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "b" / "run" / "last.pt", weights_only=False)["model"]
     assert all(torch.equal(v, b[k]) for k, v in a.items() if isinstance(v, torch.Tensor))
+
+
+def test_the_hash_that_names_run_folders_is_stable():
+    # Sweeps name run folders by this hash: a new config field must not rename existing runs.
+    assert TrainConfig().outcome_hash() == "c89608463b31d70a"
+    assert TrainConfig(amp="bf16").outcome_hash() != TrainConfig().outcome_hash()
+    assert TrainConfig(out="elsewhere", threads=2).outcome_hash() == TrainConfig().outcome_hash()

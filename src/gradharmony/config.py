@@ -30,7 +30,10 @@ from gradharmony.harmonizer import STRATEGIES
 
 SCOPES = ("default", "bottleneck", "backbone", "all")
 # Fields that do not change the outcome of a run: excluded from its hash.
-NON_OUTCOME_FIELDS = ("out", "data_root", "progress", "threads", "device", "checkpoint_every")
+NON_OUTCOME_FIELDS = ("out", "data_root", "progress", "threads", "device", "checkpoint_every", "loader_workers")
+# Fields added after runs were first keyed by their hash: left out of the hash while at these
+# defaults, so that run folders named by earlier versions keep their names (and resume).
+ADDED_FIELD_DEFAULTS: dict[str, Any] = {"pretrained": None, "amp": "none", "resize": 256, "crop": 224}
 
 
 class ConfigError(ValueError):
@@ -180,7 +183,8 @@ class TrainConfig:
 
     def outcome_hash(self) -> str:
         """Hash of every field that changes the result (not paths, devices or logging)."""
-        values = {k: v for k, v in self.to_dict().items() if k not in NON_OUTCOME_FIELDS}
+        values = {k: v for k, v in self.to_dict().items() if k not in NON_OUTCOME_FIELDS
+                  and not (k in ADDED_FIELD_DEFAULTS and v == ADDED_FIELD_DEFAULTS[k])}
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
     def save(self, path: str | Path) -> None:
