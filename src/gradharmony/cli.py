@@ -86,8 +86,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from gradharmony.data import load_domain
-    from gradharmony.engine import build_model, evaluate, resolve_device
+    from gradharmony.engine import build_model, evaluate, load_eval_domain, resolve_device
     from gradharmony.runlog import load_checkpoint
 
     if not args.checkpoint.is_file():
@@ -95,10 +94,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     state = load_checkpoint(args.checkpoint)
     cfg = TrainConfig.from_dict(state["config"])
     target = args.target or cfg.target
-    root = args.data_root or cfg.data_root
-    domain = load_domain(target, args.split, data_root=root, image_size=cfg.image_size, channels=cfg.channels)
+    domain = load_eval_domain(cfg, target, args.split, args.data_root or cfg.data_root)
     device = resolve_device(args.device)
-    model = build_model(cfg, domain.num_classes, tuple(domain.images.shape[1:])).to(device)
+    input_shape = tuple(domain.images.shape[1:]) if hasattr(domain, "images") else tuple(domain[0][0].shape)
+    num_classes = domain.num_classes
+    model = build_model(cfg, num_classes, input_shape).to(device)
     model.load_state_dict(state["model"])
     with torch.no_grad():
         result = evaluate(model, domain, device)

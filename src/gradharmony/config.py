@@ -40,6 +40,16 @@ class ConfigError(ValueError):
     """A configuration value or key that cannot be used, with what would be accepted."""
 
 
+def _check_image_domain(role: str, name: str) -> None:
+    from gradharmony.data.benchmarks import get_benchmark
+
+    benchmark, domain = name.split(":", 1)
+    try:
+        get_benchmark(benchmark).domain(domain)
+    except (KeyError, ValueError) as e:
+        raise ConfigError(f"{role} {name!r}: {e}") from None
+
+
 @dataclass
 class TrainConfig:
     # what to train
@@ -50,6 +60,8 @@ class TrainConfig:
     pretrained: str | None = None  # image backbones: "imagenet" (the standard weights) or a weights file
     image_size: int = 32
     channels: int = 3
+    resize: int = 256  # image benchmarks (source "benchmark:domain"): resize, then crop
+    crop: int = 224
     bottleneck_dim: int = 256
     method_params: dict[str, Any] = field(default_factory=dict)
     # gradient harmonization
@@ -84,6 +96,7 @@ class TrainConfig:
     amp: str = "none"  # mixed precision: "bf16" (autocast), "fp16" (autocast + gradient scaler, CUDA)
     threads: int | None = None
     progress: bool = True
+    loader_workers: int = 0  # DataLoader processes for image benchmarks
 
     def __post_init__(self) -> None:
         self.validate()
@@ -136,8 +149,14 @@ class TrainConfig:
         if self.pretrained is not None and self.backbone not in IMAGE_BACKBONE_NAMES:
             raise ConfigError(f"pretrained weights apply to the image backbones ({', '.join(IMAGE_BACKBONE_NAMES)}), "
                               f"not to {self.backbone!r}")
-        check("source domain", self.source, DOMAIN_NAMES)
-        check("target domain", self.target, DOMAIN_NAMES)
+        for role, name in (("source", self.source), ("target", self.target)):
+            if ":" in name:  # an image benchmark's domain, e.g. office31:amazon
+                _check_image_domain(role, name)
+            else:
+                check(f"{role} domain", name, DOMAIN_NAMES)
+        if (":" in self.source) != (":" in self.target):
+            raise ConfigError(f"source {self.source!r} and target {self.target!r} must both be image-benchmark "
+                              f"domains (benchmark:domain) or both not")
         accepted = METHODS[self.method].hparam_defaults()
         accepted.pop("bottleneck_dim", None)  # a config field of its own
         for key in self.method_params:

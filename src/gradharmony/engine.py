@@ -22,10 +22,12 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from gradharmony.config import ConfigError, TrainConfig
@@ -35,9 +37,10 @@ from gradharmony.methods import Method, build_method
 from gradharmony.models import FEATURE_BACKBONES, build_backbone
 from gradharmony.models.backbones import IMAGE_BACKBONE_NAMES, build_image_backbone
 from gradharmony.runlog import RunLog, load_checkpoint, save_checkpoint
-from gradharmony.sampler import InfiniteBatches
+from gradharmony.batches import LoaderBatches, TensorBatches, to_input
 
 EVAL_BATCH = 1000
+IMAGE_EVAL_BATCH = 64
 MAX_CONSECUTIVE_NONFINITE = 10  # skipped steps in a row before a run is declared diverged
 
 
@@ -56,26 +59,32 @@ class Evaluation:
         return sum(valid) / len(valid) if valid else math.nan
 
 
-def to_input(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images in [0, 255] -> float inputs in [-1, 1]; feature vectors pass through."""
-    if images.dtype != torch.uint8:
-        return images.float()
-    return images.float().div_(127.5).sub_(1.0)
+def _num_classes(data: Domain | Dataset) -> int:
+    return data.num_classes if hasattr(data, "num_classes") else data.dataset.num_classes
+
+
+def _eval_batches(data: Domain | Dataset, workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    if isinstance(data, Domain):
+        for start in range(0, len(data), EVAL_BATCH):
+            yield to_input(data.images[start:start + EVAL_BATCH]), data.labels[start:start + EVAL_BATCH]
+    else:
+        for images, labels in DataLoader(data, batch_size=IMAGE_EVAL_BATCH, num_workers=workers):
+            yield to_input(images), labels
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, domain: Domain, device: torch.device) -> Evaluation:
-    """Accuracy and per-class accuracy of ``model`` on ``domain`` (eval mode, restored after)."""
+def evaluate(model: torch.nn.Module, data: Domain | Dataset, device: torch.device, workers: int = 0) -> Evaluation:
+    """Accuracy and per-class accuracy of ``model`` on a domain (eval mode, restored after)."""
     was_training = model.training
     model.eval()
-    correct = torch.zeros(domain.num_classes, dtype=torch.long)
-    total = torch.zeros(domain.num_classes, dtype=torch.long)
-    for start in range(0, len(domain), EVAL_BATCH):
-        images = domain.images[start:start + EVAL_BATCH].to(device)
-        labels = domain.labels[start:start + EVAL_BATCH].to(device)
-        predictions = model(to_input(images)).argmax(dim=1)
-        total += torch.bincount(labels, minlength=domain.num_classes).cpu()
-        correct += torch.bincount(labels[predictions == labels], minlength=domain.num_classes).cpu()
+    num_classes = _num_classes(data)
+    correct = torch.zeros(num_classes, dtype=torch.long)
+    total = torch.zeros(num_classes, dtype=torch.long)
+    for inputs, labels in _eval_batches(data, workers):
+        labels = labels.to(device)
+        predictions = model(inputs.to(device)).argmax(dim=1)
+        total += torch.bincount(labels, minlength=num_classes).cpu()
+        correct += torch.bincount(labels[predictions == labels], minlength=num_classes).cpu()
     model.train(was_training)
     per_class = [c / t if t else math.nan for c, t in zip(correct.tolist(), total.tolist())]
     return Evaluation(accuracy=correct.sum().item() / max(1, total.sum().item()), per_class=per_class)
@@ -128,20 +137,64 @@ def _limited(domain: Domain, limit: int | None, seed: int) -> Domain:
                   labels=domain.labels[keep], num_classes=domain.num_classes)
 
 
-def load_domains(cfg: TrainConfig) -> dict[str, Domain]:
+def load_domains(cfg: TrainConfig) -> dict[str, Domain | Dataset]:
     """Source train (labelled), target train (labels never used), source and target test."""
     root = Path(cfg.data_root) if cfg.data_root else default_data_root()
-    common = dict(data_root=root, image_size=cfg.image_size, channels=cfg.channels)
-    domains = {
-        "source": _limited(load_domain(cfg.source, "train", **common), cfg.source_limit, 0),
-        "target": _limited(load_domain(cfg.target, "train", **common), cfg.target_limit, 1),
-        "source_test": _limited(load_domain(cfg.source, "test", **common), cfg.source_eval_size, 2),
-        "target_test": load_domain(cfg.target, "test", **common),
-    }
-    if domains["source"].num_classes != domains["target"].num_classes:
-        raise ConfigError(f"{cfg.source} has {domains['source'].num_classes} classes but {cfg.target} has "
-                          f"{domains['target'].num_classes}; closed-set UDA needs the same classes")
+    if is_image_task(cfg.source):
+        domains = _load_image_domains(cfg, root)
+    else:
+        common = dict(data_root=root, image_size=cfg.image_size, channels=cfg.channels)
+        domains = {
+            "source": _limited(load_domain(cfg.source, "train", **common), cfg.source_limit, 0),
+            "target": _limited(load_domain(cfg.target, "train", **common), cfg.target_limit, 1),
+            "source_test": _limited(load_domain(cfg.source, "test", **common), cfg.source_eval_size, 2),
+            "target_test": load_domain(cfg.target, "test", **common),
+        }
+    if _num_classes(domains["source"]) != _num_classes(domains["target"]):
+        raise ConfigError(f"{cfg.source} has {_num_classes(domains['source'])} classes but {cfg.target} has "
+                          f"{_num_classes(domains['target'])}; closed-set UDA needs the same classes")
     return domains
+
+
+def is_image_task(name: str) -> bool:
+    """Image-benchmark domains are named ``benchmark:domain`` (e.g. ``office31:amazon``)."""
+    return ":" in name
+
+
+def load_eval_domain(cfg: TrainConfig, name: str, split: str, data_root: str | Path | None) -> Domain | Dataset:
+    """One domain for evaluation, in the input space the run was trained in."""
+    root = Path(data_root) if data_root else default_data_root()
+    if is_image_task(name):
+        from gradharmony.data.image_domains import load_image_domain
+
+        benchmark, domain = name.split(":", 1)
+        return load_image_domain(benchmark, domain, split, root, train=False, resize=cfg.resize, crop=cfg.crop)
+    return load_domain(name, split, data_root=root, image_size=cfg.image_size, channels=cfg.channels)
+
+
+def _subset(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
+    if limit is None or limit >= len(dataset):
+        return dataset
+    keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:limit]
+    subset = Subset(dataset, keep.tolist())
+    subset.num_classes = dataset.num_classes
+    return subset
+
+
+def _load_image_domains(cfg: TrainConfig, root: Path) -> dict[str, Dataset]:
+    """Image benchmarks through DataLoaders: train transforms for training, evaluation ones for tests."""
+    from gradharmony.data.image_domains import load_image_domain
+
+    def load(name: str, split: str, train: bool) -> Dataset:
+        benchmark, domain = name.split(":", 1)
+        return load_image_domain(benchmark, domain, split, root, train=train, resize=cfg.resize, crop=cfg.crop)
+
+    return {
+        "source": _subset(load(cfg.source, "train", True), cfg.source_limit, 0),
+        "target": _subset(load(cfg.target, "train", True), cfg.target_limit, 1),
+        "source_test": _subset(load(cfg.source, "test", False), cfg.source_eval_size, 2),
+        "target_test": load(cfg.target, "test", False),
+    }
 
 
 class _DeferredInterrupt:
@@ -188,10 +241,12 @@ class Trainer:
         self.domains = domains if domains is not None else load_domains(cfg)
         for key in ("source", "target"):  # keep training tensors on the device: no loader overhead
             d = self.domains[key]
-            self.domains[key] = Domain(d.name, d.split, d.images.to(self.device), d.labels.to(self.device),
-                                       d.num_classes)
+            if isinstance(d, Domain):
+                self.domains[key] = Domain(d.name, d.split, d.images.to(self.device), d.labels.to(self.device),
+                                           d.num_classes)
         source = self.domains["source"]
-        self.model = build_model(cfg, source.num_classes, tuple(source.images.shape[1:])).to(self.device)
+        input_shape = tuple(source.images.shape[1:]) if isinstance(source, Domain) else tuple(source[0][0].shape)
+        self.model = build_model(cfg, _num_classes(source), input_shape).to(self.device)
         self.optimizers = self._build_optimizers()
         if cfg.amp == "fp16" and self.device.type != "cuda":
             raise ConfigError("amp fp16 needs a CUDA device; on CPU use amp bf16")
@@ -204,8 +259,8 @@ class Trainer:
         if cfg.scope == "bottleneck" and cfg.strategy == "recombine":
             self.model.backbone.register_forward_hook(
                 lambda module, args, output: self._backbone_output.append(output) if module.training else None)
-        self.source_batches = InfiniteBatches(len(self.domains["source"]), cfg.batch_size, seed=cfg.seed)
-        self.target_batches = InfiniteBatches(len(self.domains["target"]), cfg.batch_size, seed=cfg.seed + 10_000)
+        self.source_batches = self._batches(self.domains["source"], seed=cfg.seed)
+        self.target_batches = self._batches(self.domains["target"], seed=cfg.seed + 10_000)
         self.step = 0
         self.best = {"best_target_acc": -1.0, "best_step": -1}
         self.interval = self._new_interval()
@@ -273,11 +328,15 @@ class Trainer:
                 group["lr"] = self.cfg.lr * group.get("lr_mult", 1.0) * factor
         return self.cfg.lr * factor
 
+    def _batches(self, data: Domain | Dataset, seed: int) -> TensorBatches | LoaderBatches:
+        if isinstance(data, Domain):
+            return TensorBatches(data.images, data.labels, self.cfg.batch_size, seed)
+        return LoaderBatches(data, self.cfg.batch_size, seed, self.cfg.loader_workers, self.device)
+
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        s, t = self.domains["source"], self.domains["target"]
-        si, ti = self.source_batches.next_indices(), self.target_batches.next_indices()
-        return to_input(s.images[si.to(s.images.device)]), s.labels[si.to(s.labels.device)], \
-            to_input(t.images[ti.to(t.images.device)])
+        xs, ys = self.source_batches.next()
+        xt, _ = self.target_batches.next()
+        return xs, ys, xt
 
     def _build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         """One SGD per named group set: a single one, or several for multi-step methods (MCD)."""
@@ -360,8 +419,9 @@ class Trainer:
         return record
 
     def evaluation_record(self) -> dict[str, Any]:
-        target = evaluate(self.model, self.domains["target_test"], self.device)
-        source = evaluate(self.model, self.domains["source_test"], self.device) if self.cfg.source_eval_size else None
+        workers = self.cfg.loader_workers
+        target = evaluate(self.model, self.domains["target_test"], self.device, workers)
+        source = evaluate(self.model, self.domains["source_test"], self.device, workers) if self.cfg.source_eval_size else None
         if target.accuracy > self.best["best_target_acc"]:
             self.best = {"best_target_acc": target.accuracy, "best_step": self.step}
         n = max(1, self.interval["steps"] - self.interval["skipped_nonfinite"])
