@@ -26,15 +26,32 @@ def to_input(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(127.5).sub_(1.0)
 
 
+class _Shard:
+    """This process's share of a global batch: process ``rank`` of ``world`` takes slice ``rank``.
+
+    All processes draw the same global permutation (same seed), so together they see exactly the
+    batches a single process with ``world`` times the batch size would see.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int, world: int):
+        self.sampler = InfiniteBatches(size, batch_size * world, seed=seed)
+        self.part = slice(rank * batch_size, (rank + 1) * batch_size)
+
+    def next_indices(self) -> torch.Tensor:
+        return self.sampler.next_indices()[self.part]
+
+
 class TensorBatches:
     """Batches of a domain held as tensors (images ``[N, C, H, W]`` or features ``[N, D]``)."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int,
+                 rank: int = 0, world: int = 1):
         self.images, self.labels = images, labels
-        self.sampler = InfiniteBatches(len(labels), batch_size, seed=seed)
+        self.shard = _Shard(len(labels), batch_size, seed, rank, world)
+        self.sampler = self.shard.sampler
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        index = self.sampler.next_indices().to(self.images.device)
+        index = self.shard.next_indices().to(self.images.device)
         return to_input(self.images[index]), self.labels[index]
 
     def state_dict(self) -> dict[str, Any]:
@@ -47,28 +64,29 @@ class TensorBatches:
 class _IndexStream:
     """An endless batch sampler for DataLoader (which may read ahead of what is consumed)."""
 
-    def __init__(self, sampler: InfiniteBatches):
-        self.sampler = sampler
+    def __init__(self, shard: _Shard):
+        self.shard = shard
 
     def __iter__(self) -> Iterator[list[int]]:
         while True:
-            yield self.sampler.next_indices().tolist()
+            yield self.shard.next_indices().tolist()
 
 
 class LoaderBatches:
     """Batches of a Dataset through a DataLoader with ``workers`` processes."""
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int, workers: int = 0,
-                 device: torch.device = torch.device("cpu")):
+                 device: torch.device = torch.device("cpu"), rank: int = 0, world: int = 1):
         self.dataset, self.workers, self.device = dataset, workers, device
-        self.sampler = InfiniteBatches(len(dataset), batch_size, seed=seed)
+        self.shard = _Shard(len(dataset), batch_size, seed, rank, world)
+        self.sampler = self.shard.sampler
         self._restart()
 
     def _restart(self) -> None:
         # The loader reads ahead, so the position is "where the iterator started + consumed".
         self.start = self.sampler.state_dict()
         self.consumed = 0
-        loader = DataLoader(self.dataset, batch_sampler=_IndexStream(self.sampler), num_workers=self.workers,
+        loader = DataLoader(self.dataset, batch_sampler=_IndexStream(self.shard), num_workers=self.workers,
                             pin_memory=self.device.type == "cuda", persistent_workers=False)
         self.iterator = iter(loader)
 

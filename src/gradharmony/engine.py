@@ -17,6 +17,7 @@ reports, and it is labelled as such (``best_target_acc``), never silently mixed 
 from __future__ import annotations
 
 import math
+import os
 import random
 import signal
 import time
@@ -27,11 +28,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from gradharmony.config import ConfigError, TrainConfig
 from gradharmony.data import Domain, default_data_root, load_domain
+from gradharmony.distributed import averaged_new_gradients, resolve_world
 from gradharmony.harmonizer import Harmonizer
 from gradharmony.methods import Method, build_method
 from gradharmony.models import FEATURE_BACKBONES, build_backbone
@@ -233,6 +236,11 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.device = resolve_device(cfg.device)
+        self.rank, self.world, self._owns_group = _init_distributed(self.device)
+        if self.device.type == "cuda" and self.world > 1:
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", self.rank)))
+            torch.cuda.set_device(self.device)
+        self.is_main = self.rank == 0  # the process that evaluates and writes
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
@@ -247,6 +255,11 @@ class Trainer:
         source = self.domains["source"]
         input_shape = tuple(source.images.shape[1:]) if isinstance(source, Domain) else tuple(source[0][0].shape)
         self.model = build_model(cfg, _num_classes(source), input_shape).to(self.device)
+        if self.world > 1:
+            if getattr(self.model, "multi_step", False):
+                raise ConfigError(f"{cfg.method} updates in several phases, which are not averaged across "
+                                  f"processes yet: train it in a single process")
+            torch.manual_seed(cfg.seed + 1_000_003 * self.rank)  # same initial weights, own dropout masks
         self.optimizers = self._build_optimizers()
         if cfg.amp == "fp16" and self.device.type != "cuda":
             raise ConfigError("amp fp16 needs a CUDA device; on CPU use amp bf16")
@@ -305,8 +318,9 @@ class Trainer:
         self.consecutive_nonfinite = int(state["consecutive_nonfinite"])
 
     def save(self) -> None:
-        self.log.flush_steps()
-        save_checkpoint(self.out / "last.pt", self.state_dict())
+        if self.is_main:
+            self.log.flush_steps()
+            save_checkpoint(self.out / "last.pt", self.state_dict())
 
     def _resume_if_possible(self) -> bool:
         path = self.out / "last.pt"
@@ -317,7 +331,8 @@ class Trainer:
             raise ConfigError(f"{self.out} holds a run with a different configuration "
                               f"(see {self.out / 'config.yaml'}); choose another --out or delete it")
         self.load_state_dict(state)
-        self.log.truncate_after(self.step)
+        if self.is_main:
+            self.log.truncate_after(self.step)
         return True
 
     # ------------------------------------------------------------------ loop
@@ -329,9 +344,10 @@ class Trainer:
         return self.cfg.lr * factor
 
     def _batches(self, data: Domain | Dataset, seed: int) -> TensorBatches | LoaderBatches:
+        shard = {"rank": self.rank, "world": self.world}
         if isinstance(data, Domain):
-            return TensorBatches(data.images, data.labels, self.cfg.batch_size, seed)
-        return LoaderBatches(data, self.cfg.batch_size, seed, self.cfg.loader_workers, self.device)
+            return TensorBatches(data.images, data.labels, self.cfg.batch_size, seed, **shard)
+        return LoaderBatches(data, self.cfg.batch_size, seed, self.cfg.loader_workers, self.device, **shard)
 
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         xs, ys = self.source_batches.next()
@@ -363,7 +379,9 @@ class Trainer:
                                              features=cut, scaler=self.scaler)
             record = _stats_record(stats)
         else:  # source-only: nothing to harmonize
-            (self.scaler.scale(losses.cls) if self.scaler else losses.cls).backward()
+            leaves = list(self.model.parameters()) if self.world > 1 else []
+            with averaged_new_gradients(leaves, resolve_world("auto") if self.world > 1 else None):
+                (self.scaler.scale(losses.cls) if self.scaler else losses.cls).backward()
             record = {"w_align": 1.0, "w_cls": 1.0, "guards": "no_align"}
         logs = losses.logs
         loss_cls = logs["cls_loss"] if "cls_loss" in logs else float(losses.cls.detach())
@@ -407,7 +425,8 @@ class Trainer:
         self.interval["loss_cls"] += loss_cls if finite else 0.0
         self.interval["loss_align"] += loss_align if finite else 0.0
         self.interval["steps"] += 1
-        self.log.add_step(record)
+        if self.is_main:
+            self.log.add_step(record)
         self.step += 1
         self.mid_step = False
         if self.consecutive_nonfinite >= MAX_CONSECUTIVE_NONFINITE:
@@ -444,12 +463,24 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         """Train to ``cfg.steps`` (resuming if possible); returns the final summary."""
-        self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            return self._run()
+        finally:
+            if self._owns_group:
+                dist.destroy_process_group()
+
+    def _run(self) -> dict[str, Any]:
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        if self.world > 1:
+            dist.barrier()  # every process sees the same checkpoint (or none)
         resumed = self._resume_if_possible()
-        self.cfg.save(self.out / "config.yaml")
+        if self.is_main:
+            self.cfg.save(self.out / "config.yaml")
         checkpoint_every = self.cfg.checkpoint_every or self.cfg.eval_every
         last_eval: dict[str, Any] = {}
-        bar = tqdm(total=self.cfg.steps, initial=self.step, disable=not self.cfg.progress, dynamic_ncols=True,
+        bar = tqdm(total=self.cfg.steps, initial=self.step, disable=not (self.cfg.progress and self.is_main),
+                   dynamic_ncols=True,
                    desc=f"{self.cfg.method}+{self.cfg.harmonizer} {self.cfg.source}->{self.cfg.target}"
                         + (" (resumed)" if resumed else ""))
         recent_angles: list[float] = []
@@ -468,7 +499,7 @@ class Trainer:
                                         acc=f"{last_eval.get('target_acc', math.nan):.3f}",
                                         angle=f"{np.mean(recent_angles) if recent_angles else math.nan:.1f}",
                                         conflict=f"{summary['conflict_rate']:.2f}", refresh=False)
-                    if self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps:
+                    if self.is_main and (self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps):
                         last_eval = self.evaluation_record()
                         self.log.add_evaluation(last_eval)
                     if self.step % checkpoint_every == 0 or self.step == self.cfg.steps:
@@ -484,6 +515,8 @@ class Trainer:
             raise KeyboardInterrupt(f"interrupted at step {self.step}; checkpoint saved to "
                                     f"{self.out / 'last.pt'}: run the same command again to resume") from None
         bar.close()
+        if self.world > 1:
+            dist.barrier()  # the other processes wait for the last checkpoint and log
         return self.final_summary()
 
     def final_summary(self) -> dict[str, Any]:
@@ -495,6 +528,17 @@ class Trainer:
                 "seed": self.cfg.seed, "steps": self.step, "last_target_acc": last["target_acc"],
                 "best_target_acc": last["best_target_acc"], "best_step": last["best_step"],
                 "config_hash": self.cfg.outcome_hash()}
+
+
+def _init_distributed(device: torch.device) -> tuple[int, int, bool]:
+    """``(rank, world size, whether we created the process group)``; under torchrun it joins."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 and not dist.is_initialized():
+        return 0, 1, False
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), created
 
 
 def _stats_record(stats) -> dict[str, Any]:
