@@ -62,3 +62,13 @@ def test_image_domain_names_are_checked(tmp_path, office31):
 def test_missing_benchmark_folder_says_where(tmp_path):
     with pytest.raises(FileNotFoundError, match="Office-31"):
         train(image_config(tmp_path, tmp_path / "nothing"))
+
+
+def test_visda_reports_mean_per_class_accuracy(tmp_path):
+    root = tmp_path / "data"
+    write_benchmark_tree(root, "visda2017", per_class=1, size=36)
+    cfg = image_config(tmp_path, root, source="visda2017:synthetic", target="visda2017:real", steps=2)
+    train(cfg)
+    last = read_metrics(cfg.out)[-1]
+    assert last["target_metric"] == "mean_class_accuracy"
+    assert last["target_acc"] == last["target_mean_class_acc"]
