@@ -64,11 +64,13 @@ def test_sweep_and_report_commands(tmp_path, capsys):
     assert main(["sweep", str(path), "--workers", "1", "--dry-run"]) == 0
     assert "pending" in capsys.readouterr().out
     assert main(["sweep", str(path), "--workers", "1"]) == 0
-    assert main(["report", grid["out"], "--plots", "--out", str(tmp_path / "report")]) == 0
+    assert main(["report", grid["out"], "--plots", "--tsne", "--tsne-samples", "12",
+                 "--out", str(tmp_path / "report")]) == 0
     text = capsys.readouterr().out
     assert "| mcc | gh | 2 |" in text and "(" in text
     assert (tmp_path / "report" / "usps_to_mnistm_mcc.png").stat().st_size > 10_000
     assert (tmp_path / "report" / "report.csv").exists()
+    assert (tmp_path / "report" / "tsne_usps_to_mnistm_mcc_gh.png").stat().st_size > 10_000
 
 
 def test_paired_delta_uses_common_seeds_only():

@@ -144,6 +144,18 @@ def cmd_report(args: argparse.Namespace) -> int:
 
         for path in plot_sweep(args.runs, args.out or args.runs):
             print(f"plot: {path}")
+    if args.tsne:
+        from gradharmony.plots import plot_tsne
+        from gradharmony.sweep import labelled_runs
+
+        seen = set()
+        for labels, folder in sorted(labelled_runs(args.runs), key=lambda run: run[0]["seed"]):  # lowest seed per cell
+            key = (labels["task"], labels["method"], labels["variant"])
+            if key in seen or not (folder / "last.pt").exists():
+                continue
+            seen.add(key)
+            name = "_".join(key).replace("->", "_to_").replace("/", "_").replace("+", "p")
+            print(f"t-SNE: {plot_tsne(folder, (args.out or args.runs) / f'tsne_{name}.png', args.tsne_samples)}")
     return 0
 
 
@@ -175,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", type=Path, default=None, help="folder for report.md/csv (default: RUNS)")
     report.add_argument("--plots", action="store_true",
                         help="also PNGs per task and method: angle, conflict rate, weights, accuracy")
+    report.add_argument("--tsne", action="store_true", help="also a t-SNE of source/target features per cell")
+    report.add_argument("--tsne-samples", type=int, default=500, help="test images per domain in each t-SNE")
     report.set_defaults(func=cmd_report)
 
     demo = sub.add_parser("demo", help="DANN vs DANN+GH vs DANN+GH++ on MNIST -> MNIST-M (offline recipe)")

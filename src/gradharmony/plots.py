@@ -125,3 +125,55 @@ def plot_sweep(root: str | Path, out_dir: str | Path, smooth: int = 100) -> list
         plt.close(fig)
         written.append(path)
     return written
+
+
+def plot_tsne(run_dir: str | Path, path: str | Path, samples: int = 500, seed: int = 0) -> Path:
+    """t-SNE of the shared features of source and target test samples, from a run's checkpoint.
+
+    Up to ``samples`` images per domain; colour = class, marker = domain.  A well-aligned model
+    mixes the two domains inside each class cluster.
+    """
+    import torch
+    from sklearn.manifold import TSNE
+
+    from gradharmony.batches import to_input
+    from gradharmony.config import TrainConfig
+    from gradharmony.engine import build_model, load_eval_domain
+    from gradharmony.runlog import load_checkpoint
+
+    run_dir = Path(run_dir)
+    state = load_checkpoint(run_dir / "last.pt")
+    cfg = TrainConfig.from_dict(state["config"])
+    features, labels, domains = [], [], []
+    model = None
+    for d, name in enumerate((cfg.source, cfg.target)):
+        data = load_eval_domain(cfg, name, "test", cfg.data_root)
+        chosen = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:samples].tolist()
+        items = [data[i] for i in chosen]
+        x = torch.stack([torch.as_tensor(item[0]) for item in items])
+        y = torch.as_tensor([int(item[1]) for item in items])
+        if model is None:
+            model = build_model(cfg, data.num_classes if hasattr(data, "num_classes") else 10, tuple(x.shape[1:]))
+            model.load_state_dict(state["model"])
+            model.eval()
+        with torch.no_grad():
+            features.append(model.features(to_input(x)).numpy())
+        labels.append(y.numpy())
+        domains.append(np.full(len(y), d))
+    points = TSNE(n_components=2, init="pca", random_state=seed,
+                  perplexity=min(30.0, max(2.0, (sum(map(len, labels)) - 1) / 3))).fit_transform(np.concatenate(features))
+    labels_all, domains_all = np.concatenate(labels), np.concatenate(domains)
+    fig, ax = plt.subplots(figsize=(7, 7))
+    for d, (marker, name) in enumerate((("o", f"source {cfg.source}"), ("x", f"target {cfg.target}"))):
+        mask = domains_all == d
+        ax.scatter(points[mask, 0], points[mask, 1], c=labels_all[mask], cmap="tab10", marker=marker, s=12,
+                   alpha=0.7, label=name, vmin=0, vmax=max(9, labels_all.max()))
+    ax.legend()
+    ax.set_title(f"t-SNE of shared features: {cfg.method}+{cfg.harmonizer}, seed {cfg.seed}")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
