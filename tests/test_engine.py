@@ -207,3 +207,17 @@ def test_the_hash_that_names_run_folders_is_stable():
     assert TrainConfig().outcome_hash() == "c89608463b31d70a"
     assert TrainConfig(amp="bf16").outcome_hash() != TrainConfig().outcome_hash()
     assert TrainConfig(out="elsewhere", threads=2).outcome_hash() == TrainConfig().outcome_hash()
+
+
+def test_tensorboard_events_hold_the_same_scalars(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = config(tmp_path, tensorboard=str(tmp_path / "tb"))
+    train(cfg, tiny_domains())
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"train/loss_cls", "eval/target_acc", "harmonizer/conflict_rate"} <= set(tags)
+    accuracy = [e.value for e in events.Scalars("eval/target_acc")]
+    assert accuracy == pytest.approx([r["target_acc"] for r in read_metrics(cfg.out)])

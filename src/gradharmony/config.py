@@ -30,7 +30,8 @@ from gradharmony.harmonizer import STRATEGIES
 
 SCOPES = ("default", "bottleneck", "backbone", "all")
 # Fields that do not change the outcome of a run: excluded from its hash.
-NON_OUTCOME_FIELDS = ("out", "data_root", "progress", "threads", "device", "checkpoint_every", "loader_workers")
+NON_OUTCOME_FIELDS = ("out", "data_root", "progress", "threads", "device", "checkpoint_every", "loader_workers",
+                      "tensorboard")
 # Fields added after runs were first keyed by their hash: left out of the hash while at these
 # defaults, so that run folders named by earlier versions keep their names (and resume).
 ADDED_FIELD_DEFAULTS: dict[str, Any] = {"pretrained": None, "amp": "none", "resize": 256, "crop": 224}
@@ -96,6 +97,7 @@ class TrainConfig:
     amp: str = "none"  # mixed precision: "bf16" (autocast), "fp16" (autocast + gradient scaler, CUDA)
     threads: int | None = None
     progress: bool = True
+    tensorboard: str | None = None  # also log the scalars as TensorBoard events in this folder
     loader_workers: int = 0  # DataLoader processes for image benchmarks
 
     def __post_init__(self) -> None:

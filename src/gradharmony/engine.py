@@ -282,6 +282,7 @@ class Trainer:
         self.consecutive_nonfinite = 0
         self.mid_step = False
         self.log = RunLog(self.out)
+        self.board = _summary_writer(cfg.tensorboard) if cfg.tensorboard and self.is_main else None
 
     # ------------------------------------------------------------------ state
     @staticmethod
@@ -429,6 +430,11 @@ class Trainer:
         self.interval["steps"] += 1
         if self.is_main:
             self.log.add_step(record)
+            if self.board is not None:
+                for key in ("loss_cls", "loss_align", "angle", "w_align", "w_cls"):
+                    value = record.get(key)
+                    if isinstance(value, float) and math.isfinite(value):
+                        self.board.add_scalar(f"train/{key}", value, self.step)
         self.step += 1
         self.mid_step = False
         if self.consecutive_nonfinite >= MAX_CONSECUTIVE_NONFINITE:
@@ -471,6 +477,8 @@ class Trainer:
         try:
             return self._run()
         finally:
+            if self.board is not None:
+                self.board.close()
             if self._owns_group:
                 dist.destroy_process_group()
 
@@ -507,6 +515,7 @@ class Trainer:
                     if self.is_main and (self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps):
                         last_eval = self.evaluation_record()
                         self.log.add_evaluation(last_eval)
+                        self._board_evaluation(last_eval)
                     if self.step % checkpoint_every == 0 or self.step == self.cfg.steps:
                         self.save()
                     if interrupt.requested and self.step < self.cfg.steps:
@@ -524,6 +533,17 @@ class Trainer:
             dist.barrier()  # the other processes wait for the last checkpoint and log
         return self.final_summary()
 
+    def _board_evaluation(self, record: dict[str, Any]) -> None:
+        if self.board is None:
+            return
+        for key in ("target_acc", "best_target_acc", "source_test_acc"):
+            if record.get(key) is not None:
+                self.board.add_scalar(f"eval/{key}", record[key], record["step"])
+        for key, value in record["harmonizer"].items():
+            if isinstance(value, float) and math.isfinite(value):
+                self.board.add_scalar(f"harmonizer/{key}", value, record["step"])
+        self.board.flush()
+
     def final_summary(self) -> dict[str, Any]:
         from gradharmony.runlog import read_metrics
 
@@ -533,6 +553,14 @@ class Trainer:
                 "seed": self.cfg.seed, "steps": self.step, "last_target_acc": last["target_acc"],
                 "best_target_acc": last["best_target_acc"], "best_step": last["best_step"],
                 "config_hash": self.cfg.outcome_hash()}
+
+
+def _summary_writer(folder: str):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # the package is an optional extra
+        raise ConfigError("--tensorboard needs the tensorboard package: pip install 'gradharmony[tensorboard]'") from None
+    return SummaryWriter(folder)
 
 
 def _init_distributed(device: torch.device) -> tuple[int, int, bool]:
