@@ -56,8 +56,8 @@ def reaches(loss: torch.Tensor, module: nn.Module) -> bool:
 
 # ----------------------------------------------------------------------------- registry
 def test_registry_keys_and_names():
-    # The single-step methods here; mcd, gvb and dwl (multi-step) in test_methods_multistep.py.
-    assert sorted(METHODS) == sorted(NAMES + ["mcd", "gvb", "dwl"])
+    # The single-step methods here; mcd, gvb and dwl (multi-step) in test_methods_multistep.py, ssrt in test_ssrt.py.
+    assert sorted(METHODS) == sorted(NAMES + ["mcd", "gvb", "dwl", "ssrt"])
     for key, cls in METHODS.items():
         assert cls.name == key and cls.default_lead in ("align", "cls") and cls.__doc__
 

@@ -418,6 +418,7 @@ class Trainer:
         xs, ys, xt = self._batch()
         step_fn = self._multi_step if getattr(self.model, "multi_step", False) else self._harmonized_step
         record, loss_cls, loss_align, finite = step_fn(xs, ys, xt)
+        self._backbone_output.clear()  # multi-step methods run several forwards: hold no graph
         if finite:
             self.consecutive_nonfinite = 0
         else:

@@ -3,7 +3,7 @@
 Example:
     >>> from gradharmony.models import build_backbone
     >>> sorted(METHODS)
-    ['cdan', 'cdan+e', 'dann', 'dwl', 'gvb', 'mcc', 'mcd', 'mdd', 'source_only']
+    ['cdan', 'cdan+e', 'dann', 'dwl', 'gvb', 'mcc', 'mcd', 'mdd', 'source_only', 'ssrt']
     >>> method = build_method("dann", build_backbone("lenet", 1, 28), num_classes=10, max_steps=100,
     ...                       grl_alpha=5.0)
     >>> method.name, method.default_lead, method.hparams["grl_alpha"]
@@ -25,10 +25,13 @@ from gradharmony.methods.mcc import MCC, class_confusion_loss
 from gradharmony.methods.mcd import MCD, classifier_discrepancy
 from gradharmony.methods.mdd import MDD
 from gradharmony.methods.source_only import SourceOnly
+from gradharmony.methods.ssrt import SSRT
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (SourceOnly, DANN, CDAN, CDANE, MDD, MCC)}
 # Multi-step methods (they own their update order: Method.update).
 METHODS.update({cls.name: cls for cls in (MCD, GVB, DWL)})
+# SSRT (ViT host; multi-step for its safe-training restarts).
+METHODS.update({SSRT.name: SSRT})
 
 
 def build_method(name: str, backbone: nn.Module, num_classes: int, max_steps: int,
@@ -47,7 +50,7 @@ def build_method(name: str, backbone: nn.Module, num_classes: int, max_steps: in
 
 
 __all__ = [
-    "CDAN", "CDANE", "DANN", "DWL", "GVB", "MCC", "MCD", "MDD", "METHODS", "Losses", "Method", "SourceOnly",
+    "CDAN", "CDANE", "DANN", "DWL", "GVB", "MCC", "MCD", "MDD", "METHODS", "Losses", "Method", "SSRT", "SourceOnly",
     "UpdateResult", "build_method", "class_confusion_loss", "classifier_discrepancy", "domain_adversarial_loss",
     "entropy",
 ]
