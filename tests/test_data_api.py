@@ -11,7 +11,9 @@ from gradharmony.data import mnist as mnist_module
 
 
 def test_domain_names_are_the_documented_ones():
-    assert DOMAIN_NAMES == ("mnist", "usps", "mnistm", "svhn", "mnistm-synth", "syndigits", "uci8", "mnist8")
+    digits = ("mnist", "usps", "mnistm", "svhn", "mnistm-synth", "syndigits", "uci8", "mnist8")
+    features = tuple(f"oc10-{kind}-{d}" for kind in ("surf", "decaf") for d in ("amazon", "caltech", "dslr", "webcam"))
+    assert DOMAIN_NAMES == digits + features
 
 
 def test_unknown_name_lists_valid_domains(tmp_path):

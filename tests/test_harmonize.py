@@ -111,8 +111,9 @@ def test_ghpp_matches_the_authors_formula_for_both_leads(v, k):
     assume(d < 0)
     angle = math.degrees(math.acos(max(-1.0, min(1.0, d / math.sqrt(aa * cc)))))
     w_lead, w_other = _authors_formula(angle, k)
-    assert harmonize_weights(aa, cc, d, mode="gh++", k=k, lead="align") == pytest.approx((w_lead, w_other), abs=1e-12)
-    assert harmonize_weights(aa, cc, d, mode="gh++", k=k, lead="cls") == pytest.approx((w_other, w_lead), abs=1e-12)
+    # acos is ill-conditioned near 180 degrees: two roundings of cos may differ in the 8th digit there.
+    assert harmonize_weights(aa, cc, d, mode="gh++", k=k, lead="align") == pytest.approx((w_lead, w_other), abs=1e-6)
+    assert harmonize_weights(aa, cc, d, mode="gh++", k=k, lead="cls") == pytest.approx((w_other, w_lead), abs=1e-6)
     # The rule is not symmetric: the lead is amplified, the other damped.
     assert w_lead >= 1.0 >= w_other
 
@@ -123,7 +124,9 @@ def test_weights_are_invariant_to_a_common_gradient_scale(v, mode, k, lead, s):
     # This is why the AMP path may measure scaled gradients: only the unscaled thresholds change.
     a, c = _pair(v)
     assume(_well_posed(a, c))
-    w = harmonize_weights(*gramian(a, c), mode=mode, k=k, lead=lead)
+    r = harmonize(*gramian(a, c), mode=mode, k=k, lead=lead)
+    assume(not r.conflict or math.sin(math.acos(r.cos)) > 1e-4)  # off gh++exact's antiparallel switch
+    w = (r.w_align, r.w_cls)
     ws = harmonize_weights(*gramian(a * s, c * s), mode=mode, k=k, lead=lead)
     assert ws == pytest.approx(w, rel=1e-6)
 
