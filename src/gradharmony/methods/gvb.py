@@ -61,6 +61,7 @@ from torch.nn import functional as F
 from gradharmony.methods.base import Losses, UpdateResult, entropy, scalars
 from gradharmony.methods.dann import AdversarialMethod, domain_adversarial_loss
 from gradharmony.methods.mcd import step_if_finite, zero_grads
+from gradharmony.models.heads import hidden_layers
 
 if TYPE_CHECKING:
     from gradharmony.harmonizer import Harmonizer
@@ -105,17 +106,7 @@ class BridgedDiscriminator(nn.Module):
     def __init__(self, in_features: int, hidden: int = 1024, batch_norm: bool = False,
                  dropout: float = 0.5, use_bridge: bool = True):
         super().__init__()
-        layers: list[nn.Module] = []
-        width = in_features
-        for _ in range(2):
-            layers.append(nn.Linear(width, hidden))
-            if batch_norm:
-                layers.append(nn.BatchNorm1d(hidden))
-            layers.append(nn.ReLU())
-            if dropout > 0:
-                layers.append(nn.Dropout(dropout))
-            width = hidden
-        self.hidden = nn.Sequential(*layers)
+        self.hidden = hidden_layers(in_features, hidden, batch_norm, dropout)
         self.head = nn.Linear(hidden, 1)
         self.bridge = nn.Linear(hidden, 1)
         self.use_bridge = use_bridge

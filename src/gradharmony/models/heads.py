@@ -52,19 +52,23 @@ class DomainDiscriminator(nn.Module):
     def __init__(self, in_features: int, hidden: int = 1024, batch_norm: bool = True,
                  dropout: float = 0.0):
         super().__init__()
-        layers: list[nn.Module] = []
-        width = in_features
-        for _ in range(2):
-            layers.append(nn.Linear(width, hidden))
-            if batch_norm:
-                layers.append(nn.BatchNorm1d(hidden))
-            layers.append(nn.ReLU())
-            if dropout > 0:
-                layers.append(nn.Dropout(dropout))
-            width = hidden
-        layers.append(nn.Linear(hidden, 1))
-        self.net = nn.Sequential(*layers)
+        self.net = nn.Sequential(*hidden_layers(in_features, hidden, batch_norm, dropout), nn.Linear(hidden, 1))
         self.in_features = in_features
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.net(h).squeeze(-1)
+
+
+def hidden_layers(in_features: int, hidden: int, batch_norm: bool, dropout: float, depth: int = 2) -> nn.Sequential:
+    """``depth`` blocks ``Linear - [BatchNorm1d] - ReLU - [Dropout]`` of width ``hidden`` (discriminators)."""
+    layers: list[nn.Module] = []
+    width = in_features
+    for _ in range(depth):
+        layers.append(nn.Linear(width, hidden))
+        if batch_norm:
+            layers.append(nn.BatchNorm1d(hidden))
+        layers.append(nn.ReLU())
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        width = hidden
+    return nn.Sequential(*layers)
