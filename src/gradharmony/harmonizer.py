@@ -346,14 +346,13 @@ class Harmonizer:
         gradient would be counted twice), or, for ``recombine``, when the scope is not entirely
         above the features.
         """
-        if not feats:
+        if not feats or (self.strategy == "recombine" and self.scope is None):
             return None
         upper = graph_leaves(align, cls, stop_at=feats)
         upper_ids = {id(t) for t in upper}
+        if self.strategy == "recombine" and not all(id(t) in upper_ids for t in self.scope):
+            return None  # checked first: it is the common case and needs no walk below the cut
         if any(id(t) in upper_ids for t in graph_leaves(*feats)):
-            return None
-        if self.strategy == "recombine" and (self.scope is None or
-                                             not all(id(t) in upper_ids for t in self.scope)):
             return None
         return upper
 
