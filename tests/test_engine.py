@@ -86,6 +86,22 @@ def test_resumed_run_ends_identical_to_an_uninterrupted_one(tmp_path, overrides)
     assert str(read_steps(tmp_path / "a" / "run")) == str(steps_b)
 
 
+@pytest.mark.parametrize("method, params, key", [
+    ("dann", {"disc_hidden": 16}, "source_acc"),
+    ("mcd", {"num_k": 2}, "generator_updates"),
+])
+def test_metrics_hold_the_methods_own_scalars(tmp_path, method, params, key):
+    cfg = config(tmp_path, method=method, method_params=params)
+    train(cfg, tiny_domains())
+    last = read_metrics(cfg.out)[-1]
+    assert key in last["method_logs_mean"] and key in last["method_logs_last"]
+    assert "cls_loss" not in last["method_logs_mean"]  # that one is the record's loss_cls
+    if method == "mcd":
+        assert last["method_logs_mean"]["generator_updates"] == 2.0
+    else:
+        assert 0.0 <= last["method_logs_mean"]["source_acc"] <= 1.0
+
+
 def test_metrics_hold_config_accuracy_and_harmonizer_stats(tmp_path):
     cfg = config(tmp_path)
     train(cfg, tiny_domains())

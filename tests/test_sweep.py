@@ -35,6 +35,16 @@ def test_expand_is_seed_major_and_hash_keyed(tmp_path):
     assert expand(tiny_grid(tmp_path))[0].out == runs[0].out  # stable across calls
 
 
+def test_methods_may_carry_their_own_overrides(tmp_path):
+    grid = {**tiny_grid(tmp_path), "methods": {"dann": {"method_params": {"disc_hidden": 16}}, "mcc": None}}
+    runs = expand(grid)
+    by_method = {r.method: r.config for r in runs}
+    assert by_method["dann"].method_params == {"disc_hidden": 16}
+    assert by_method["mcc"].method_params == {}
+    plain = expand({**tiny_grid(tmp_path), "methods": ["dann"]})[0]
+    assert plain.out != next(r for r in runs if r.method == "dann").out  # the override is in the hash
+
+
 def test_grid_errors_are_clear(tmp_path):
     with pytest.raises(ConfigError, match="unknown grid key"):
         expand({**tiny_grid(tmp_path), "seedz": [0]})

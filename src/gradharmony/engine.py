@@ -18,6 +18,7 @@ reports, and it is labelled as such (``best_target_acc``), never silently mixed 
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import random
@@ -286,8 +287,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     @staticmethod
-    def _new_interval() -> dict[str, float]:
-        return {"loss_cls": 0.0, "loss_align": 0.0, "steps": 0, "skipped_nonfinite": 0, "seconds": 0.0}
+    def _new_interval() -> dict[str, Any]:
+        return {"loss_cls": 0.0, "loss_align": 0.0, "steps": 0, "skipped_nonfinite": 0, "seconds": 0.0,
+                "method_sums": {}, "method_counts": {}, "method_last": {}}
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -300,7 +302,7 @@ class Trainer:
             "target_batches": self.target_batches.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "best": dict(self.best), "interval": dict(self.interval),
+            "best": dict(self.best), "interval": copy.deepcopy(self.interval),
             "consecutive_nonfinite": self.consecutive_nonfinite,
         }
 
@@ -317,7 +319,7 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        self.best, self.interval = dict(state["best"]), dict(state["interval"])
+        self.best, self.interval = dict(state["best"]), copy.deepcopy(state["interval"])
         self.consecutive_nonfinite = int(state["consecutive_nonfinite"])
 
     def save(self) -> None:
@@ -387,6 +389,7 @@ class Trainer:
                 (self.scaler.scale(losses.cls) if self.scaler else losses.cls).backward()
             record = {"w_align": 1.0, "w_cls": 1.0, "guards": "no_align"}
         logs = losses.logs
+        record["method_logs"] = logs
         loss_cls = logs["cls_loss"] if "cls_loss" in logs else float(losses.cls.detach())
         loss_align = logs["transfer_loss"] if "transfer_loss" in logs else float(losses.align.detach())
         if self.scaler is not None:  # the scaler skips overflowing steps itself and lowers its scale
@@ -408,6 +411,7 @@ class Trainer:
         """A method that owns its update order (MCD): it steps its own optimizers."""
         result = self.model.update(xs, ys, xt, self.step, self.optimizers, self.harmonizer, self.cfg.trade_off)
         record = _stats_record(result.stats) if result.stats is not None else {"guards": "no_harmonizer"}
+        record["method_logs"] = result.logs
         finite = math.isfinite(result.loss_cls) and math.isfinite(result.loss_align) and all(
             torch.isfinite(p).all() for p in self.model.parameters())
         return record, result.loss_cls, result.loss_align, finite
@@ -419,6 +423,7 @@ class Trainer:
         step_fn = self._multi_step if getattr(self.model, "multi_step", False) else self._harmonized_step
         record, loss_cls, loss_align, finite = step_fn(xs, ys, xt)
         self._backbone_output.clear()  # multi-step methods run several forwards: hold no graph
+        self._add_method_logs(record.pop("method_logs", {}))
         if finite:
             self.consecutive_nonfinite = 0
         else:
@@ -446,6 +451,20 @@ class Trainer:
                 f"harmonizer's weights")
         return record
 
+    def _add_method_logs(self, logs: dict[str, float]) -> None:
+        """Keep the method's own scalars (SSRT's restarts, MCD's discrepancies, ...) for the evaluation record."""
+        sums = self.interval.setdefault("method_sums", {})
+        counts = self.interval.setdefault("method_counts", {})
+        last = self.interval.setdefault("method_last", {})
+        for key, value in logs.items():
+            if key in ("cls_loss", "transfer_loss"):  # already the record's loss_cls / loss_align
+                continue
+            value = float(value)
+            last[key] = value
+            if math.isfinite(value):
+                sums[key] = sums.get(key, 0.0) + value
+                counts[key] = counts.get(key, 0) + 1
+
     def evaluation_record(self) -> dict[str, Any]:
         workers = self.cfg.loader_workers
         target = evaluate(self.model, self.domains["target_test"], self.device, workers)
@@ -467,6 +486,10 @@ class Trainer:
             "skipped_nonfinite": self.interval["skipped_nonfinite"],
             "seconds_per_step": self.interval["seconds"] / max(1, self.interval["steps"]),
             "harmonizer": self.harmonizer.summary(),
+            # the method's scalars: mean over the interval's finite values, and the last value
+            "method_logs_mean": {k: v / self.interval["method_counts"][k]
+                                 for k, v in self.interval.get("method_sums", {}).items()},
+            "method_logs_last": dict(self.interval.get("method_last", {})),
             "config_hash": self.cfg.outcome_hash(), "config": self.cfg.to_dict(),
         }
         self.harmonizer.reset_summary()
@@ -543,6 +566,8 @@ class Trainer:
         for key, value in record["harmonizer"].items():
             if isinstance(value, float) and math.isfinite(value):
                 self.board.add_scalar(f"harmonizer/{key}", value, record["step"])
+        for key, value in record["method_logs_mean"].items():
+            self.board.add_scalar(f"method/{key}", value, record["step"])
         self.board.flush()
 
     def final_summary(self) -> dict[str, Any]:

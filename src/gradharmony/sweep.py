@@ -6,7 +6,7 @@ A grid is a YAML mapping (or the same dict in Python)::
     base: {steps: 3000, eval_every: 500, backbone: lenet, data_root: ../shared/data}
     tasks:                           # name -> overrides (source, target, sizes, ...)
       mnist->usps: {source: mnist, target: usps, image_size: 28, channels: 1}
-    methods: [dann, cdan]
+    methods: [dann, cdan]            # or name -> overrides: {dann: {method_params: {disc_hidden: 256}}}
     variants:                        # name -> overrides of the harmonizer
       none: {harmonizer: none}
       gh: {harmonizer: gh}
@@ -70,12 +70,15 @@ def expand(grid: dict[str, Any]) -> list[PlannedRun]:
     root = Path(grid["out"])
     base = dict(grid.get("base") or {})
     variants = grid.get("variants") or {"none": {"harmonizer": "none"}}
+    methods = grid["methods"]
+    if not isinstance(methods, dict):
+        methods = {name: {} for name in methods}
     runs = []
     for seed in grid["seeds"]:
         for task, task_overrides in grid["tasks"].items():
-            for method in grid["methods"]:
+            for method, method_overrides in methods.items():
                 for variant, variant_overrides in variants.items():
-                    values = {**base, **(task_overrides or {}), "method": method,
+                    values = {**base, **(task_overrides or {}), **(method_overrides or {}), "method": method,
                               **(variant_overrides or {}), "seed": int(seed), "progress": False}
                     values.setdefault("threads", 1)
                     cfg = TrainConfig.from_dict(values)
