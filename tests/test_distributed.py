@@ -106,3 +106,114 @@ def test_exact_mode_without_a_process_group_is_a_clear_error():
 def test_unknown_distributed_mode_is_rejected():
     with pytest.raises(ValueError, match="distributed"):
         Harmonizer(scope=nn.Linear(2, 2), distributed="ring")
+
+
+# ----------------------------------------------------------------------------- multi-step methods
+# MCD's entropy term is the entropy of the batch's mean prediction, a per-process quantity under
+# data parallelism: it is off here so that the two-process loss is the concatenated batch's.
+MULTI_STEP = {"mcd": {"num_k": 2, "head_hidden": 0, "entropy_weight": 0.0},
+              "gvb": {"disc_hidden": 8, "disc_dropout": 0.0}}
+# GVB-GD (like CDAN+E) normalises its entropy weights by the mean over the local batch, so its
+# data-parallel loss is not the loss of the concatenated batch: there both processes get the same
+# half, which must give exactly the single-process update on that half (nothing counted twice).
+SAME_HALF = {"gvb"}
+
+
+class TinyBackbone(nn.Sequential):
+    def __init__(self):
+        super().__init__(nn.Linear(10, 16), nn.Tanh())
+        self.out_features = 16
+
+
+def multi_step_method(name):
+    from gradharmony.methods import build_method
+
+    torch.manual_seed(0)
+    method = build_method(name, TinyBackbone(), 3, 100, bottleneck_dim=8, **MULTI_STEP[name])
+    method.bottleneck = nn.Sequential(nn.Linear(16, 8), nn.Tanh())  # no batch norm: statistics per process
+    return method.double().train()
+
+
+def multi_step_updates(method, xs, ys, xt, steps=2):
+    optimizers = {name: torch.optim.SGD(groups, lr=0.1, momentum=0.9)
+                  for name, groups in method.optimizer_groups(0.1).items()}
+    h = Harmonizer(mode="gh", scope=method.scope_modules(), lead=method.default_lead)
+    for step in range(steps):
+        method.update(xs, ys, xt, step, optimizers, h, 1.0)
+    return [p.detach().clone() for p in method.parameters()]
+
+
+def _multi_step_worker(rank, world, init_file, name, queue):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    xs, ys, xt = data(world)
+    n = len(xs) // world
+    part = slice(0, n) if name in SAME_HALF else slice(rank * n, (rank + 1) * n)
+    params = multi_step_updates(multi_step_method(name), xs[part], ys[part], xt[part])
+    queue.put((rank, [p.numpy() for p in params]))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name", sorted(MULTI_STEP))
+def test_multi_step_methods_in_two_processes_equal_one_process(name, tmp_path):
+    before = [p.detach().clone() for p in multi_step_method(name).parameters()]
+    xs, ys, xt = data()
+    n = len(xs) // 2 if name in SAME_HALF else len(xs)
+    single = multi_step_updates(multi_step_method(name), xs[:n], ys[:n], xt[:n])
+    assert any(not torch.equal(a, b) for a, b in zip(before, single))
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_multi_step_worker, args=(r, 2, str(tmp_path / "init"), name, queue))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    results = sorted(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    for _, params in results:
+        for a, b in zip(params, single):
+            assert torch.allclose(torch.from_numpy(a), b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name, reason", [("dwl", "LDA/MMD"), ("ssrt", "diversity")])
+def test_methods_with_per_process_decisions_refuse_several_processes(name, reason, tmp_path, monkeypatch):
+    from gradharmony import engine
+    from gradharmony.config import ConfigError
+    from gradharmony.methods import METHODS
+
+    assert reason in METHODS[name].distributed_blocker
+    monkeypatch.setattr(engine, "_init_distributed", lambda device: (0, 2, False))
+    blocked = type("Blocked", (nn.Module,), {"multi_step": True,
+                                             "distributed_blocker": METHODS[name].distributed_blocker})
+    monkeypatch.setattr(engine, "build_model", lambda cfg, *args: blocked())
+    cfg = engine.TrainConfig(method=name, out=str(tmp_path / "run"), progress=False)
+    with pytest.raises(ConfigError, match="cannot train in several processes"):
+        engine.Trainer(cfg, domains=_tiny_engine_domains())
+
+
+def _tiny_engine_domains():
+    from gradharmony.data.domain import Domain
+
+    images, labels = torch.zeros(4, 1, 16, 16, dtype=torch.uint8), torch.arange(4) % 2
+    return {key: Domain(key, "train", images, labels, 2) for key in ("source", "target", "source_test", "target_test")}
+
+
+def test_sync_batchnorm_converts_every_batch_norm_and_refuses_the_cpu(tmp_path, monkeypatch):
+    from gradharmony import engine
+    from gradharmony.config import ConfigError
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Sequential(nn.BatchNorm1d(8)))
+    model[1].running_mean.fill_(0.25)
+    converted = engine._synchronised_batch_norm(model, torch.device("cuda"))  # converting needs no GPU
+    norms = [m for m in converted.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert len(norms) == 2 and all(isinstance(m, nn.SyncBatchNorm) for m in norms)
+    assert torch.equal(converted[1].running_mean, torch.full((8,), 0.25))
+    with pytest.raises(ConfigError, match="needs CUDA"):
+        engine._synchronised_batch_norm(model, torch.device("cpu"))
+    monkeypatch.setattr(engine, "_init_distributed", lambda device: (0, 2, False))
+    cfg = engine.TrainConfig(method="mcc", out=str(tmp_path / "run"), progress=False, sync_batchnorm=True,
+                             image_size=16, channels=1, bottleneck_dim=4)
+    with pytest.raises(ConfigError, match="sync_batchnorm needs CUDA"):
+        engine.Trainer(cfg, domains=_tiny_engine_domains())

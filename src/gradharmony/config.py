@@ -34,7 +34,8 @@ NON_OUTCOME_FIELDS = ("out", "data_root", "progress", "threads", "device", "chec
                       "tensorboard")
 # Fields added after runs were first keyed by their hash: left out of the hash while at these
 # defaults, so that run folders named by earlier versions keep their names (and resume).
-ADDED_FIELD_DEFAULTS: dict[str, Any] = {"pretrained": None, "amp": "none", "resize": 256, "crop": 224}
+ADDED_FIELD_DEFAULTS: dict[str, Any] = {"pretrained": None, "amp": "none", "resize": 256, "crop": 224,
+                                        "sync_batchnorm": False}
 
 
 class ConfigError(ValueError):
@@ -95,6 +96,7 @@ class TrainConfig:
     out: str = "runs/default"
     device: str = "cpu"
     amp: str = "none"  # mixed precision: "bf16" (autocast), "fp16" (autocast + gradient scaler, CUDA)
+    sync_batchnorm: bool = False  # several processes: batch-norm statistics of the global batch (CUDA)
     threads: int | None = None
     progress: bool = True
     tensorboard: str | None = None  # also log the scalars as TensorBoard events in this folder

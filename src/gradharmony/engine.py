@@ -259,9 +259,12 @@ class Trainer:
         input_shape = tuple(source.images.shape[1:]) if isinstance(source, Domain) else tuple(source[0][0].shape)
         self.model = build_model(cfg, _num_classes(source), input_shape).to(self.device)
         if self.world > 1:
-            if getattr(self.model, "multi_step", False):
-                raise ConfigError(f"{cfg.method} updates in several phases, which are not averaged across "
-                                  f"processes yet: train it in a single process")
+            blocker = getattr(self.model, "distributed_blocker", None)
+            if blocker:
+                raise ConfigError(f"{cfg.method} cannot train in several processes: {blocker}; "
+                                  f"train it in a single process")
+            if cfg.sync_batchnorm:
+                self.model = _synchronised_batch_norm(self.model, self.device)
             torch.manual_seed(cfg.seed + 1_000_003 * self.rank)  # same initial weights, own dropout masks
         self.optimizers = self._build_optimizers()
         if cfg.amp == "fp16" and self.device.type != "cuda":
@@ -587,6 +590,18 @@ def _summary_writer(folder: str):
     except ImportError:  # the package is an optional extra
         raise ConfigError("--tensorboard needs the tensorboard package: pip install 'gradharmony[tensorboard]'") from None
     return SummaryWriter(folder)
+
+
+def _synchronised_batch_norm(model: Method, device: torch.device) -> Method:
+    """Every BatchNorm normalising with the statistics of the global batch (PyTorch's SyncBatchNorm).
+
+    Without it each process normalises with its own batch, as plain DDP does.  The harmonizer's
+    probes run backward through the synchronised layers on every process alike, so GH stays exact.
+    """
+    if device.type != "cuda":
+        raise ConfigError("sync_batchnorm needs CUDA devices: PyTorch's SyncBatchNorm does not run on "
+                          f"{device.type}; drop --sync-batchnorm (each process then keeps its own statistics)")
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
 def _init_distributed(device: torch.device) -> tuple[int, int, bool]:

@@ -173,6 +173,8 @@ class DWL(Method):
     name = "dwl"
     default_lead = "align"
     multi_step = True
+    distributed_blocker = ("its dynamic weight comes from windows of per-process LDA/MMD statistics, "
+                           "which are not gathered across processes yet")
 
     def __init__(self, backbone: nn.Module, num_classes: int, max_steps: int,
                  bottleneck_dim: int = 1024, *, num_k1: int = 8, num_k2: int = 1, num_k3: int = 8,

@@ -60,6 +60,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from gradharmony.distributed import average_, resolve_world
 from gradharmony.methods.base import Losses, Method, UpdateResult, scalars
 
 if TYPE_CHECKING:
@@ -88,8 +89,18 @@ def optimizer_params(optimizers: Iterable[torch.optim.Optimizer]) -> list[torch.
 
 
 def step_if_finite(optimizers: Sequence[torch.optim.Optimizer]) -> bool:
-    """Step ``optimizers`` if all their gradients are finite; otherwise clear them and return False."""
-    if grads_finite(optimizer_params(optimizers)):
+    """Step ``optimizers`` if all their gradients are finite; otherwise clear them and return False.
+
+    Under torch.distributed (more than one process) the gradients are first averaged across the
+    processes, so every replica takes the step of the global batch and all agree on skipping it.
+    Gradients a harmonizer wrote are already averaged: averaging them again costs one more
+    all-reduce and changes nothing.
+    """
+    params = optimizer_params(optimizers)
+    world = resolve_world("auto")
+    if world is not None:
+        average_([p.grad for p in params if p.grad is not None], world)
+    if grads_finite(params):
         for optimizer in optimizers:
             optimizer.step()
         return True

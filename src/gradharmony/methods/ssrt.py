@@ -298,6 +298,8 @@ class SSRT(Method):
     name = "ssrt"
     default_lead = "cls"
     multi_step = True
+    distributed_blocker = ("its safe-training restarts are decided from per-process prediction "
+                           "diversity, which is not agreed across processes yet")
 
     def __init__(self, backbone: nn.Module, num_classes: int, max_steps: int,
                  bottleneck_dim: int = 1024, *, sr_loss_weight: float = 0.2, sr_alpha: float = 0.3,
