@@ -111,8 +111,12 @@ def test_unknown_distributed_mode_is_rejected():
 # ----------------------------------------------------------------------------- multi-step methods
 # MCD's entropy term is the entropy of the batch's mean prediction, a per-process quantity under
 # data parallelism: it is off here so that the two-process loss is the concatenated batch's.
+# DWL's pseudo-label phase weighs by the batch's mean entropy (per process): phase 4 is off, and a
+# window of one step makes the dynamic weight move every step, from statistics summed over processes.
 MULTI_STEP = {"mcd": {"num_k": 2, "head_hidden": 0, "entropy_weight": 0.0},
-              "gvb": {"disc_hidden": 8, "disc_dropout": 0.0}}
+              "gvb": {"disc_hidden": 8, "disc_dropout": 0.0},
+              "dwl": {"num_k1": 1, "num_k3": 2, "num_k4": 0, "disc_hidden": 8, "disc_dropout": 0.0,
+                      "stats_window": 1}}
 # GVB-GD (like CDAN+E) normalises its entropy weights by the mean over the local batch, so its
 # data-parallel loss is not the loss of the concatenated batch: there both processes get the same
 # half, which must give exactly the single-process update on that half (nothing counted twice).
@@ -134,7 +138,7 @@ def multi_step_method(name):
     return method.double().train()
 
 
-def multi_step_updates(method, xs, ys, xt, steps=2):
+def multi_step_updates(method, xs, ys, xt, steps=3):
     optimizers = {name: torch.optim.SGD(groups, lr=0.1, momentum=0.9)
                   for name, groups in method.optimizer_groups(0.1).items()}
     h = Harmonizer(mode="gh", scope=method.scope_modules(), lead=method.default_lead)
@@ -177,19 +181,73 @@ def test_multi_step_methods_in_two_processes_equal_one_process(name, tmp_path):
             assert torch.allclose(torch.from_numpy(a), b, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("name, reason", [("dwl", "LDA/MMD"), ("ssrt", "diversity")])
-def test_methods_with_per_process_decisions_refuse_several_processes(name, reason, tmp_path, monkeypatch):
+def test_dwl_window_statistics_are_the_global_batchs(tmp_path):
+    """Besides equal parameters: the dynamic weight's state after 3 windows equals one process's."""
+    single = multi_step_method("dwl")
+    multi_step_updates(single, *data())
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_dwl_state_worker, args=(r, 2, str(tmp_path / "init"), queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    states = [queue.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    from gradharmony.methods.dwl import WINDOWS
+
+    assert single.dwl_state[WINDOWS] == 3
+    for state in states:
+        assert torch.allclose(torch.from_numpy(state), single.dwl_state, atol=1e-9, rtol=1e-7)
+
+
+def _dwl_state_worker(rank, world, init_file, queue):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    xs, ys, xt = data(world)
+    n = len(xs) // world
+    method = multi_step_method("dwl")
+    multi_step_updates(method, xs[rank * n:(rank + 1) * n], ys[rank * n:(rank + 1) * n], xt[rank * n:(rank + 1) * n])
+    queue.put(method.dwl_state.numpy().copy())
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _diversity_worker(rank, world, init_file, queue):
+    from gradharmony.distributed import gather_rows, resolve_world
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    predicted = torch.tensor([0, 1, 1]) if rank == 0 else torch.tensor([2, 2, 1])
+    queue.put((rank, gather_rows(predicted, resolve_world("auto")).tolist()))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_gathered_predictions_give_the_global_batchs_diversity(tmp_path):
+    """SSRT decides its restarts from the distinct classes predicted on the whole global batch."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_diversity_worker, args=(r, 2, str(tmp_path / "init"), queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = sorted(queue.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    for _, rows in results:
+        assert rows == [0, 1, 1, 2, 2, 1] and len(set(rows)) == 3  # each process alone sees 2
+
+
+def test_a_method_that_declares_a_blocker_is_refused_in_several_processes(tmp_path, monkeypatch):
     from gradharmony import engine
     from gradharmony.config import ConfigError
-    from gradharmony.methods import METHODS
 
-    assert reason in METHODS[name].distributed_blocker
     monkeypatch.setattr(engine, "_init_distributed", lambda device: (0, 2, False))
     blocked = type("Blocked", (nn.Module,), {"multi_step": True,
-                                             "distributed_blocker": METHODS[name].distributed_blocker})
+                                             "distributed_blocker": "its statistics stay per process"})
     monkeypatch.setattr(engine, "build_model", lambda cfg, *args: blocked())
-    cfg = engine.TrainConfig(method=name, out=str(tmp_path / "run"), progress=False)
-    with pytest.raises(ConfigError, match="cannot train in several processes"):
+    cfg = engine.TrainConfig(method="mcc", out=str(tmp_path / "run"), progress=False)
+    with pytest.raises(ConfigError, match="cannot train in several processes: its statistics stay per process"):
         engine.Trainer(cfg, domains=_tiny_engine_domains())
 
 

@@ -47,13 +47,30 @@ def resolve_world(mode: str, group: dist.ProcessGroup | None = None) -> World | 
 
 def average_(tensors: Sequence[torch.Tensor], world: World) -> None:
     """Average ``tensors`` in place across processes, with one collective per dtype and device."""
+    _all_reduce_(tensors, world, average=True)
+
+
+def sum_(tensors: Sequence[torch.Tensor], world: World) -> None:
+    """Sum ``tensors`` in place across processes (running statistics kept as sums)."""
+    _all_reduce_(tensors, world, average=False)
+
+
+def gather_rows(tensor: torch.Tensor, world: World) -> torch.Tensor:
+    """The processes' ``tensor`` (same shape everywhere) concatenated along dim 0, in rank order."""
+    parts = [torch.empty_like(tensor) for _ in range(world.size)]
+    dist.all_gather(parts, tensor.contiguous(), group=world.group)
+    return torch.cat(parts)
+
+
+def _all_reduce_(tensors: Sequence[torch.Tensor], world: World, average: bool) -> None:
     buckets: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
     for t in tensors:
         buckets.setdefault((t.dtype, t.device), []).append(t)
     for same in buckets.values():
         flat = torch.cat([t.reshape(-1) for t in same])
         dist.all_reduce(flat, group=world.group)
-        flat.div_(world.size)
+        if average:
+            flat.div_(world.size)
         offset = 0
         for t in same:
             t.copy_(flat[offset:offset + t.numel()].view_as(t))

@@ -99,10 +99,11 @@ class Method(nn.Module):
     #: ``True``: the method owns its update order (MCD, GVB-GD, DWL): the engine calls
     #: :meth:`update` instead of :meth:`compute_losses` + ``harmonizer.backward``.
     multi_step: ClassVar[bool] = False
-    #: Why the method cannot train data-parallel yet (``None``: it can).  A multi-step method is
-    #: exact under torch.distributed when every phase steps through :func:`step_if_finite`,
-    #: which averages the phase's gradients across processes; one whose decisions depend on
-    #: per-process statistics of the batch is refused by the engine with this reason.
+    #: Why the method cannot train data-parallel (``None``: it can); the engine refuses to start
+    #: it in several processes with this reason.  The built-in multi-step methods can: every
+    #: phase steps through :func:`~gradharmony.methods.mcd.step_if_finite`, which averages the
+    #: phase's gradients across processes, and the statistics that drive decisions are those of
+    #: the global batch (DWL sums its window statistics, SSRT gathers its target predictions).
     distributed_blocker: ClassVar[str | None] = None
 
     def __init__(self, backbone: nn.Module, num_classes: int, max_steps: int,

@@ -68,6 +68,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from gradharmony.distributed import average_, resolve_world, sum_
 from gradharmony.methods.base import Losses, Method, UpdateResult, scalars
 from gradharmony.methods.mcd import DiscrepancyHead, classifier_discrepancy, step_if_finite, zero_grads
 
@@ -173,8 +174,6 @@ class DWL(Method):
     name = "dwl"
     default_lead = "align"
     multi_step = True
-    distributed_blocker = ("its dynamic weight comes from windows of per-process LDA/MMD statistics, "
-                           "which are not gathered across processes yet")
 
     def __init__(self, backbone: nn.Module, num_classes: int, max_steps: int,
                  bottleneck_dim: int = 1024, *, num_k1: int = 8, num_k2: int = 1, num_k3: int = 8,
@@ -290,7 +289,11 @@ class DWL(Method):
                 self.dwl_class_counts[i] += torch.bincount(y, minlength=k).double()
             state = self.dwl_state.tolist()
             if self.mmd_per_step:
-                self._update_alignment(state, float((f_s.mean(0) - f_t.mean(0)).pow(2).sum()))
+                means = [f_s.mean(0), f_t.mean(0)]
+                world = resolve_world("auto")
+                if world is not None:  # the global batch's means (equal batch sizes per process)
+                    average_(means, world)
+                self._update_alignment(state, float((means[0] - means[1]).pow(2).sum()))
             state[STEPS] += 1
             if state[STEPS] >= self.stats_window:
                 self._close_window(state)
@@ -304,6 +307,9 @@ class DWL(Method):
 
     def _close_window(self, state: list[float]) -> None:
         k = self.num_classes
+        world = resolve_world("auto")
+        if world is not None:  # the window's statistics over every process's batches: sums add up
+            sum_([self.dwl_scatter, self.dwl_class_sums, self.dwl_class_counts], world)
         if not self.mmd_per_step:
             n_s, n_t = self.dwl_class_counts[0].sum(), self.dwl_class_counts[1].sum()
             mean_s = self.dwl_class_sums[0].sum(0) / n_s.clamp_min(1)

@@ -113,6 +113,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from gradharmony.distributed import gather_rows, resolve_world
 from gradharmony.methods.base import Losses, Method, UpdateResult, scalars
 from gradharmony.methods.mcd import step_if_finite, zero_grads
 from gradharmony.models.grl import GradientReversal
@@ -298,8 +299,6 @@ class SSRT(Method):
     name = "ssrt"
     default_lead = "cls"
     multi_step = True
-    distributed_blocker = ("its safe-training restarts are decided from per-process prediction "
-                           "diversity, which is not agreed across processes yet")
 
     def __init__(self, backbone: nn.Module, num_classes: int, max_steps: int,
                  bottleneck_dim: int = 1024, *, sr_loss_weight: float = 0.2, sr_alpha: float = 0.3,
@@ -521,7 +520,11 @@ class SSRT(Method):
         stats = harmonizer.backward(cls=t.cls, align=t.align, trade_off=trade_off, features=t.features)
         stepped = step_if_finite(every)
         zero_grads(every)
-        diversity = int(t.target_logits.detach().argmax(dim=1).unique().numel())
+        predicted = t.target_logits.detach().argmax(dim=1)
+        world = resolve_world("auto")
+        if world is not None:  # the global batch's diversity: every process decides restarts alike
+            predicted = gather_rows(predicted, world)
+        diversity = int(predicted.unique().numel())
         collapse = self._end_step(step, diversity)
         logs = scalars(**t.logs)
         logs.update(events, target_diversity=float(diversity), safe_collapse=collapse,
