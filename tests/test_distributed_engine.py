@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -30,8 +31,9 @@ def _worker(rank: int, world: int, port: int, cfg, queue) -> None:
     queue.put((rank, result, params))
 
 
-def test_two_processes_train_one_run_written_by_rank_zero(tmp_path):
-    cfg = config(tmp_path, method="mcc", method_params={}, steps=6, eval_every=3)
+@pytest.mark.parametrize("method, params", [("mcc", {}), ("mcd", {"num_k": 2, "head_hidden": 8})])
+def test_two_processes_train_one_run_written_by_rank_zero(tmp_path, method, params):
+    cfg = config(tmp_path, method=method, method_params=params, steps=6, eval_every=3)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
