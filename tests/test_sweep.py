@@ -10,7 +10,7 @@ import yaml
 from gradharmony.cli import main
 from gradharmony.config import ConfigError
 from gradharmony.data.fake import write_fake_data_root
-from gradharmony.report import Cell, collect, paired, table_rows
+from gradharmony.report import Cell, collect, paired, summary_markdown, summary_rows, table_rows
 from gradharmony.sweep import expand, run_grid, run_status
 
 
@@ -99,3 +99,20 @@ def test_unfinished_runs_are_listed_not_averaged():
     row = table_rows(cells)[0]
     assert row["seeds"] == 1 and row["last"] == "70.00"
     assert row["unfinished"] == "not started: seeds 2, 3; seed 1 at step 500/3000"
+
+
+def test_average_over_tasks_pairs_each_task_then_tests_across_tasks():
+    cells = {}
+    deltas = [1.0, 2.0, -0.5, 1.5, 0.5, 3.0]
+    for i, delta in enumerate(deltas):
+        task = f"task{i}"
+        cells[(task, "dann", "none")] = Cell(task, "dann", "none", last={0: 60.0 + i, 1: 62.0 + i})
+        cells[(task, "dann", "gh")] = Cell(task, "dann", "gh", last={0: 60.0 + i + delta, 1: 62.0 + i + delta})
+    cells[("task6", "dann", "gh")] = Cell("task6", "dann", "gh", last={0: 99.0})  # no baseline: not paired
+    rows = {r["variant"]: r for r in summary_rows(cells)}
+    gh, none = rows["gh"], rows["none"]
+    assert gh["tasks"] == 6 and (gh["tasks_up"], gh["tasks_down"]) == (5, 1)
+    assert gh["mean_delta"] == pytest.approx(sum(deltas) / 6)
+    assert gh["baseline_mean_acc"] == pytest.approx(none["mean_acc"]) == pytest.approx(61.0 + 2.5)
+    assert 0.0 < gh["p"] < 0.2 and math.isnan(none["p"])
+    assert "| dann | gh | 6 |" in summary_markdown(list(rows.values()))

@@ -115,6 +115,64 @@ def table_rows(cells: dict[tuple[str, str, str], Cell]) -> list[dict[str, Any]]:
     return rows
 
 
+def summary_rows(cells: dict[tuple[str, str, str], Cell], which: str = "last") -> list[dict[str, Any]]:
+    """Each method x variant over the tasks: the benchmark's "average" column and paired deltas.
+
+    A task counts when the variant and its ``none`` baseline share at least one seed; per task the
+    delta is the mean paired delta over those seeds, and the tasks are the units of the test
+    (two-sided Wilcoxon signed-rank on the per-task deltas, from 6 tasks on: seeds of one task are
+    not independent evidence about the others).
+    """
+    rows = []
+    pairs = sorted({(method, variant) for _, method, variant in cells},
+                   key=lambda mv: (mv[0], mv[1] != BASELINE, mv[1]))
+    for method, variant in pairs:
+        accuracy, baseline_accuracy, deltas = [], [], []
+        for (task, m, v), cell in sorted(cells.items()):
+            if (m, v) != (method, variant):
+                continue
+            baseline = cells.get((task, method, BASELINE))
+            result = paired(cell, baseline, which)
+            if variant == BASELINE:
+                values = list(getattr(cell, which).values())
+                if values:
+                    accuracy.append(statistics.mean(values))
+                continue
+            if not result.seeds:
+                continue
+            accuracy.append(statistics.mean(getattr(cell, which)[s] for s in result.seeds))
+            baseline_accuracy.append(statistics.mean(getattr(baseline, which)[s] for s in result.seeds))
+            deltas.append(statistics.mean(result.deltas))
+        if not accuracy:
+            continue
+        p_value = math.nan
+        if len(deltas) >= 6 and any(d != 0 for d in deltas):
+            p_value = float(scipy_stats.wilcoxon(deltas).pvalue)
+        rows.append({
+            "method": method, "variant": variant, "tasks": len(accuracy), "mean_acc": statistics.mean(accuracy),
+            "baseline_mean_acc": statistics.mean(baseline_accuracy) if baseline_accuracy else math.nan,
+            "mean_delta": statistics.mean(deltas) if deltas else math.nan,
+            "tasks_up": sum(d > 0 for d in deltas), "tasks_down": sum(d < 0 for d in deltas), "p": p_value,
+        })
+    return rows
+
+
+def summary_markdown(rows: list[dict[str, Any]], which: str = "last") -> str:
+    lines = [f"### Average over tasks ({which})", "",
+             "| method | variant | tasks | mean acc (%) | same tasks, none (%) | mean paired delta | tasks up / down | p (Wilcoxon) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        delta = "-" if math.isnan(r["mean_delta"]) else f"{r['mean_delta']:+.2f}"
+        base = "-" if math.isnan(r["baseline_mean_acc"]) else f"{r['baseline_mean_acc']:.2f}"
+        updown = "-" if r["variant"] == BASELINE else f"{r['tasks_up']} / {r['tasks_down']}"
+        lines.append(f"| {r['method']} | {r['variant']} | {r['tasks']} | {r['mean_acc']:.2f} | {base} | {delta} | "
+                     f"{updown} | {_p(r['p'])} |")
+    lines += ["", "Per task: the mean over the seeds shared with the method's `none` row; mean paired "
+              "delta = mean over tasks of each task's mean paired delta; p: two-sided Wilcoxon signed-rank "
+              "test over the tasks' deltas (from 6 tasks on).", ""]
+    return "\n".join(lines)
+
+
 def _unfinished(cell: Cell) -> str:
     """``not started: seeds 1, 2; seed 0 at step 1500/3000`` (steps of the last evaluation)."""
     waiting = sorted(seed for seed, (step, _) in cell.unfinished.items() if step == 0)
@@ -152,9 +210,13 @@ def write_report(root: str | Path, out_dir: str | Path | None = None) -> tuple[P
     root = Path(root)
     out_dir = Path(out_dir) if out_dir else root
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = table_rows(collect(root))
+    cells = collect(root)
+    rows = table_rows(cells)
     md, csv_path = out_dir / "report.md", out_dir / "report.csv"
-    md.write_text(markdown(rows))
+    text = markdown(rows)
+    if len({task for task, _, _ in cells}) > 1:
+        text = summary_markdown(summary_rows(cells, "last")) + "\n" + text
+    md.write_text(text)
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["task"])
         writer.writeheader()
