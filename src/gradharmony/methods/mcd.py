@@ -94,7 +94,7 @@ def step_if_finite(optimizers: Sequence[torch.optim.Optimizer]) -> bool:
     Under torch.distributed (more than one process) the gradients are first averaged across the
     processes, so every replica takes the step of the global batch and all agree on skipping it.
     Gradients a harmonizer wrote are already averaged: averaging them again costs one more
-    all-reduce and changes nothing.
+    all-reduce and changes them by rounding at most.
     """
     params = optimizer_params(optimizers)
     world = resolve_world("auto")
