@@ -10,7 +10,7 @@ import yaml
 from gradharmony.cli import main
 from gradharmony.config import ConfigError
 from gradharmony.data.fake import write_fake_data_root
-from gradharmony.report import Cell, collect, paired, summary_markdown, summary_rows, table_rows
+from gradharmony.report import Cell, collect, paired, summary_markdown, summary_rows, table_rows, task_families
 from gradharmony.sweep import expand, run_grid, run_status
 
 
@@ -116,3 +116,9 @@ def test_average_over_tasks_pairs_each_task_then_tests_across_tasks():
     assert gh["baseline_mean_acc"] == pytest.approx(none["mean_acc"]) == pytest.approx(61.0 + 2.5)
     assert 0.0 < gh["p"] < 0.2 and math.isnan(none["p"])
     assert "| dann | gh | 6 |" in summary_markdown(list(rows.values()))
+
+
+def test_task_families_split_on_the_first_word():
+    assert task_families(["surf A->W", "decaf D->W", "surf C->A"]) == {"decaf": ["decaf D->W"],
+                                                                      "surf": ["surf A->W", "surf C->A"]}
+    assert task_families(["mnist->usps", "mnist->mnistm"]) == {"all": ["mnist->mnistm", "mnist->usps"]}

@@ -157,8 +157,16 @@ def summary_rows(cells: dict[tuple[str, str, str], Cell], which: str = "last") -
     return rows
 
 
-def summary_markdown(rows: list[dict[str, Any]], which: str = "last") -> str:
-    lines = [f"### Average over tasks ({which})", "",
+def task_families(tasks) -> dict[str, list[str]]:
+    """Tasks grouped by the word before a space (``surf A->W``, ``decaf D->W``); otherwise one group."""
+    families: dict[str, list[str]] = {}
+    for task in sorted(tasks):
+        families.setdefault(task.split(" ", 1)[0] if " " in task else "all", []).append(task)
+    return families
+
+
+def summary_markdown(rows: list[dict[str, Any]], which: str = "last", title: str = "all tasks") -> str:
+    lines = [f"### Average over {title} ({which})", "",
              "| method | variant | tasks | mean acc (%) | same tasks, none (%) | mean paired delta | tasks up / down | p (Wilcoxon) |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -214,8 +222,12 @@ def write_report(root: str | Path, out_dir: str | Path | None = None) -> tuple[P
     rows = table_rows(cells)
     md, csv_path = out_dir / "report.md", out_dir / "report.csv"
     text = markdown(rows)
-    if len({task for task, _, _ in cells}) > 1:
-        text = summary_markdown(summary_rows(cells, "last")) + "\n" + text
+    families = task_families({task for task, _, _ in cells})
+    for family, tasks in sorted(families.items(), key=lambda kv: len(kv[1])):  # the largest ends on top
+        if len(tasks) > 1:
+            chosen = {key: cell for key, cell in cells.items() if key[0] in tasks}
+            title = "all tasks" if family == "all" else f"the {len(tasks)} {family} tasks"
+            text = summary_markdown(summary_rows(chosen, "last"), title=title) + "\n" + text
     md.write_text(text)
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["task"])
