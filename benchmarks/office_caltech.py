@@ -1,5 +1,8 @@
 """Real Office data on CPU: Office-Caltech10 features, every method x {none, gh, gh++} x seeds.
 
+Stage 1: DANN, CDAN; stage 2: CDAN+E, MDD, MCC; stage 3: the multi-step hosts MCD, GVB-GD, DWL
+(each phase as in its paper; GH where the authors put it).
+
 SURF-800 bag-of-words for Amazon, Caltech, DSLR, Webcam (all 12 tasks) and DeCAF6 for
 DSLR <-> Webcam, an MLP feature extractor (800 or 4096 -> 512), bottleneck 256, 500 steps,
 batch 32+32, SGD 0.01, evaluation every 125 steps on the whole target domain (the standard protocol
@@ -38,7 +41,9 @@ BASE = {"backbone": "mlp", "bottleneck_dim": 256, "steps": 500, "eval_every": 12
         "lr": 0.01, "source_eval_size": 0}
 NARROW_DISCRIMINATOR = {"method_params": {"disc_hidden": 256}}
 METHODS = {"dann": NARROW_DISCRIMINATOR, "cdan": NARROW_DISCRIMINATOR, "cdan+e": NARROW_DISCRIMINATOR,
-           "mdd": {}, "mcc": {}}
+           "mdd": {}, "mcc": {},
+           # the multi-step hosts (SSRT needs a ViT: not a feature method)
+           "mcd": {}, "gvb": NARROW_DISCRIMINATOR, "dwl": NARROW_DISCRIMINATOR}
 
 
 def stages(data_root: Path, out: Path) -> dict[int, dict]:
@@ -49,6 +54,7 @@ def stages(data_root: Path, out: Path) -> dict[int, dict]:
     return {
         1: grid({**SURF_TASKS, **DECAF_TASKS}, {m: METHODS[m] for m in ("dann", "cdan")}, [0, 1, 2]),
         2: grid({**SURF_TASKS, **DECAF_TASKS}, {m: METHODS[m] for m in ("cdan+e", "mdd", "mcc")}, [0, 1, 2]),
+        3: grid({**SURF_TASKS, **DECAF_TASKS}, {m: METHODS[m] for m in ("mcd", "gvb", "dwl")}, [0, 1, 2]),
     }
 
 
