@@ -2,8 +2,8 @@
 
 Stage 1: DANN, CDAN; stage 2: CDAN+E, MDD, MCC; stage 3: the multi-step hosts MCD, GVB-GD, DWL
 (each phase as in its paper; GH where the authors put it).  Measured on one quiet core, a 500-step
-run costs about 15 s (DANN, GVB-GD 16 ms/step), 20 s (MCD, 40 ms/step) and 43 s (DWL, 85 ms/step:
-18 forward-backward phases per step).
+run of stage 3 costs about 8 s (GVB-GD, 16 ms/step), 20 s (MCD, 40 ms/step) and 43 s (DWL,
+85 ms/step: 18 forward-backward phases per step).
 
 SURF-800 bag-of-words for Amazon, Caltech, DSLR, Webcam (all 12 tasks) and DeCAF6 for
 DSLR <-> Webcam, an MLP feature extractor (800 or 4096 -> 512), bottleneck 256, 500 steps,
