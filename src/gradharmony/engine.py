@@ -596,7 +596,9 @@ def _synchronised_batch_norm(model: Method, device: torch.device) -> Method:
     """Every BatchNorm normalising with the statistics of the global batch (PyTorch's SyncBatchNorm).
 
     Without it each process normalises with its own batch, as plain DDP does.  The harmonizer's
-    probes run backward through the synchronised layers on every process alike, so GH stays exact.
+    probes run backward through the synchronised layers on every process alike and are averaged
+    as DDP averages gradients, so GH sees the global batch's gradients (a CUDA-only path: not
+    exercised by the CPU test suite).
     """
     if device.type != "cuda":
         raise ConfigError("sync_batchnorm needs CUDA devices: PyTorch's SyncBatchNorm does not run on "
