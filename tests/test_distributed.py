@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import copy
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -61,35 +61,50 @@ def train_steps(model, xs, ys, xt, mode, strategy, scope_kind, steps=3):
     return weights, [p.detach().clone() for p in model.parameters()]
 
 
-def _worker(rank, world, init_file, model, case, queue):
+@contextmanager
+def gloo_group(rank, world, init_file):
+    """The body runs as process ``rank`` of a gloo group, one thread; all leave together."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    xs, ys, xt = data(world)
-    n = len(xs) // world
-    part = slice(rank * n, (rank + 1) * n)
-    weights, params = train_steps(model, xs[part], ys[part], xt[part], *case)
-    queue.put((rank, weights, [p.numpy() for p in params]))  # numpy: no shared-memory handles
+    yield
     dist.barrier()
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("case", CASES, ids=["-".join(c) for c in CASES])
-def test_two_processes_equal_one_process_on_the_concatenated_batch(case, tmp_path):
-    torch.manual_seed(0)
-    model = Net().double()
-    single_weights, single_params = train_steps(copy.deepcopy(model), *data(), *case)
-    assert any(w != (1.0, 1.0) for w in single_weights), "the case must harmonize something"
+def run_two_processes(target, tmp_path, *args, timeout=120):
+    """``target(rank, 2, init_file, *args, queue)`` in 2 spawned processes; what they queued, by rank."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, 2, str(tmp_path / "init"), copy.deepcopy(model), case, queue))
-             for r in range(2)]
+    procs = [ctx.Process(target=target, args=(r, 2, str(tmp_path / "init"), *args, queue)) for r in range(2)]
     for p in procs:
         p.start()
-    results = sorted(queue.get(timeout=120) for _ in procs)
+    results = sorted((queue.get(timeout=timeout) for _ in procs), key=lambda item: item[0])
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
-    for _, weights, params in results:
+    return results
+
+
+def initial_net():
+    torch.manual_seed(0)
+    return Net().double()
+
+
+def _worker(rank, world, init_file, case, queue):
+    # Each process builds its own model: tensors handed to a spawned process share its memory.
+    with gloo_group(rank, world, init_file):
+        xs, ys, xt = data(world)
+        n = len(xs) // world
+        part = slice(rank * n, (rank + 1) * n)
+        weights, params = train_steps(initial_net(), xs[part], ys[part], xt[part], *case)
+        queue.put((rank, weights, [p.numpy() for p in params]))  # numpy: no shared-memory handles
+
+
+@pytest.mark.parametrize("case", CASES, ids=["-".join(c) for c in CASES])
+def test_two_processes_equal_one_process_on_the_concatenated_batch(case, tmp_path):
+    single_weights, single_params = train_steps(initial_net(), *data(), *case)
+    assert any(w != (1.0, 1.0) for w in single_weights), "the case must harmonize something"
+    for _, weights, params in run_two_processes(_worker, tmp_path, case):
         flat = [w for pair in weights for w in pair]
         assert flat == pytest.approx([w for pair in single_weights for w in pair], rel=1e-9)
         for a, b in zip(params, single_params):
@@ -148,15 +163,14 @@ def multi_step_updates(method, xs, ys, xt, steps=3):
 
 
 def _multi_step_worker(rank, world, init_file, name, queue):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    xs, ys, xt = data(world)
-    n = len(xs) // world
-    part = slice(0, n) if name in SAME_HALF else slice(rank * n, (rank + 1) * n)
-    params = multi_step_updates(multi_step_method(name), xs[part], ys[part], xt[part])
-    queue.put((rank, [p.numpy() for p in params]))
-    dist.barrier()
-    dist.destroy_process_group()
+    with gloo_group(rank, world, init_file):
+        xs, ys, xt = data(world)
+        n = len(xs) // world
+        part = slice(0, n) if name in SAME_HALF else slice(rank * n, (rank + 1) * n)
+        method = multi_step_method(name)
+        params = multi_step_updates(method, xs[part], ys[part], xt[part])
+        state = method.dwl_state.numpy().copy() if name == "dwl" else None
+        queue.put((rank, [p.numpy() for p in params], state))
 
 
 @pytest.mark.parametrize("name", sorted(MULTI_STEP))
@@ -166,17 +180,7 @@ def test_multi_step_methods_in_two_processes_equal_one_process(name, tmp_path):
     n = len(xs) // 2 if name in SAME_HALF else len(xs)
     single = multi_step_updates(multi_step_method(name), xs[:n], ys[:n], xt[:n])
     assert any(not torch.equal(a, b) for a, b in zip(before, single))
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_multi_step_worker, args=(r, 2, str(tmp_path / "init"), name, queue))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    results = sorted(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    for _, params in results:
+    for _, params, _ in run_two_processes(_multi_step_worker, tmp_path, name):
         for a, b in zip(params, single):
             assert torch.allclose(torch.from_numpy(a), b, atol=1e-5, rtol=0)
 
@@ -185,15 +189,7 @@ def test_dwl_window_statistics_are_the_global_batchs(tmp_path):
     """Besides equal parameters: the dynamic weight's state after 3 windows equals one process's."""
     single = multi_step_method("dwl")
     multi_step_updates(single, *data())
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_dwl_state_worker, args=(r, 2, str(tmp_path / "init"), queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    states = [queue.get(timeout=120) for _ in procs]
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    states = [state for _, _, state in run_two_processes(_multi_step_worker, tmp_path, "dwl")]
     from gradharmony.methods.dwl import WINDOWS
 
     assert single.dwl_state[WINDOWS] == 3
@@ -201,40 +197,17 @@ def test_dwl_window_statistics_are_the_global_batchs(tmp_path):
         assert torch.allclose(torch.from_numpy(state), single.dwl_state, atol=1e-9, rtol=1e-7)
 
 
-def _dwl_state_worker(rank, world, init_file, queue):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    xs, ys, xt = data(world)
-    n = len(xs) // world
-    method = multi_step_method("dwl")
-    multi_step_updates(method, xs[rank * n:(rank + 1) * n], ys[rank * n:(rank + 1) * n], xt[rank * n:(rank + 1) * n])
-    queue.put(method.dwl_state.numpy().copy())
-    dist.barrier()
-    dist.destroy_process_group()
-
-
 def _diversity_worker(rank, world, init_file, queue):
     from gradharmony.distributed import gather_rows, resolve_world
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    predicted = torch.tensor([0, 1, 1]) if rank == 0 else torch.tensor([2, 2, 1])
-    queue.put((rank, gather_rows(predicted, resolve_world("auto")).tolist()))
-    dist.barrier()
-    dist.destroy_process_group()
+    with gloo_group(rank, world, init_file):
+        predicted = torch.tensor([0, 1, 1]) if rank == 0 else torch.tensor([2, 2, 1])
+        queue.put((rank, gather_rows(predicted, resolve_world("auto")).tolist()))
 
 
 def test_gathered_predictions_give_the_global_batchs_diversity(tmp_path):
     """SSRT decides its restarts from the distinct classes predicted on the whole global batch."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_diversity_worker, args=(r, 2, str(tmp_path / "init"), queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = sorted(queue.get(timeout=60) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    for _, rows in results:
+    for _, rows in run_two_processes(_diversity_worker, tmp_path, timeout=60):
         assert rows == [0, 1, 1, 2, 2, 1] and len(set(rows)) == 3  # each process alone sees 2
 
 

@@ -322,7 +322,9 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        self.best, self.interval = dict(state["best"]), copy.deepcopy(state["interval"])
+        # Checkpoints written before the method scalars were logged lack their keys: start them empty.
+        self.best = dict(state["best"])
+        self.interval = {**self._new_interval(), **copy.deepcopy(state["interval"])}
         self.consecutive_nonfinite = int(state["consecutive_nonfinite"])
 
     def save(self) -> None:
@@ -392,7 +394,7 @@ class Trainer:
                 (self.scaler.scale(losses.cls) if self.scaler else losses.cls).backward()
             record = {"w_align": 1.0, "w_cls": 1.0, "guards": "no_align"}
         logs = losses.logs
-        record["method_logs"] = logs
+        self._add_method_logs(logs)
         loss_cls = logs["cls_loss"] if "cls_loss" in logs else float(losses.cls.detach())
         loss_align = logs["transfer_loss"] if "transfer_loss" in logs else float(losses.align.detach())
         if self.scaler is not None:  # the scaler skips overflowing steps itself and lowers its scale
@@ -414,7 +416,7 @@ class Trainer:
         """A method that owns its update order (MCD): it steps its own optimizers."""
         result = self.model.update(xs, ys, xt, self.step, self.optimizers, self.harmonizer, self.cfg.trade_off)
         record = _stats_record(result.stats) if result.stats is not None else {"guards": "no_harmonizer"}
-        record["method_logs"] = result.logs
+        self._add_method_logs(result.logs)
         finite = math.isfinite(result.loss_cls) and math.isfinite(result.loss_align) and all(
             torch.isfinite(p).all() for p in self.model.parameters())
         return record, result.loss_cls, result.loss_align, finite
@@ -426,7 +428,6 @@ class Trainer:
         step_fn = self._multi_step if getattr(self.model, "multi_step", False) else self._harmonized_step
         record, loss_cls, loss_align, finite = step_fn(xs, ys, xt)
         self._backbone_output.clear()  # multi-step methods run several forwards: hold no graph
-        self._add_method_logs(record.pop("method_logs", {}))
         if finite:
             self.consecutive_nonfinite = 0
         else:
@@ -456,9 +457,7 @@ class Trainer:
 
     def _add_method_logs(self, logs: dict[str, float]) -> None:
         """Keep the method's own scalars (SSRT's restarts, MCD's discrepancies, ...) for the evaluation record."""
-        sums = self.interval.setdefault("method_sums", {})
-        counts = self.interval.setdefault("method_counts", {})
-        last = self.interval.setdefault("method_last", {})
+        sums, counts, last = (self.interval[key] for key in ("method_sums", "method_counts", "method_last"))
         for key, value in logs.items():
             if key in ("cls_loss", "transfer_loss"):  # already the record's loss_cls / loss_align
                 continue
@@ -491,8 +490,8 @@ class Trainer:
             "harmonizer": self.harmonizer.summary(),
             # the method's scalars: mean over the interval's finite values, and the last value
             "method_logs_mean": {k: v / self.interval["method_counts"][k]
-                                 for k, v in self.interval.get("method_sums", {}).items()},
-            "method_logs_last": dict(self.interval.get("method_last", {})),
+                                 for k, v in self.interval["method_sums"].items()},
+            "method_logs_last": dict(self.interval["method_last"]),
             "config_hash": self.cfg.outcome_hash(), "config": self.cfg.to_dict(),
         }
         self.harmonizer.reset_summary()

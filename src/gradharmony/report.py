@@ -131,13 +131,13 @@ def summary_rows(cells: dict[tuple[str, str, str], Cell], which: str = "last") -
         for (task, m, v), cell in sorted(cells.items()):
             if (m, v) != (method, variant):
                 continue
-            baseline = cells.get((task, method, BASELINE))
-            result = paired(cell, baseline, which)
             if variant == BASELINE:
                 values = list(getattr(cell, which).values())
                 if values:
                     accuracy.append(statistics.mean(values))
                 continue
+            baseline = cells.get((task, method, BASELINE))
+            result = paired(cell, baseline, which)
             if not result.seeds:
                 continue
             accuracy.append(statistics.mean(getattr(cell, which)[s] for s in result.seeds))

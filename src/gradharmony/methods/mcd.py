@@ -88,16 +88,16 @@ def optimizer_params(optimizers: Iterable[torch.optim.Optimizer]) -> list[torch.
     return [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
 
 
-def step_if_finite(optimizers: Sequence[torch.optim.Optimizer]) -> bool:
+def step_if_finite(optimizers: Sequence[torch.optim.Optimizer], *, averaged: bool = False) -> bool:
     """Step ``optimizers`` if all their gradients are finite; otherwise clear them and return False.
 
     Under torch.distributed (more than one process) the gradients are first averaged across the
     processes, so every replica takes the step of the global batch and all agree on skipping it.
-    Gradients a harmonizer wrote are already averaged: averaging them again costs one more
-    all-reduce and changes them by rounding at most.
+    ``averaged=True`` says they are already averaged (a harmonizer with a process group wrote
+    them: ``harmonizer.world is not None``): no second all-reduce.
     """
     params = optimizer_params(optimizers)
-    world = resolve_world("auto")
+    world = None if averaged else resolve_world("auto")
     if world is not None:
         average_([p.grad for p in params if p.grad is not None], world)
     if grads_finite(params):
@@ -275,7 +275,7 @@ class MCD(Method):
         zero_grads(every)
         features, loss_b, disc_b, _ = self._forward_heads(x_s, y_s, x_t)
         stats = harmonizer.backward(cls=loss_b, align=-disc_b, trade_off=trade_off, features=features)
-        skipped += not step_if_finite([classifiers])
+        skipped += not step_if_finite([classifiers], averaged=harmonizer.world is not None)
         zero_grads(every)  # the generator's gradients of step B are discarded
 
         # Step C: the generator only, num_k times.
