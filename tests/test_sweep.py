@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -65,6 +66,20 @@ def test_sweep_runs_once_then_skips_and_reports(tmp_path):
     cells = collect(grid["out"])
     assert set(cells) == {("usps->mnistm", "mcc", "none"), ("usps->mnistm", "mcc", "gh")}
     assert sorted(cells[("usps->mnistm", "mcc", "gh")].last) == [0, 1]
+
+
+def test_a_reused_worker_trains_the_same_runs_as_fresh_ones(tmp_path):
+    fresh = {**tiny_grid(tmp_path), "out": str(tmp_path / "fresh")}
+    reused = {**tiny_grid(tmp_path), "out": str(tmp_path / "reused")}
+    run_grid(fresh, workers=2, runs_per_process=1)
+    run_grid(reused, workers=1, runs_per_process=4)  # one process trains all four, one after another
+    for a, b in zip(expand(fresh), expand(reused)):
+        records = [(r.out / "metrics.jsonl").read_text().splitlines() for r in (a, b)]
+        drop_paths = [[{k: v for k, v in json.loads(line).items() if k not in ("config", "seconds_per_step")}
+                       for line in lines] for lines in records]
+        assert drop_paths[0] == drop_paths[1]
+    with pytest.raises(ConfigError, match="runs_per_process"):
+        run_grid(fresh, runs_per_process=0)
 
 
 def test_sweep_and_report_commands(tmp_path, capsys):
