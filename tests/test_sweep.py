@@ -11,7 +11,8 @@ import yaml
 from gradharmony.cli import main
 from gradharmony.config import ConfigError
 from gradharmony.data.fake import write_fake_data_root
-from gradharmony.report import Cell, collect, paired, summary_markdown, summary_rows, table_rows, task_families
+from gradharmony.report import (Cell, collect, paired, summary_markdown, summary_rows, table_rows, task_families,
+                                variant_comparison_markdown)
 from gradharmony.sweep import expand, run_grid, run_status
 
 
@@ -95,7 +96,21 @@ def test_sweep_and_report_commands(tmp_path, capsys):
     assert "| mcc | gh | 2 |" in text and "(" in text
     assert (tmp_path / "report" / "usps_to_mnistm_mcc.png").stat().st_size > 10_000
     assert (tmp_path / "report" / "report.csv").exists()
+    assert main(["report", grid["out"], "--compare", "gh", "none", "--out", str(tmp_path / "report")]) == 0
+    assert "| usps->mnistm | mcc | " in capsys.readouterr().out.split("gh minus none")[1]
+    with pytest.raises(SystemExit):
+        main(["report", grid["out"], "--compare", "gh", "gh++", "--out", str(tmp_path / "report")])
+    assert "no method has both variants 'gh' and 'gh++'" in capsys.readouterr().err
     assert (tmp_path / "report" / "tsne_usps_to_mnistm_mcc_gh.png").stat().st_size > 10_000
+
+
+def test_two_variants_are_paired_seed_by_seed():
+    cells = {("t", "mdd", "gh++/align"): Cell("t", "mdd", "gh++/align", last={0: 60.0, 1: 62.0, 2: 61.0}),
+             ("t", "mdd", "gh++/cls"): Cell("t", "mdd", "gh++/cls", last={0: 57.0, 1: 58.0}),
+             ("t", "dann", "gh++/align"): Cell("t", "dann", "gh++/align", last={0: 70.0})}
+    table = variant_comparison_markdown(cells, "gh++/align", "gh++/cls")
+    assert "| t | mdd | +3.50 +- 0.71 (2/2 up) |" in table
+    assert "dann" not in table  # no classification-leading runs to pair with
 
 
 def test_paired_delta_uses_common_seeds_only():

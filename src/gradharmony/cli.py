@@ -139,6 +139,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     md, csv_path = write_report(args.runs, args.out)
     print(md.read_text())
     print(f"written: {md}, {csv_path}")
+    if args.compare:
+        from gradharmony.report import collect, variant_comparison_markdown
+
+        try:
+            print(variant_comparison_markdown(collect(args.runs), *args.compare))
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
     if args.plots:
         from gradharmony.plots import plot_sweep
 
@@ -187,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", type=Path, default=None, help="folder for report.md/csv (default: RUNS)")
     report.add_argument("--plots", action="store_true",
                         help="also PNGs per task and method: angle, conflict rate, weights, accuracy")
+    report.add_argument("--compare", nargs=2, metavar=("A", "B"), default=None,
+                        help="also pair variant A with variant B seed by seed (e.g. gh++/align gh++/cls)")
     report.add_argument("--tsne", action="store_true", help="also a t-SNE of source/target features per cell")
     report.add_argument("--tsne-samples", type=int, default=500, help="test images per domain in each t-SNE")
     report.set_defaults(func=cmd_report)

@@ -181,6 +181,24 @@ def summary_markdown(rows: list[dict[str, Any]], which: str = "last", title: str
     return "\n".join(lines)
 
 
+def variant_comparison_markdown(cells: dict[tuple[str, str, str], Cell], first: str, second: str,
+                                which: str = "last") -> str:
+    """``first`` minus ``second`` per task and method, paired seed by seed (e.g. GH++'s two leads).
+
+    The main tables pair every variant with ``none``; this pairs any two variants over the seeds
+    both finished, with a two-sided paired t-test.
+    """
+    lines = [f"| task | method | {first} minus {second} ({which}, points) | p |", "|---|---|---:|---:|"]
+    for task, method, variant in sorted(cells):
+        other = cells.get((task, method, second))
+        if variant == first and other is not None:
+            pair = paired(cells[(task, method, first)], other, which)
+            lines.append(f"| {task} | {method} | {pair.summary} | {_p(pair.p_value)} |")
+    if len(lines) == 2:
+        raise ValueError(f"no method has both variants {first!r} and {second!r}")
+    return "\n".join(lines)
+
+
 def _unfinished(cell: Cell) -> str:
     """``not started: seeds 1, 2; seed 0 at step 1500/3000`` (steps of the last evaluation)."""
     waiting = sorted(seed for seed, (step, _) in cell.unfinished.items() if step == 0)
