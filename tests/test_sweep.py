@@ -111,6 +111,9 @@ def test_two_variants_are_paired_seed_by_seed():
     table = variant_comparison_markdown(cells, "gh++/align", "gh++/cls")
     assert "| t | mdd | +3.50 +- 0.71 (2/2 up) |" in table
     assert "dann" not in table  # no classification-leading runs to pair with
+    reverse = variant_comparison_markdown({**cells, ("t", "mdd", "none"): Cell("t", "mdd", "none", last={0: 50.0})},
+                                          "none", "gh++/align")
+    assert "| t | mdd | -10.00 (0/1 up) | - |" in reverse  # the baseline may be the first variant too
 
 
 def test_paired_delta_uses_common_seeds_only():

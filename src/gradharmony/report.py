@@ -91,7 +91,7 @@ class Paired:
 
 
 def paired(cell: Cell, baseline: Cell | None, which: str = "last") -> Paired:
-    if baseline is None or cell.variant == BASELINE:
+    if baseline is None or baseline is cell:
         return Paired([], [])
     mine, base = getattr(cell, which), getattr(baseline, which)
     seeds = sorted(set(mine) & set(base))
