@@ -392,7 +392,7 @@ class DWL(Method):
             stats = self._generator_backward(harmonizer, adv, dis, weight, trade_off, [f_s, f_t])
             values["adversarial"], values["discrepancy"] = adv, dis
             values["transfer_loss"] = weight * adv + (1.0 - weight) * dis
-            skipped += not step_if_finite([gen], averaged=harmonizer.world is not None)
+            skipped += not step_if_finite([gen], harmonizer)
 
         for _ in range(self.num_k4):  # 4: pseudo-labels weighted by the prediction certainty
             zero_grads(every)

@@ -254,7 +254,7 @@ class GVB(AdversarialMethod):
             bridge_stats = self.bridge_harmonizer(harmonizer).backward(
                 cls=self.gvbd_weight * t["bridge_d"], align=t["bridge_g"], trade_off=self.gvbg_weight,
                 features=t["features"])
-        finite = step_if_finite(every, averaged=harmonizer.world is not None)
+        finite = step_if_finite(every, harmonizer)
         logs = scalars(**t["logs"], grl_coeff=self.grl.coefficient)
         if bridge_stats is not None:
             logs.update(bridge_angle=bridge_stats.angle, bridge_w_align=bridge_stats.w_align,

@@ -88,16 +88,16 @@ def optimizer_params(optimizers: Iterable[torch.optim.Optimizer]) -> list[torch.
     return [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
 
 
-def step_if_finite(optimizers: Sequence[torch.optim.Optimizer], *, averaged: bool = False) -> bool:
+def step_if_finite(optimizers: Sequence[torch.optim.Optimizer], written_by: Harmonizer | None = None) -> bool:
     """Step ``optimizers`` if all their gradients are finite; otherwise clear them and return False.
 
     Under torch.distributed (more than one process) the gradients are first averaged across the
     processes, so every replica takes the step of the global batch and all agree on skipping it.
-    ``averaged=True`` says they are already averaged (a harmonizer with a process group wrote
-    them: ``harmonizer.world is not None``): no second all-reduce.
+    Gradients ``written_by`` a harmonizer that has a process group are already averaged: no
+    second all-reduce.
     """
     params = optimizer_params(optimizers)
-    world = None if averaged else resolve_world("auto")
+    world = None if written_by is not None and written_by.world is not None else resolve_world("auto")
     if world is not None:
         average_([p.grad for p in params if p.grad is not None], world)
     if grads_finite(params):
@@ -275,7 +275,7 @@ class MCD(Method):
         zero_grads(every)
         features, loss_b, disc_b, _ = self._forward_heads(x_s, y_s, x_t)
         stats = harmonizer.backward(cls=loss_b, align=-disc_b, trade_off=trade_off, features=features)
-        skipped += not step_if_finite([classifiers], averaged=harmonizer.world is not None)
+        skipped += not step_if_finite([classifiers], harmonizer)
         zero_grads(every)  # the generator's gradients of step B are discarded
 
         # Step C: the generator only, num_k times.

@@ -518,7 +518,7 @@ class SSRT(Method):
         events = self._begin_step(step, optimizers)
         t = self.terms(x_s, y_s, x_t, step)
         stats = harmonizer.backward(cls=t.cls, align=t.align, trade_off=trade_off, features=t.features)
-        stepped = step_if_finite(every, averaged=harmonizer.world is not None)
+        stepped = step_if_finite(every, harmonizer)
         zero_grads(every)
         predicted = t.target_logits.detach().argmax(dim=1)
         world = resolve_world("auto")
