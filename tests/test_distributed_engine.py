@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 from gradharmony.engine import Trainer
 from gradharmony.runlog import read_metrics
 
+from test_distributed import exit_without_finalization
 from test_engine import config, tiny_domains
 
 
@@ -29,6 +30,7 @@ def _worker(rank: int, world: int, port: int, cfg, queue) -> None:
     result = trainer.run()
     params = {k: v.detach().numpy().copy() for k, v in trainer.model.named_parameters()}
     queue.put((rank, result, params))
+    exit_without_finalization(queue)  # the trainer destroyed its process group
 
 
 @pytest.mark.parametrize("method, params", [("mcc", {}), ("mcd", {"num_k": 2, "head_hidden": 8})])
