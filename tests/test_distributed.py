@@ -65,7 +65,7 @@ def train_steps(model, xs, ys, xt, mode, strategy, scope_kind, steps=3):
 def exit_without_finalization(queue) -> None:
     """Flush what this worker queued, then end it with exit code 0, skipping interpreter teardown.
 
-    Rarely (once in hundreds of runs, seen on CI), a gloo thread torn down during interpreter
+    Rarely (seen once, on CI), a gloo thread torn down during interpreter
     finalization aborts the process with "terminate called without an active exception", after
     its results are queued and its group destroyed. That would fail a test whose work was right.
     """
