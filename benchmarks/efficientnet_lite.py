@@ -27,6 +27,7 @@ BASE = {"backbone": "efficientnet_lite0", "pretrained": "imagenet", "image_size"
         "bottleneck_dim": 256, "steps": 300, "eval_every": 150, "batch_size": 32, "lr": 0.01,
         "source_eval_size": 0, "method_params": {"backbone_lr_mult": 0.1}}
 VARIANTS = {"none": {"harmonizer": "none"}, "gh": {"harmonizer": "gh"}, "gh++": {"harmonizer": "gh++"}}
+NO_HARMONIZER = {"none": VARIANTS["none"]}
 
 
 def stages(data_root: Path, out: Path) -> dict[int, dict]:
@@ -36,9 +37,9 @@ def stages(data_root: Path, out: Path) -> dict[int, dict]:
 
     return {
         1: grid(["dann"], VARIANTS, [0]),
-        2: grid(["source_only"], {"none": VARIANTS["none"]}, [0]),
+        2: grid(["source_only"], NO_HARMONIZER, [0]),
         3: grid(["dann"], VARIANTS, [1, 2]),
-        4: grid(["source_only"], {"none": VARIANTS["none"]}, [1, 2]),
+        4: grid(["source_only"], NO_HARMONIZER, [1, 2]),
     }
 
 

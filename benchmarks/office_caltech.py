@@ -2,9 +2,9 @@
 
 Stage 1: DANN, CDAN; stage 2: CDAN+E, MDD, MCC; stage 3: the multi-step hosts MCD, GVB-GD, DWL
 (each phase as in its paper; GH where the authors put it); stage 4: GVB-GD + GH with the weights
-capped at 2 (``max_weight``), the follow-up to GVB-GD + GH diverging on DeCAF6.  Measured on one quiet core, a 500-step
-run of stage 3 costs about 8 s (GVB-GD, 16 ms/step), 20 s (MCD, 40 ms/step) and 43 s (DWL,
-85 ms/step: 18 forward-backward phases per step).
+capped at 2 (``max_weight``), the follow-up to GVB-GD + GH diverging on DeCAF6.  Measured on one
+quiet core, a 500-step run of stage 3 costs about 8 s (GVB-GD, 16 ms/step), 20 s (MCD, 40 ms/step)
+and 43 s (DWL, 85 ms/step: 18 forward-backward phases per step).
 
 SURF-800 bag-of-words for Amazon, Caltech, DSLR, Webcam (all 12 tasks) and DeCAF6 for
 DSLR <-> Webcam, an MLP feature extractor (800 or 4096 -> 512), bottleneck 256, 500 steps,

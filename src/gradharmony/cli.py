@@ -132,20 +132,22 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from gradharmony.report import write_report
+    from gradharmony.report import collect, variant_comparison_markdown, write_report
 
     if not args.runs.is_dir():
         raise ConfigError(f"runs folder {args.runs} does not exist")
-    md, csv_path = write_report(args.runs, args.out)
-    print(md.read_text())
-    print(f"written: {md}, {csv_path}")
-    if args.compare:
-        from gradharmony.report import collect, variant_comparison_markdown
-
+    cells = collect(args.runs)
+    comparison = None
+    if args.compare:  # checked before anything is written: a wrong variant name is a clear error
         try:
-            print(variant_comparison_markdown(collect(args.runs), *args.compare))
+            comparison = variant_comparison_markdown(cells, *args.compare)
         except ValueError as error:
             raise ConfigError(str(error)) from None
+    md, csv_path = write_report(args.runs, args.out, cells)
+    print(md.read_text())
+    print(f"written: {md}, {csv_path}")
+    if comparison is not None:
+        print(comparison)
     if args.plots:
         from gradharmony.plots import plot_sweep
 

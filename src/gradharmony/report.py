@@ -191,9 +191,10 @@ def variant_comparison_markdown(cells: dict[tuple[str, str, str], Cell], first: 
     lines = [f"| task | method | {first} minus {second} ({which}, points) | p |", "|---|---|---:|---:|"]
     for task, method, variant in sorted(cells):
         other = cells.get((task, method, second))
-        if variant == first and other is not None:
-            pair = paired(cells[(task, method, first)], other, which)
-            lines.append(f"| {task} | {method} | {pair.summary} | {_p(pair.p_value)} |")
+        if variant != first or other is None:
+            continue
+        pair = paired(cells[(task, method, first)], other, which)
+        lines.append(f"| {task} | {method} | {pair.summary} | {_p(pair.p_value)} |")
     if len(lines) == 2:
         raise ValueError(f"no method has both variants {first!r} and {second!r}")
     return "\n".join(lines)
@@ -231,12 +232,16 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(root: str | Path, out_dir: str | Path | None = None) -> tuple[Path, Path]:
-    """Write ``report.md`` and ``report.csv`` for the runs under ``root``; returns their paths."""
+def write_report(root: str | Path, out_dir: str | Path | None = None,
+                 cells: dict[tuple[str, str, str], Cell] | None = None) -> tuple[Path, Path]:
+    """Write ``report.md`` and ``report.csv`` for the runs under ``root``; returns their paths.
+
+    ``cells``: what :func:`collect` already read from ``root``, so that it is not read twice.
+    """
     root = Path(root)
     out_dir = Path(out_dir) if out_dir else root
     out_dir.mkdir(parents=True, exist_ok=True)
-    cells = collect(root)
+    cells = collect(root) if cells is None else cells
     rows = table_rows(cells)
     md, csv_path = out_dir / "report.md", out_dir / "report.csv"
     text = markdown(rows)
