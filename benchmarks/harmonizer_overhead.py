@@ -29,7 +29,7 @@ import torchvision
 from torch import nn
 
 from gradharmony import GradientReversal, Harmonizer
-from gradharmony.models import LeNet
+from gradharmony.uda.models import LeNet
 
 
 @dataclass(frozen=True)

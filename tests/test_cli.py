@@ -1,13 +1,24 @@
-"""The command line: a tiny end-to-end run on generated folders, and clear errors on bad input."""
+"""The command line: help for every flag, a tiny end-to-end run on generated folders, clear errors
+on bad input, and the demo's pool of runs (see also test_cli_errors.py)."""
 
 from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import yaml
 
-from gradharmony.cli import main
-from gradharmony.data.fake import write_fake_data_root
-from gradharmony.runlog import read_metrics
+from fakes.digits import write_fake_data_root
+from gradharmony.harmonize import MODES
+from gradharmony.harmonizer import STRATEGIES
+from gradharmony.uda.cli import build_parser, main
+from gradharmony.uda.config import NON_OUTCOME_FIELDS, TrainConfig
+from gradharmony.uda.methods import METHODS
+from gradharmony.uda.runs import read_metrics
 
 TINY = ["--image-size", "16", "--channels", "1", "--bottleneck-dim", "16", "--batch-size", "8",
         "--method-param", "disc_hidden=16", "--no-progress"]
@@ -29,6 +40,7 @@ def test_train_then_eval_on_generated_usps_and_mnistm_folders(tmp_path, capsys):
                           "--target", "mnistm", "--data-root", str(root), "--steps", "4", "--eval-every", "2",
                           "--out", str(out), *TINY], capsys)
     assert code == 0, text
+    assert text.splitlines()[0].startswith("device: cpu (auto: CUDA not available") or text.startswith("device: cuda")
     assert "finished 4 steps" in text
     assert [r["step"] for r in read_metrics(out)] == [2, 4]
     saved = yaml.safe_load((out / "config.yaml").read_text())
@@ -54,7 +66,8 @@ def test_yaml_recipe_with_command_line_override(tmp_path, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["train", "--harmonizer", "pcgrad"], "unknown harmonizer mode 'pcgrad'"),
-    (["train", "--strategy", "fast"], "strategy must be one of"),
+    (["train", "--strategy", "fast"], "unknown strategy 'fast'"),
+    (["train", "--amp", "fp8"], "unknown amp 'fp8'"),
     (["train", "--steps", "0"], "steps must be a positive integer"),
     (["train", "--stepz", "10"], "unrecognized arguments"),
     (["train", "--method-param", "oops"], "KEY=VALUE"),
@@ -77,9 +90,9 @@ def test_unknown_method_and_method_param(tmp_path, capsys):
     root = write_fake_data_root(tmp_path / "data", count=24)
     base = ["train", "--source", "usps", "--target", "mnistm", "--data-root", str(root), "--steps", "2",
             "--out", str(tmp_path / "run"), "--image-size", "16", "--channels", "1", "--no-progress"]
-    code, text = run_cli(base + ["--method", "dan"], capsys)
+    code, text = run_cli([*base, "--method", "dan"], capsys)
     assert code == 2 and "dan" in text and "dann" in text
-    code, text = run_cli(base + ["--method", "dann", "--method-param", "disc_hiden=3"], capsys)
+    code, text = run_cli([*base, "--method", "dann", "--method-param", "disc_hiden=3"], capsys)
     assert code == 2 and "disc_hiden" in text
 
 
@@ -90,3 +103,65 @@ def test_missing_dataset_folder_says_where_to_put_it(tmp_path, capsys):
                           "--out", str(tmp_path / "run")], capsys)
     assert code == 2
     assert "usps" in text and str(empty) in text
+
+
+def test_every_config_field_has_help():
+    for field in dataclasses.fields(TrainConfig):
+        assert field.metadata.get("help", "").strip(), field.name
+        assert field.metadata.get("group"), field.name
+
+
+def _help_of(command: str) -> str:
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
+    return " ".join(sub.format_help().split())  # one line: names are not split by wrapping
+
+
+def test_train_help_explains_every_flag_with_its_choices():
+    text = _help_of("train")
+    for name in (*METHODS, *MODES, *STRATEGIES, "align", "cls", "bf16", "fp16", "mnistm-synth", "office31:amazon",
+                 "resnet50", "--measure-every", "--method-param", "--no-progress", "--config"):
+        assert name in text, name
+    for field in dataclasses.fields(TrainConfig):
+        if field.name not in ("method_params", "progress"):
+            assert "--" + field.name.replace("_", "-") in text, field.name
+    assert "(default: auto)" in text  # --device
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "sweep", "report", "demo"])
+def test_every_flag_of_every_command_has_help(command):
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
+    for action in sub._actions:
+        assert action.help and action.help.strip(), (command, action.dest)
+
+
+def test_device_is_auto_by_default_and_not_part_of_the_run_hash():
+    assert TrainConfig().device == "auto"
+    assert "device" in NON_OUTCOME_FIELDS
+    assert TrainConfig(device="cpu").outcome_hash() == TrainConfig(device="auto").outcome_hash()
+
+
+def test_demo_pool_reports_progress_and_exits_without_warnings(tmp_path):
+    """The demo's pool of runs, on tiny generated data, in a fresh interpreter: it ends cleanly."""
+    root = write_fake_data_root(tmp_path / "data", count=24)
+    script = textwrap.dedent(f"""
+        from pathlib import Path
+        from gradharmony.uda import demo
+        from gradharmony.uda.config import TrainConfig
+
+        if __name__ == "__main__":
+            configs = [TrainConfig(source="usps", target="mnistm", data_root={str(root)!r}, image_size=16,
+                                   channels=1, bottleneck_dim=16, batch_size=8, steps=4, eval_every=2,
+                                   harmonizer=mode, method_params={{"disc_hidden": 16}}, threads=1,
+                                   progress=False, device="cpu", out=str(Path({str(tmp_path)!r}) / mode))
+                       for mode in ("none", "gh++")]
+            results = demo._train_all(configs, ["DANN", "DANN+GH++"], steps=4, workers=1)
+            print("steps", [r["steps"] for r in results])
+    """)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "default"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "steps [4, 4]" in done.stdout
+    assert "[DANN+GH++] step 4/4: done" in done.stdout  # not a terminal: one log line per change
+    assert "leaked" not in done.stderr and "resource_tracker" not in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr

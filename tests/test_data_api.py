@@ -5,15 +5,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gradharmony.data import (DOMAIN_NAMES, DatasetFormatError, DatasetNotFoundError, Domain,
-                              default_data_root, load_domain)
-from gradharmony.data import mnist as mnist_module
+from gradharmony.uda.data import (
+    DOMAIN_NAMES,
+    DatasetFormatError,
+    DatasetNotFoundError,
+    Domain,
+    default_data_root,
+    load_domain,
+)
+from gradharmony.uda.data import mnist as mnist_module
 
 
 def test_domain_names_are_the_documented_ones():
     digits = ("mnist", "usps", "mnistm", "svhn", "mnistm-synth", "syndigits", "uci8", "mnist8")
     features = tuple(f"oc10-{kind}-{d}" for kind in ("surf", "decaf") for d in ("amazon", "caltech", "dslr", "webcam"))
-    assert DOMAIN_NAMES == digits + features
+    assert digits + features == DOMAIN_NAMES
 
 
 def test_unknown_name_lists_valid_domains(tmp_path):

@@ -7,12 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from gradharmony.data import load_domain
-from gradharmony.data import mnist as mnist_module
-from gradharmony.data import mnist8, syndigits
-from gradharmony.data.fake import fake_images, write_mnist_idx
-from gradharmony.data.fonts import digit_fonts
-from gradharmony.data.photos import PhotoSet, find_photos, load_photos
+from fakes.digits import fake_images, write_mnist_idx
+from gradharmony.uda.data import load_domain, mnist8, syndigits
+from gradharmony.uda.data import mnist as mnist_module
+from gradharmony.uda.data.fonts import digit_fonts
+from gradharmony.uda.data.photos import PhotoSet, find_photos, load_photos
 
 
 @pytest.fixture
@@ -144,7 +143,7 @@ def test_mnist8_counts_blocks_of_a_size_normalised_bitmap():
 def test_mnist8_domain(tiny_mnist):
     domain = load("mnist8", "test", tiny_mnist, image_size=8, channels=1)
     assert domain.images.shape == (20, 1, 8, 8)
-    allowed = {int(round(k * 255 / 16)) for k in range(17)}
+    allowed = {round(k * 255 / 16) for k in range(17)}
     assert set(domain.images.unique().tolist()) <= allowed
     again = load("mnist8", "test", tiny_mnist, image_size=8, channels=1, seed=5)  # seed ignored
     assert torch.equal(domain.images, again.images)

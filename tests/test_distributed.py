@@ -162,7 +162,7 @@ class TinyBackbone(nn.Sequential):
 
 
 def multi_step_method(name):
-    from gradharmony.methods import build_method
+    from gradharmony.uda.methods import build_method
 
     torch.manual_seed(0)
     method = build_method(name, TinyBackbone(), 3, 100, bottleneck_dim=8, **MULTI_STEP[name])
@@ -170,34 +170,38 @@ def multi_step_method(name):
     return method.double().train()
 
 
-def multi_step_updates(method, xs, ys, xt, steps=3):
+def multi_step_updates(method, xs, ys, xt, steps=3, plain=False):
+    """``steps`` updates through the one contract; ``plain``: no harmonizer (plain training)."""
+    from gradharmony.uda.methods import Batch, StepContext
+
     optimizers = {name: torch.optim.SGD(groups, lr=0.1, momentum=0.9)
                   for name, groups in method.optimizer_groups(0.1).items()}
-    h = Harmonizer(mode="gh", scope=method.scope_modules(), lead=method.default_lead)
+    h = None if plain else Harmonizer(mode="gh", scope=method.scope_modules(), lead=method.default_lead)
     for step in range(steps):
-        method.update(xs, ys, xt, step, optimizers, h, 1.0)
+        method.update(Batch(xs, ys, xt), StepContext(step, optimizers, h, 1.0))
     return [p.detach().clone() for p in method.parameters()]
 
 
-def _multi_step_worker(rank, world, init_file, name, queue):
+def _multi_step_worker(rank, world, init_file, name, plain, queue):
     with gloo_group(rank, world, init_file, queue):
         xs, ys, xt = data(world)
         n = len(xs) // world
         part = slice(0, n) if name in SAME_HALF else slice(rank * n, (rank + 1) * n)
         method = multi_step_method(name)
-        params = multi_step_updates(method, xs[part], ys[part], xt[part])
+        params = multi_step_updates(method, xs[part], ys[part], xt[part], plain=plain)
         state = method.dwl_state.numpy().copy() if name == "dwl" else None
         queue.put((rank, [p.numpy() for p in params], state))
 
 
-@pytest.mark.parametrize("name", sorted(MULTI_STEP))
-def test_multi_step_methods_in_two_processes_equal_one_process(name, tmp_path):
+@pytest.mark.parametrize("name, plain", [(name, False) for name in sorted(MULTI_STEP)] + [("mcd", True)],
+                         ids=[*sorted(MULTI_STEP), "mcd-plain"])
+def test_multi_step_methods_in_two_processes_equal_one_process(name, plain, tmp_path):
     before = [p.detach().clone() for p in multi_step_method(name).parameters()]
     xs, ys, xt = data()
     n = len(xs) // 2 if name in SAME_HALF else len(xs)
-    single = multi_step_updates(multi_step_method(name), xs[:n], ys[:n], xt[:n])
+    single = multi_step_updates(multi_step_method(name), xs[:n], ys[:n], xt[:n], plain=plain)
     assert any(not torch.equal(a, b) for a, b in zip(before, single))
-    for _, params, _ in run_two_processes(_multi_step_worker, tmp_path, name):
+    for _, params, _ in run_two_processes(_multi_step_worker, tmp_path, name, plain):
         for a, b in zip(params, single):
             assert torch.allclose(torch.from_numpy(a), b, atol=1e-5, rtol=0)
 
@@ -206,8 +210,8 @@ def test_dwl_window_statistics_are_the_global_batchs(tmp_path):
     """Besides equal parameters: the dynamic weight's state after 3 windows equals one process's."""
     single = multi_step_method("dwl")
     multi_step_updates(single, *data())
-    states = [state for _, _, state in run_two_processes(_multi_step_worker, tmp_path, "dwl")]
-    from gradharmony.methods.dwl import WINDOWS
+    states = [state for _, _, state in run_two_processes(_multi_step_worker, tmp_path, "dwl", False)]
+    from gradharmony.uda.methods.dwl import WINDOWS
 
     assert single.dwl_state[WINDOWS] == 3
     for state in states:
@@ -229,39 +233,38 @@ def test_gathered_predictions_give_the_global_batchs_diversity(tmp_path):
 
 
 def test_a_method_that_declares_a_blocker_is_refused_in_several_processes(tmp_path, monkeypatch):
-    from gradharmony import engine
-    from gradharmony.config import ConfigError
+    from gradharmony.uda.config import ConfigError, TrainConfig
+    from gradharmony.uda.engine import loop
 
-    monkeypatch.setattr(engine, "_init_distributed", lambda device: (0, 2, False))
-    blocked = type("Blocked", (nn.Module,), {"multi_step": True,
-                                             "distributed_blocker": "its statistics stay per process"})
-    monkeypatch.setattr(engine, "build_model", lambda cfg, *args: blocked())
-    cfg = engine.TrainConfig(method="mcc", out=str(tmp_path / "run"), progress=False)
+    monkeypatch.setattr(loop, "init_distributed", lambda device: (0, 2, False))
+    blocked = type("Blocked", (nn.Module,), {"distributed_blocker": "its statistics stay per process"})
+    monkeypatch.setattr(loop, "build_model", lambda cfg, *args: blocked())
+    cfg = TrainConfig(method="mcc", out=str(tmp_path / "run"), progress=False)
     with pytest.raises(ConfigError, match="cannot train in several processes: its statistics stay per process"):
-        engine.Trainer(cfg, domains=_tiny_engine_domains())
+        loop.Trainer(cfg, domains=_tiny_engine_domains())
 
 
 def _tiny_engine_domains():
-    from gradharmony.data.domain import Domain
+    from gradharmony.uda.data.domain import Domain
 
     images, labels = torch.zeros(4, 1, 16, 16, dtype=torch.uint8), torch.arange(4) % 2
     return {key: Domain(key, "train", images, labels, 2) for key in ("source", "target", "source_test", "target_test")}
 
 
 def test_sync_batchnorm_converts_every_batch_norm_and_refuses_the_cpu(tmp_path, monkeypatch):
-    from gradharmony import engine
-    from gradharmony.config import ConfigError
+    from gradharmony.uda.config import ConfigError, TrainConfig
+    from gradharmony.uda.engine import loop, process
 
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Sequential(nn.BatchNorm1d(8)))
     model[1].running_mean.fill_(0.25)
-    converted = engine._synchronised_batch_norm(model, torch.device("cuda"))  # converting needs no GPU
+    converted = process.synchronised_batch_norm(model, torch.device("cuda"))  # converting needs no GPU
     norms = [m for m in converted.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     assert len(norms) == 2 and all(isinstance(m, nn.SyncBatchNorm) for m in norms)
     assert torch.equal(converted[1].running_mean, torch.full((8,), 0.25))
     with pytest.raises(ConfigError, match="needs CUDA"):
-        engine._synchronised_batch_norm(model, torch.device("cpu"))
-    monkeypatch.setattr(engine, "_init_distributed", lambda device: (0, 2, False))
-    cfg = engine.TrainConfig(method="mcc", out=str(tmp_path / "run"), progress=False, sync_batchnorm=True,
-                             image_size=16, channels=1, bottleneck_dim=4)
+        process.synchronised_batch_norm(model, torch.device("cpu"))
+    monkeypatch.setattr(loop, "init_distributed", lambda device: (0, 2, False))
+    cfg = TrainConfig(method="mcc", out=str(tmp_path / "run"), progress=False, sync_batchnorm=True,
+                      image_size=16, channels=1, bottleneck_dim=4)
     with pytest.raises(ConfigError, match="sync_batchnorm needs CUDA"):
-        engine.Trainer(cfg, domains=_tiny_engine_domains())
+        loop.Trainer(cfg, domains=_tiny_engine_domains())

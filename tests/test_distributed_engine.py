@@ -9,9 +9,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from gradharmony.engine import Trainer
-from gradharmony.runlog import read_metrics
-
+from gradharmony.uda.engine import Trainer
+from gradharmony.uda.runs import read_metrics, read_steps
 from test_distributed import exit_without_finalization
 from test_engine import config, tiny_domains
 
@@ -33,9 +32,13 @@ def _worker(rank: int, world: int, port: int, cfg, queue) -> None:
     exit_without_finalization(queue)  # the trainer destroyed its process group
 
 
-@pytest.mark.parametrize("method, params", [("mcc", {}), ("mcd", {"num_k": 2, "head_hidden": 8})])
-def test_two_processes_train_one_run_written_by_rank_zero(tmp_path, method, params):
-    cfg = config(tmp_path, method=method, method_params=params, steps=6, eval_every=3)
+@pytest.mark.parametrize("method, params, harmonizer", [
+    ("mcc", {}, "gh"), ("mcd", {"num_k": 2, "head_hidden": 8}, "gh"),
+    ("dann", {"disc_hidden": 16}, "none"),  # plain training (averaged by the method), measured every 2 steps
+])
+def test_two_processes_train_one_run_written_by_rank_zero(tmp_path, method, params, harmonizer):
+    cfg = config(tmp_path, method=method, method_params=params, steps=6, eval_every=3, harmonizer=harmonizer,
+                 measure_every=2 if harmonizer == "none" else 0)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
@@ -53,3 +56,5 @@ def test_two_processes_train_one_run_written_by_rank_zero(tmp_path, method, para
     # Averaged gradients and the same harmonizer weights: the replicas never drift apart.
     for name, value in params.items():
         assert (value == other_params[name]).all(), name
+    if harmonizer == "none":
+        assert [r["measured"] for r in read_steps(cfg.out)] == [True, False] * 3

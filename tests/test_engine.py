@@ -1,18 +1,20 @@
-"""The training loop on tiny in-memory domains: resume equivalence, skipping, logs, NaN handling."""
+"""The training loop on tiny in-memory domains: resume equivalence, skipping, logs, NaN handling,
+the one update contract, and plain training under ``--harmonizer none``."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 
 import pytest
 import torch
 
-from gradharmony.config import ConfigError, TrainConfig
-from gradharmony.data import Domain
-from gradharmony.engine import Trainer, TrainingDiverged, train
-from gradharmony.runlog import read_metrics, read_steps
+from gradharmony.uda.config import ConfigError, TrainConfig
+from gradharmony.uda.data import Domain
+from gradharmony.uda.engine import CheckpointError, Trainer, TrainingDiverged, train
+from gradharmony.uda.runs import read_metrics, read_steps
 
 
 def tiny_domain(name: str, split: str, n: int, shift: float, seed: int) -> Domain:
@@ -134,7 +136,7 @@ def test_corrupt_checkpoint_is_reported_by_path(tmp_path):
     cfg = config(tmp_path)
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "last.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(RuntimeError, match="last.pt"):
+    with pytest.raises(CheckpointError, match="last.pt: the file is truncated or not a checkpoint"):
         train(cfg, tiny_domains())
 
 
@@ -204,13 +206,16 @@ def test_fp16_needs_cuda(tmp_path):
         Trainer(config(tmp_path, amp="fp16"), tiny_domains())
 
 
-@pytest.mark.parametrize("method", ["mcd", "gvb", "dwl"])
-def test_multi_step_methods_train_and_resume_through_the_engine(tmp_path, method):
+@pytest.mark.parametrize("method, harmonizer", [("mcd", "gh"), ("gvb", "gh"), ("dwl", "gh"), ("gvb", "none")])
+def test_multi_step_methods_train_and_resume_through_the_engine(tmp_path, method, harmonizer):
     params = {} if method == "mcd" else {"disc_hidden": 16} if method == "gvb" else {}
-    straight = config(tmp_path / "a", method=method, method_params=params, steps=6, eval_every=3)
+    extra = dict(harmonizer=harmonizer, measure_every=2 if harmonizer == "none" else 0)
+    straight = config(tmp_path / "a", method=method, method_params=params, steps=6, eval_every=3, **extra)
     result = train(straight, tiny_domains())
     assert result["steps"] == 6 and 0.0 <= result["last_target_acc"] <= 1.0
-    resumed = config(tmp_path / "b", method=method, method_params=params, steps=6, eval_every=3)
+    if harmonizer == "none":  # measured at steps 0, 2, 4; plain training in between
+        assert [r["measured"] for r in read_steps(straight.out)] == [True, False] * 3
+    resumed = config(tmp_path / "b", method=method, method_params=params, steps=6, eval_every=3, **extra)
     interrupted_run(resumed, at_step=4)
     assert train(resumed, tiny_domains())["last_target_acc"] == result["last_target_acc"]
     a = torch.load(tmp_path / "a" / "run" / "last.pt", weights_only=False)["model"]
@@ -237,3 +242,80 @@ def test_tensorboard_events_hold_the_same_scalars(tmp_path):
     assert {"train/loss_cls", "eval/target_acc", "harmonizer/conflict_rate"} <= set(tags)
     accuracy = [e.value for e in events.Scalars("eval/target_acc")]
     assert accuracy == pytest.approx([r["target_acc"] for r in read_metrics(cfg.out)])
+
+
+# ----------------------------------------------------------------------------- one contract, plain training
+def test_the_loop_calls_update_with_a_batch_and_a_context_for_every_method(tmp_path):
+    for method, params in (("dann", {"disc_hidden": 16}), ("mcd", {"num_k": 1})):
+        cfg = config(tmp_path / method, method=method, method_params=params, steps=2, eval_every=2,
+                     scope="bottleneck")
+        trainer = Trainer(cfg, tiny_domains())
+        assert not trainer.model.backbone._forward_hooks  # the cut comes from the method, not a hook
+        seen = []
+        original = trainer.model.update
+
+        def spy(batch, context, _original=original, seen=seen):
+            seen.append((type(batch).__name__, context.step, context.harmonizer, context.use_cut,
+                         context.distributed, len(batch.source)))
+            return _original(batch, context)
+
+        trainer.model.update = spy
+        trainer.run()
+        assert seen == [("Batch", 0, trainer.harmonizer, True, "off", 8), ("Batch", 1, trainer.harmonizer, True, "off", 8)]
+
+
+def test_a_bottleneck_scope_probes_stop_at_the_backbone_output(tmp_path):
+    trainer = Trainer(config(tmp_path, scope="bottleneck", steps=1, eval_every=1), tiny_domains())
+    features = []
+    backward = trainer.harmonizer.backward
+    trainer.harmonizer.backward = lambda **kwargs: features.append(kwargs["features"]) or backward(**kwargs)
+    trainer.train_step()
+    assert len(features) == 1 and features[0].shape == (16, trainer.model.backbone.out_features)
+
+
+@pytest.mark.parametrize("measure_every, measured_steps", [(0, []), (5, [0, 5, 10]), (1, list(range(12)))])
+def test_harmonizer_none_trains_plainly_and_measures_every_k_steps(tmp_path, measure_every, measured_steps):
+    cfg = config(tmp_path, harmonizer="none", measure_every=measure_every)
+    trainer = Trainer(cfg, tiny_domains())
+    trainer.run()
+    assert trainer.harmonizer.calls == len(measured_steps)
+    rows = read_steps(cfg.out)
+    assert [r["step"] for r in rows if r["measured"]] == measured_steps
+    for r in rows:
+        if r["step"] in measured_steps:  # step 0: the reversal coefficient is 0, a tiny alignment gradient
+            assert "tiny_norm" in r["guards"] if r["step"] == 0 else math.isfinite(r["angle"])
+            assert (r["w_align"], r["w_cls"]) == (1.0, 1.0)
+        else:  # plain training: weights 1, empty geometry
+            assert r["guards"] == "plain" and math.isnan(r["angle"]) and math.isnan(r["cos"])
+            assert (r["w_align"], r["w_cls"]) == (1.0, 1.0)
+    per_interval = [sum(1 for s in measured_steps if start <= s < start + 4) for start in (0, 4, 8)]
+    assert [m["harmonizer"]["steps"] for m in read_metrics(cfg.out)] == per_interval  # measured steps only
+
+
+def test_plain_training_is_the_update_of_the_weights_one_harmonizer(tmp_path):
+    """``none`` without probes trains as ``none`` measured on every step did, up to rounding."""
+    plain = config(tmp_path / "plain", harmonizer="none", method="cdan+e")
+    measured = config(tmp_path / "measured", harmonizer="none", method="cdan+e", measure_every=1)
+    train(plain, tiny_domains())
+    train(measured, tiny_domains())
+    a = torch.load(tmp_path / "plain" / "run" / "last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "measured" / "run" / "last.pt", weights_only=False)["model"]
+    for key, value in a.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            torch.testing.assert_close(value, b[key], rtol=1e-4, atol=1e-5, msg=key)
+    losses = [r[key] for r in read_steps(plain.out) for key in ("loss_cls", "loss_align")]
+    assert losses == pytest.approx([r[key] for r in read_steps(measured.out) for key in ("loss_cls", "loss_align")],
+                                   rel=1e-4)
+
+
+def test_harmonizer_none_resumes_exactly_with_measured_steps(tmp_path):
+    straight = config(tmp_path / "a", harmonizer="none", measure_every=3)
+    train(straight, tiny_domains())
+    resumed = config(tmp_path / "b", harmonizer="none", measure_every=3)
+    interrupted_run(resumed, at_step=5)
+    train(resumed, tiny_domains())
+    assert without_timing(read_metrics(straight.out)) == without_timing(read_metrics(resumed.out))
+    assert str(read_steps(straight.out)) == str(read_steps(resumed.out))
+    a = torch.load(tmp_path / "a" / "run" / "last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "b" / "run" / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(v, b[k]) for k, v in a.items() if isinstance(v, torch.Tensor))

@@ -52,8 +52,11 @@ def test_gh_projections_are_orthogonal_and_mirror_the_angle(v):
     a2, c2 = harmonize_vectors(a, c, mode="gh")
     assert float(a2 @ c) == pytest.approx(0.0, abs=1e-9 * float(a.norm() * c.norm()))
     assert float(c2 @ a) == pytest.approx(0.0, abs=1e-9 * float(a.norm() * c.norm()))
+    assert float(a2 @ c2) >= -1e-12 * float(a.norm() * c.norm())  # the harmonized pair no longer conflicts
     new_cos = float(a2 @ c2 / (a2.norm() * c2.norm()))
     assert new_cos == pytest.approx(-r.cos, abs=1e-6)  # the angle becomes 180 - angle
+    new_angle = math.degrees(math.acos(max(-1.0, min(1.0, new_cos))))
+    assert new_angle == pytest.approx(180.0 - r.angle, abs=1e-3)
 
 
 @settings(max_examples=300, deadline=None)
@@ -131,6 +134,109 @@ def test_weights_are_invariant_to_a_common_gradient_scale(v, mode, k, lead, s):
     assert ws == pytest.approx(w, rel=1e-6)
 
 
+# ---- conflicting Gramians given by their geometry: norms and an obtuse angle ------------------
+
+log_norms = st.floats(min_value=-3.0, max_value=3.0)  # norm ratio <= 1e6: inside the tiny-norm guard
+obtuse = st.floats(min_value=90.001, max_value=180.0)
+
+
+def conflicting_gramian(log_a: float, log_c: float, angle: float) -> tuple[float, float, float]:
+    """(aa, cc, d) of gradients with norms 10**log_a, 10**log_c and the given angle in degrees."""
+    na, nc = 10.0 ** log_a, 10.0 ** log_c
+    return na * na, nc * nc, na * nc * math.cos(math.radians(angle))
+
+
+@settings(max_examples=200, deadline=None)
+@given(log_norms, log_norms, obtuse, leads)
+def test_ghpp_at_k0_keeps_the_lead_and_at_k1_keeps_the_other(log_a, log_c, angle, lead):
+    aa, cc, d = conflicting_gramian(log_a, log_c, angle)
+    assume(d < 0)
+    half_excess = math.radians(angle - 90.0) / 2.0
+
+    def lead_other(k):
+        w_a, w_c = harmonize_weights(aa, cc, d, mode="gh++", k=k, lead=lead)
+        return (w_a, w_c) if lead == "align" else (w_c, w_a)
+
+    # k = 0: the whole correction goes to the other loss; the lead keeps weight exactly 1.
+    w_lead, w_other = lead_other(0.0)
+    assert w_lead == 1.0
+    assert w_other == pytest.approx(1.0 - 2.0 * math.sin(half_excess), abs=1e-7)
+    # k = 1: the whole correction goes to the lead; the other keeps weight 1 (up to rounding of
+    # beta + 90 - angle, which is 0 in exact arithmetic).
+    w_lead, w_other = lead_other(1.0)
+    assert w_lead == pytest.approx(1.0 + 2.0 * math.sin(half_excess), abs=1e-7)
+    assert w_other == pytest.approx(1.0, abs=1e-12)
+    # The two extremes mirror each other about 1.
+    assert lead_other(1.0)[0] + lead_other(0.0)[1] == pytest.approx(2.0, abs=1e-12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(log_norms, log_norms, obtuse, ks)
+def test_ghpp_swapping_the_lead_is_k_to_one_minus_k_mirrored(log_a, log_c, angle, k):
+    aa, cc, d = conflicting_gramian(log_a, log_c, angle)
+    assume(d < 0)
+    w_a, w_c = harmonize_weights(aa, cc, d, mode="gh++", k=k, lead="align")
+    s_a, s_c = harmonize_weights(aa, cc, d, mode="gh++", k=k, lead="cls")
+    assert (s_a, s_c) == (w_c, w_a)  # the lead swap only exchanges the two weights
+    # w_lead(k) = 1 + 2 sin(k x / 2), w_other(k) = 1 - 2 sin((1 - k) x / 2), x = angle - 90:
+    # leading at k and following at 1 - k are mirror images about 1.
+    m_a, m_c = harmonize_weights(aa, cc, d, mode="gh++", k=1.0 - k, lead="cls")
+    assert w_a + m_a == pytest.approx(2.0, abs=1e-12)
+    assert w_c + m_c == pytest.approx(2.0, abs=1e-12)
+    assert w_a >= 1.0 >= w_c  # the lead is amplified, the other damped
+
+
+@settings(max_examples=200, deadline=None)
+@given(vectors, st.floats(min_value=1e-3, max_value=1e3), st.floats(min_value=1e-3, max_value=1e3), ks, leads)
+def test_scaling_either_gradient(v, s, t, k, lead):
+    a, c = _pair(v)
+    assume(_well_posed(a, c) and _well_posed(a * s, c * t))
+    r = harmonize(*gramian(a, c), mode="gh")
+    assume(not r.conflict or r.cos > -1 + 1e-9)
+    # GH++ (the authors' rule) depends on the angle only: invariant to scaling each gradient.
+    w = harmonize_weights(*gramian(a, c), mode="gh++", k=k, lead=lead)
+    assert harmonize_weights(*gramian(a * s, c * t), mode="gh++", k=k, lead=lead) == pytest.approx(w, abs=1e-9)
+    # GH is not, but its projections are equivariant: g_c' = g_c - (d/aa) g_a does not depend on |g_a|,
+    # so the harmonized update of (s g_a, t g_c) is s g_a' + t g_c'.
+    a2, c2 = harmonize_vectors(a, c, mode="gh")
+    w_a, w_c = harmonize_weights(*gramian(a * s, c * t), mode="gh")
+    expected = s * a2 + t * c2
+    assert torch.allclose(w_a * s * a + w_c * t * c, expected, rtol=1e-7,
+                          atol=1e-9 * float(s * a.norm() + t * c.norm()))
+
+
+@settings(max_examples=200, deadline=None)
+@given(vectors, st.sampled_from(MODES), ks)
+def test_swapping_the_two_losses_swaps_the_weights(v, mode, k):
+    a, c = _pair(v)
+    assume(_well_posed(a, c))
+    aa, cc, d = gramian(a, c)
+    # GH treats the two losses alike: swapping them swaps the weights, exactly.
+    w_a, w_c = harmonize_weights(aa, cc, d, mode=mode, k=k, lead="align")
+    s_lead_first = harmonize_weights(cc, aa, d, mode=mode, k=k, lead="cls")  # the lead moves with its loss
+    assert s_lead_first == pytest.approx((w_c, w_a), rel=1e-12, abs=1e-12)
+    if mode in ("none", "gh"):
+        assert harmonize_weights(cc, aa, d, mode=mode) == (w_c, w_a)
+
+
+@settings(max_examples=200, deadline=None)
+@given(log_norms, log_norms, st.floats(min_value=90.001, max_value=179.9), ks, leads)
+def test_ghpp_exact_weights_alone_give_a_pythagorean_update(log_a, log_c, angle, k, lead):
+    # Two perpendicular vectors of norms |g_a|, |g_c|: the update w_a g_a + w_c g_c has
+    # |update|^2 = aa + cc, a property of the weights alone: no vector helper involved.
+    aa, cc, d = conflicting_gramian(log_a, log_c, angle)
+    assume(d < 0)
+    w_a, w_c = harmonize_weights(aa, cc, d, mode="gh++exact", k=k, lead=lead)
+    norm2 = w_a * w_a * aa + w_c * w_c * cc + 2.0 * w_a * w_c * d
+    assert norm2 == pytest.approx(aa + cc, rel=1e-6)
+    # GH, by contrast, shrinks the update to |a'|^2 + |c'|^2 + 2<a', c'> with |a'| = |a| sin(angle).
+    g_a, g_c = harmonize_weights(aa, cc, d, mode="gh")
+    gh_norm2 = g_a * g_a * aa + g_c * g_c * cc + 2.0 * g_a * g_c * d
+    sin2 = math.sin(math.radians(angle)) ** 2
+    cos = math.cos(math.radians(angle))
+    assert gh_norm2 == pytest.approx(sin2 * (aa + cc) - 2.0 * sin2 * cos * math.sqrt(aa * cc), rel=1e-6)
+
+
 special = st.sampled_from([0.0, -0.0, 1e-300, -1e-300, 1e300, -1e300, math.nan, math.inf, -math.inf, 1.0, -1.0])
 
 
@@ -140,6 +246,17 @@ def test_weights_are_finite_for_degenerate_inputs(aa, cc, d, mode, k, lead):
     aa, cc = abs(aa), abs(cc)  # squared norms are never negative
     r = harmonize(aa, cc, d, mode=mode, k=k, lead=lead)
     assert math.isfinite(r.w_align) and math.isfinite(r.w_cls)
+    if not all(map(math.isfinite, (aa, cc, d))):
+        assert r.guards == ("nonfinite",) and (r.w_align, r.w_cls) == (1.0, 1.0) and not r.conflict
+    elif min(aa, cc) <= max(1e-30, 1e-16 * max(aa, cc)):
+        assert r.guards == ("tiny_norm",) and (r.w_align, r.w_cls) == (1.0, 1.0) and not r.conflict
+    elif d >= 0 or mode == "none":
+        assert (r.w_align, r.w_cls) == (1.0, 1.0)
+    elif mode == "gh":  # well-posed and in conflict: the formula, even when |cos| was clamped
+        assert (r.w_align, r.w_cls) == (1.0 - d / aa, 1.0 - d / cc)
+    elif mode == "gh++":  # angle-only weights: 1 +- 2 sin(x / 2) with x <= 90 degrees
+        assert 1.0 - math.sqrt(2.0) - 1e-12 <= min(r.w_align, r.w_cls)
+        assert max(r.w_align, r.w_cls) <= 1.0 + math.sqrt(2.0) + 1e-12
 
 
 @pytest.mark.parametrize("mode", MODES)

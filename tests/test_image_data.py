@@ -12,14 +12,25 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from gradharmony.data import DatasetFormatError, DatasetNotFoundError
-from gradharmony.data.benchmarks import (BENCHMARKS, DOMAINNET_CLASSES, OFFICE31_CLASSES, OFFICE_HOME_CLASSES,
-                                         VISDA2017_CLASSES, get_benchmark)
-from gradharmony.data.fake_images import write_benchmark_tree, write_class_tree, write_image_list, write_jpeg
-from gradharmony.data.image_domains import load_image_domain
-from gradharmony.data.image_transforms import IMAGENET_MEAN, eval_transform, train_transform
-from gradharmony.data.images import (CorruptImageError, CorruptImageWarning, FolderDataset, ImageListDataset,
-                                     read_image_list)
+from fakes.images import write_benchmark_tree, write_class_tree, write_image_list, write_jpeg
+from gradharmony.uda.data import DatasetFormatError, DatasetNotFoundError
+from gradharmony.uda.data.benchmarks import (
+    BENCHMARKS,
+    DOMAINNET_CLASSES,
+    OFFICE31_CLASSES,
+    OFFICE_HOME_CLASSES,
+    VISDA2017_CLASSES,
+    get_benchmark,
+)
+from gradharmony.uda.data.image_domains import load_image_domain
+from gradharmony.uda.data.image_transforms import IMAGENET_MEAN, eval_transform, train_transform
+from gradharmony.uda.data.images import (
+    CorruptImageError,
+    CorruptImageWarning,
+    FolderDataset,
+    ImageListDataset,
+    read_image_list,
+)
 
 SMALL = {"resize": 36, "crop": 32}
 THREE = {"office31": OFFICE31_CLASSES[:3], "officehome": OFFICE_HOME_CLASSES[:3],
@@ -205,7 +216,7 @@ def test_image_list_dataset_from_file_and_entries(tmp_path):
     assert ds.samples == [(a, 1), (b, 0)] and ds.num_classes == 2 and ds[0][0].shape == (3, 32, 32)
     named = ImageListDataset(tmp_path, entries=[("im gs/b.jpg", 2)], classes=["x", "y", "z"])
     assert named.samples == [(b, 2)] and named.classes == ["x", "y", "z"]
-    with pytest.raises(DatasetFormatError, match="labels in 0..1"):
+    with pytest.raises(DatasetFormatError, match=r"labels in 0\.\.1"):
         ImageListDataset(tmp_path, entries=[("im gs/b.jpg", 2)], classes=["x", "y"])
     with pytest.raises(ValueError, match="exactly one"):
         ImageListDataset(tmp_path)
@@ -220,20 +231,23 @@ def test_malformed_list_names_the_line(tmp_path):
 
 def test_dataloader_batches(tree):
     ds = load("office31", "amazon", tree)
-    x, y = next(iter(DataLoader(ds, batch_size=4, shuffle=True)))
+    x, y = next(iter(DataLoader(ds, batch_size=4, shuffle=False)))
     assert x.shape == (4, 3, 32, 32) and y.dtype == torch.int64 and type(x) is torch.Tensor
+    assert y.tolist() == ds.targets[:4] == [0, 0, 0, 1]
 
 
 # ---------------------------------------------------------------- transforms
 def test_transforms_shapes_and_normalisation():
     image = Image.new("RGB", (50, 30), color=(255, 255, 255))
+    expected = (1 - torch.tensor(IMAGENET_MEAN)) / torch.tensor((0.229, 0.224, 0.225))
     for mode in ("random_resized", "random", "center"):
         out = train_transform(36, 32, crop_mode=mode)(image)
         assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+        # Any crop or flip of a white image is white: ImageNet-normalised white in every pixel.
+        assert torch.allclose(out, expected.view(3, 1, 1).expand(3, 32, 32), atol=1e-4), mode
     test = eval_transform(36, 32)
     out = test(image)
     assert out.shape == (3, 32, 32) and torch.equal(out, test(image))
-    expected = (1 - torch.tensor(IMAGENET_MEAN)) / torch.tensor((0.229, 0.224, 0.225))
     assert torch.allclose(out.mean(dim=(1, 2)), expected, atol=1e-4)
     half = eval_transform(36, 32, mean=(0.5,) * 3, std=(0.5,) * 3)(image)
     assert torch.allclose(half, torch.ones_like(half), atol=1e-4)
@@ -249,11 +263,25 @@ def test_train_transform_is_random_and_flips():
     image = Image.fromarray(torch.randint(0, 255, (40, 40, 3), dtype=torch.uint8).numpy())
     outs = [train_transform(36, 32)(image) for _ in range(4)]
     assert any(not torch.equal(outs[0], o) for o in outs[1:])
+    # With a crop that takes the whole image, the only randomness left is the horizontal flip:
+    # every output is the evaluation view or its mirror image, and both occur.
+    square = Image.fromarray(torch.randint(0, 255, (32, 32, 3), dtype=torch.uint8).numpy())
+    view = eval_transform(32, 32)(square)
+    flips = [train_transform(32, 32, crop_mode="center")(square) for _ in range(20)]
+    plain = sum(torch.equal(o, view) for o in flips)
+    mirrored = sum(torch.equal(o, view.flip(-1)) for o in flips)
+    assert plain + mirrored == 20 and plain > 0 and mirrored > 0
+    assert all(torch.equal(o, view) for o in
+               (train_transform(32, 32, crop_mode="center", flip=False)(square) for _ in range(5)))
 
 
 def test_custom_transform_and_eval_flag(tree):
     ds = load("visda2017", "real", tree, train=False)
-    assert torch.equal(ds[0][0], ds[0][0])
+    # train=False: the deterministic evaluation transform (square resize, centre crop, normalise).
+    path, label = ds.samples[0]
+    with Image.open(path) as im:
+        assert torch.equal(ds[0][0], eval_transform(**SMALL)(im.convert("RGB")))
+    assert ds[0][1] == label == 0
     raw = load("visda2017", "real", tree, transform=lambda im: im.size)
     assert raw[0][0] == (40, 40)
 

@@ -8,10 +8,10 @@ import signal
 import pytest
 import torch
 
-from gradharmony.config import ConfigError, TrainConfig
-from gradharmony.data.fake_images import write_benchmark_tree
-from gradharmony.engine import Trainer, train
-from gradharmony.runlog import read_metrics
+from gradharmony.uda.config import ConfigError, TrainConfig
+from fakes.images import write_benchmark_tree
+from gradharmony.uda.engine import Trainer, train
+from gradharmony.uda.runs import read_metrics
 
 
 def image_config(tmp_path, root, **overrides) -> TrainConfig:

@@ -1,7 +1,9 @@
-"""UDA methods: losses, where their gradients go, reversal sign and schedule, registry, training."""
+"""UDA methods: losses, where their gradients go, reversal sign and schedule, registry, training,
+and the default ``update`` (harmonized, plain, source only, non-finite skip, autocast, the cut)."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -10,11 +12,20 @@ from torch import nn
 from torch.nn import functional as F
 
 from gradharmony import Harmonizer
-from gradharmony.methods import (METHODS, CDANE, Losses, Method, build_method,
-                                 class_confusion_loss, domain_adversarial_loss)
-from gradharmony.methods.cdan import MultilinearMap, RandomizedMultilinearMap, entropy_weights
-from gradharmony.methods.mdd import log_one_minus_softmax
-from gradharmony.models import build_backbone, warm_start_coefficient
+from gradharmony.uda.methods import (
+    CDANE,
+    METHODS,
+    Batch,
+    Losses,
+    Method,
+    StepContext,
+    build_method,
+    class_confusion_loss,
+    domain_adversarial_loss,
+)
+from gradharmony.uda.methods.cdan import MultilinearMap, RandomizedMultilinearMap, entropy_weights
+from gradharmony.uda.methods.mdd import log_one_minus_softmax
+from gradharmony.uda.models import build_backbone, warm_start_coefficient
 
 NAMES = ["source_only", "dann", "cdan", "cdan+e", "mdd", "mcc"]
 ADVERSARIAL = ["dann", "cdan", "cdan+e", "mdd"]
@@ -371,3 +382,118 @@ def test_features_strategy_runs_on_the_method_features():
     losses = losses_at(method)
     stats = harmonizer.backward(cls=losses.cls, align=losses.align, features=losses.features)
     assert math.isfinite(stats.w_align) and method.discriminator.net[0].weight.grad is not None
+
+
+# ----------------------------------------------------------------------------- the default update
+def sgd(method: Method, lr: float = 0.05) -> dict[str, torch.optim.Optimizer]:
+    return {name: torch.optim.SGD(groups, lr=lr, momentum=0.9) for name, groups in method.optimizer_groups(lr).items()}
+
+
+def same_parameters(a: nn.Module, b: nn.Module) -> bool:
+    return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_losses_expose_the_backbone_output_as_the_cut(name):
+    method = make(name)
+    outputs = []
+    method.backbone.register_forward_hook(lambda module, args, out: outputs.append(out))
+    losses = losses_at(method, n_s=4, n_t=3)
+    assert len(outputs) == 1 and losses.cut is outputs[0]
+    assert losses.cut.shape == (7, method.backbone.out_features)
+    assert torch.autograd.grad(losses.cls, losses.cut, retain_graph=True)[0].abs().sum() > 0  # in the graph
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("harmonized", [True, False])
+def test_default_update_is_the_harmonized_or_plain_backward_then_a_step(name, harmonized):
+    method = make(name).train()
+    reference = copy.deepcopy(method)
+    x_s, y_s, x_t = batch()
+    harmonizer = Harmonizer(mode="gh++", scope=method.scope_modules(), lead=method.default_lead)
+    ref_harmonizer = Harmonizer(mode="gh++", scope=reference.scope_modules(), lead=reference.default_lead)
+    optimizers, ref_optimizers = sgd(method), sgd(reference)
+    for step in (40, 41):
+        torch.manual_seed(step)
+        result = method.update(Batch(x_s, y_s, x_t), StepContext(step, optimizers, harmonizer if harmonized else None, 0.6))
+        torch.manual_seed(step)
+        losses = reference.compute_losses(x_s, y_s, x_t, step)
+        ref_optimizers["all"].zero_grad()
+        if name == "source_only":  # nothing to harmonize, whatever the context
+            losses.cls.backward()
+            assert result.stats is None and result.guards == ("no_align",)
+        elif harmonized:
+            stats = ref_harmonizer.backward(cls=losses.cls, align=losses.align, trade_off=0.6, features=losses.features)
+            assert (result.stats.w_align, result.stats.w_cls) == (stats.w_align, stats.w_cls)
+        else:
+            (losses.cls + 0.6 * losses.align).backward()
+            assert result.stats is None and result.guards == ("plain",)
+        ref_optimizers["all"].step()
+        assert result.finite and result.loss_cls == losses.logs["cls_loss"]
+        assert result.logs == losses.logs
+    assert same_parameters(method, reference)
+    assert harmonizer.calls == (2 if harmonized and name != "source_only" else 0)
+
+
+def test_non_finite_gradients_skip_the_step_and_report_nan():
+    method = make("dann")
+    optimizers = sgd(method)
+    with torch.no_grad():
+        method.classifier[0].weight[0, 0] = float("inf")
+    before = {k: p.detach().clone() for k, p in method.named_parameters()}
+    for harmonizer in (None, Harmonizer(mode="gh", scope=method.scope_modules())):
+        result = method.update(Batch(*batch()), StepContext(50, optimizers, harmonizer))
+        assert not result.finite and math.isnan(result.loss_cls) and math.isnan(result.loss_align)
+        assert all(p.grad is None for p in method.parameters())  # cleared: nothing stepped
+        after = dict(method.named_parameters())
+        assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_update_runs_the_forward_under_the_contexts_autocast():
+    method = make("dann")
+    seen = []
+    original = method.compute_losses
+
+    def spy(*args):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"))
+        return original(*args)
+
+    method.compute_losses = spy
+    result = method.update(Batch(*batch()), StepContext(50, sgd(method), None, autocast_dtype=torch.bfloat16))
+    method.update(Batch(*batch()), StepContext(51, sgd(method), None))
+    assert seen == [torch.bfloat16, False] and result.finite
+
+
+@pytest.mark.parametrize("harmonized", [True, False])
+def test_a_grad_scaler_scales_the_backward_and_steps_every_optimizer(harmonized):
+    """The fp16 path (on CPU here): scaled losses, steps through the scaler, the same update."""
+    method = make("cdan").train()
+    reference = copy.deepcopy(method)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    updates = []
+    for model, scaler_or_none in ((method, scaler), (reference, None)):
+        harmonizer = Harmonizer(mode="gh", scope=model.scope_modules()) if harmonized else None
+        torch.manual_seed(0)
+        updates.append(model.update(Batch(*batch()), StepContext(50, sgd(model), harmonizer, scaler=scaler_or_none)))
+    assert updates[0].finite and scaler.get_scale() == 2.0**10  # no overflow: the scale stays
+    for p, q in zip(method.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("use_cut", [True, False])
+def test_use_cut_passes_the_backbone_output_to_the_harmonizer(use_cut):
+    method = make("cdan")
+    harmonizer = Harmonizer(mode="gh", scope=[method.bottleneck])
+    calls = []
+    backward = harmonizer.backward
+    harmonizer.backward = lambda **kwargs: calls.append(kwargs["features"]) or backward(**kwargs)
+    method.update(Batch(*batch()), StepContext(50, sgd(method), harmonizer, use_cut=use_cut))
+    width = method.backbone.out_features if use_cut else DIM
+    assert len(calls) == 1 and calls[0].shape == (8, width)
+
+
+def test_step_context_checks_its_distributed_mode():
+    context = StepContext(0, {})
+    assert context.world is None and context.harmonizer is None and context.trade_off == 1.0
+    with pytest.raises(ValueError, match="distributed"):
+        StepContext(0, {}, distributed="ring")

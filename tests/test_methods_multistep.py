@@ -1,4 +1,5 @@
-"""Multi-step methods (MCD, GVB-GD, DWL): update order, where gradients go, GH placement, maths."""
+"""Multi-step methods (MCD, GVB-GD, DWL): update order, where gradients go, GH placement, maths,
+and plain training (no harmonizer in the step's context)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,20 @@ from torch import nn
 from torch.nn import functional as F
 
 from gradharmony import Harmonizer
-from gradharmony.methods import METHODS, Method, UpdateResult, build_method
-from gradharmony.methods.dwl import (A_MAX, A_MIN, A_NORM, J_MAX, J_MIN, J_NORM, WINDOWS, DWL,
-                                     dynamic_weight, lda_criterion)
-from gradharmony.methods.mcd import classifier_discrepancy, mean_prediction_entropy
+from gradharmony.uda.methods import METHODS, Batch, Losses, Method, StepContext, UpdateResult, build_method
+from gradharmony.uda.methods.dwl import (
+    A_MAX,
+    A_MIN,
+    A_NORM,
+    DWL,
+    J_MAX,
+    J_MIN,
+    J_NORM,
+    WINDOWS,
+    dynamic_weight,
+    lda_criterion,
+)
+from gradharmony.uda.methods.mcd import classifier_discrepancy, mean_prediction_entropy
 
 NUM_CLASSES, DIM, IN = 3, 8, 12
 MULTI = ["mcd", "gvb", "dwl"]
@@ -177,13 +188,31 @@ def test_few_gh_updates_change_parameters_and_stay_finite(name):
     before = snapshot(method)
     for step in range(3):
         x_s, y_s, x_t = batch(seed=step)
-        result = method.update(x_s, y_s, x_t, step, optimizers, harmonizer, trade_off=1.0)
+        result = method.update(Batch(x_s, y_s, x_t), StepContext(step, optimizers, harmonizer, 1.0))
         assert isinstance(result, UpdateResult) and result.stats is not None
         assert math.isfinite(result.loss_cls) and math.isfinite(result.loss_align)
         # angles are NaN when a probe is zero (GVB's discriminator bridge at reversal coefficient 0)
         assert all(math.isfinite(v) for k, v in result.logs.items() if not k.endswith("angle"))
     assert moved(before, snapshot(method)) == {k.split(".")[0] for k in before}
     assert all(torch.isfinite(v).all() for v in method.state_dict().values() if isinstance(v, torch.Tensor))
+
+
+@pytest.mark.parametrize("name", MULTI)
+def test_plain_training_equals_the_weights_one_harmonizer_and_calls_none(name):
+    """No harmonizer in the context: the harmonized phases become the plain backward of the same sum."""
+    plain, measured = make(name).train(), make(name).train()
+    plain_opt, measured_opt = sgd(plain, lr=0.05, momentum=0.9), sgd(measured, lr=0.05, momentum=0.9)
+    none = harmonizer_for(measured, "none")
+    for step in range(2):
+        torch.manual_seed(step)
+        result = plain.update(Batch(*batch(seed=step)), StepContext(step, plain_opt, None, 0.8))
+        torch.manual_seed(step)
+        reference = measured.update(Batch(*batch(seed=step)), StepContext(step, measured_opt, none, 0.8))
+        assert result.stats is None and result.guards == ("plain",) and reference.stats is not None
+        assert result.loss_cls == pytest.approx(reference.loss_cls, rel=1e-5)
+        assert not any(k.startswith("bridge_") for k in result.logs)
+    assert none.calls > 0
+    assert_same_parameters(plain, measured)
 
 
 def test_default_update_of_a_single_step_method():
@@ -193,7 +222,7 @@ def test_default_update_of_a_single_step_method():
     assert list(optimizers) == ["all"]
     before = snapshot(method)
     x_s, y_s, x_t = batch()
-    result = method.update(x_s, y_s, x_t, 50, optimizers, harmonizer_for(method), 1.0)
+    result = method.update(Batch(x_s, y_s, x_t), StepContext(50, optimizers, harmonizer_for(method), 1.0))
     assert result.stats is not None and math.isfinite(result.loss_cls)
     assert {"backbone", "bottleneck", "classifier", "discriminator"} == moved(before, snapshot(method))
 
@@ -204,7 +233,7 @@ def test_mcd_update_order_and_what_moves():
     optimizers, harmonizer = sgd(method), harmonizer_for(method)
     rec = Recorder(method, optimizers, harmonizer)
     x_s, y_s, x_t = batch()
-    method.update(x_s, y_s, x_t, 0, optimizers, harmonizer, 1.0)
+    method.update(Batch(x_s, y_s, x_t), StepContext(0, optimizers, harmonizer, 1.0))
     assert rec.names() == ["generator", "classifiers",  # A
                            "gh", "classifiers",          # B
                            "generator", "generator", "generator"]  # C x num_k
@@ -222,7 +251,7 @@ def test_mcd_step_b_fixes_the_generator_and_step_c_fixes_the_classifiers():
     rec = Recorder(method, optimizers, harmonizer)
     x_s, y_s, x_t = batch()
     before = snapshot(method)
-    method.update(x_s, y_s, x_t, 0, optimizers, harmonizer, 1.0)
+    method.update(Batch(x_s, y_s, x_t), StepContext(0, optimizers, harmonizer, 1.0))
     after = snapshot(method)
     at_gh = rec.calls[0]["params"]  # after step A, before B's step
     # B: from the GH call to the end, the classifiers move only in B; the generator only in C
@@ -242,7 +271,7 @@ def test_mcd_gh_is_step_b_measured_on_the_generator():
     assert [id(p) for p in harmonizer.scope] == [id(p) for p in params_of(method.backbone, method.bottleneck)]
     rec = Recorder(method, optimizers, harmonizer)
     x_s, y_s, x_t = batch()
-    result = method.update(x_s, y_s, x_t, 0, optimizers, harmonizer, trade_off=0.7)
+    result = method.update(Batch(x_s, y_s, x_t), StepContext(0, optimizers, harmonizer, 0.7))
     assert len(rec.calls) == 1 and harmonizer.calls == 1
     call = rec.calls[0]
     assert result.stats is call["stats"] and call["trade_off"] == 0.7
@@ -259,7 +288,7 @@ def test_mcd_num_k_is_the_number_of_generator_updates(num_k):
     forwards = []
     method.backbone.register_forward_hook(lambda *args: forwards.append(1))
     x_s, y_s, x_t = batch()
-    result = method.update(x_s, y_s, x_t, 0, optimizers, harmonizer, 1.0)
+    result = method.update(Batch(x_s, y_s, x_t), StepContext(0, optimizers, harmonizer, 1.0))
     assert rec.names().count("generator") == 1 + num_k  # step A + step C
     assert rec.names().count("classifiers") == 2 and len(forwards) == 2 + num_k
     assert result.logs["generator_updates"] == num_k
@@ -270,7 +299,8 @@ def test_mcd_update_equals_the_authors_step_by_hand(strategy):
     method = make("mcd", num_k=2, head_dropout=0.0, generator_momentum=None)
     ref = copy.deepcopy(method)
     lr, x_s, y_s, x_t = 0.1, *batch()
-    result = method.update(x_s, y_s, x_t, 0, sgd(method, lr), harmonizer_for(method, strategy=strategy), 1.0)
+    harmonizer = harmonizer_for(method, strategy=strategy)
+    result = method.update(Batch(x_s, y_s, x_t), StepContext(0, sgd(method, lr), harmonizer, 1.0))
 
     generator = params_of(ref.backbone, ref.bottleneck)
     heads = params_of(ref.classifier, ref.classifier2)
@@ -324,7 +354,7 @@ def test_mcd_skips_a_phase_with_non_finite_gradients():
         method.classifier[-1].weight[0, 0] = float("inf")
     before = snapshot(method)
     x_s, y_s, x_t = batch()
-    result = method.update(x_s, y_s, x_t, 0, optimizers, harmonizer_for(method), 1.0)
+    result = method.update(Batch(x_s, y_s, x_t), StepContext(0, optimizers, harmonizer_for(method), 1.0))
     assert math.isnan(result.loss_cls) and result.logs["skipped_phases"] >= 1
     assert "classifier2" not in moved(before, snapshot(method))  # the classifiers' steps were skipped
 
@@ -334,6 +364,8 @@ def test_gvb_gradients_reach_the_right_modules():
     method = make("gvb", disc_dropout=0.0)
     x_s, y_s, x_t = batch()
     t = method._terms(x_s, y_s, x_t, step=5000)  # reversal coefficient ~1
+    assert isinstance(t, Losses)
+    terms = {"align": t.align, "cls": t.cls, **t.extra}
     fc, bridge, disc = method.classifier.fc, method.classifier.bridge, method.discriminator
     expected = {  # loss -> (backbone, bottleneck, fc, bridge, disc hidden, disc head, disc bridge)
         "align": (True, True, True, True, True, True, True),
@@ -343,14 +375,14 @@ def test_gvb_gradients_reach_the_right_modules():
     }
     modules = (method.backbone, method.bottleneck, fc, bridge, disc.hidden, disc.head, disc.bridge)
     for loss, flags in expected.items():
-        assert tuple(reaches(t[loss], m) for m in modules) == flags, loss
+        assert tuple(reaches(terms[loss], m) for m in modules) == flags, loss
     # the discriminator bridge reaches the classifier reversed, the discriminator plainly
     coefficient = method.grl.coefficient
-    g_rev = torch.autograd.grad(t["bridge_d"], fc.weight, retain_graph=True)[0]
-    g_disc = torch.autograd.grad(t["bridge_d"], disc.bridge.weight, retain_graph=True)[0]
+    g_rev = torch.autograd.grad(t.extra["bridge_d"], fc.weight, retain_graph=True)[0]
+    g_disc = torch.autograd.grad(t.extra["bridge_d"], disc.bridge.weight, retain_graph=True)[0]
     method.grl.constant = -1.0  # the identity
     plain = method._terms(x_s, y_s, x_t, step=5000)
-    g_fc, g_bridge = torch.autograd.grad(plain["bridge_d"], [fc.weight, disc.bridge.weight])
+    g_fc, g_bridge = torch.autograd.grad(plain.extra["bridge_d"], [fc.weight, disc.bridge.weight])
     torch.testing.assert_close(g_rev, -coefficient * g_fc)
     torch.testing.assert_close(g_disc, g_bridge)
 
@@ -372,16 +404,17 @@ def test_gvb_compute_losses_is_the_single_pair_form():
     x_s, y_s, x_t = batch()
     losses = method.compute_losses(x_s, y_s, x_t, 100)
     t = method._terms(x_s, y_s, x_t, 100)
-    assert losses.cls.item() == pytest.approx((t["cls"] + 0.5 * t["bridge_g"]).item(), rel=1e-6)
-    assert losses.align.item() == pytest.approx((t["align"] + 2.0 * t["bridge_d"]).item(), rel=1e-6)
+    assert losses.cls.item() == pytest.approx((t.cls + 0.5 * t.extra["bridge_g"]).item(), rel=1e-6)
+    assert losses.align.item() == pytest.approx((t.align + 2.0 * t.extra["bridge_d"]).item(), rel=1e-6)
 
 
 def _gvb_by_hand(ref, x_s, y_s, x_t, step, lr, gh: bool, trade_off: float = 1.0):
     t = ref._terms(x_s, y_s, x_t, step)
     scope = params_of(ref.backbone, ref.bottleneck, ref.classifier)
-    w1, w2 = authors_gh(t["align"], t["cls"], scope) if gh else (1.0, 1.0)
-    w3, w4 = authors_gh(t["bridge_g"], t["bridge_d"], scope) if gh else (1.0, 1.0)
-    total = trade_off * w1 * t["align"] + w2 * t["cls"] + w3 * t["bridge_g"] + w4 * t["bridge_d"]
+    bridge_g, bridge_d = t.extra["bridge_g"], t.extra["bridge_d"]
+    w1, w2 = authors_gh(t.align, t.cls, scope) if gh else (1.0, 1.0)
+    w3, w4 = authors_gh(bridge_g, bridge_d, scope) if gh else (1.0, 1.0)
+    total = trade_off * w1 * t.align + w2 * t.cls + w3 * bridge_g + w4 * bridge_d
     params = list(ref.parameters())
     grads = torch.autograd.grad(total, params, allow_unused=True)
     with torch.no_grad():
@@ -391,15 +424,18 @@ def _gvb_by_hand(ref, x_s, y_s, x_t, step, lr, gh: bool, trade_off: float = 1.0)
     return w1, w2, w3, w4
 
 
-@pytest.mark.parametrize("mode", ["none", "gh"])
+@pytest.mark.parametrize("mode", ["none", "gh", "plain"])
 def test_gvb_update_equals_the_authors_total_loss_with_gh_on_both_pairs(mode):
     method = make("gvb", disc_dropout=0.0)
     ref = copy.deepcopy(method)
     lr, step, x_s, y_s, x_t = 0.1, 3000, *batch()
-    harmonizer = harmonizer_for(method, mode, strategy="reweight")
-    result = method.update(x_s, y_s, x_t, step, sgd(method, lr), harmonizer, trade_off=0.8)
+    harmonizer = None if mode == "plain" else harmonizer_for(method, mode, strategy="reweight")
+    result = method.update(Batch(x_s, y_s, x_t), StepContext(step, sgd(method, lr), harmonizer, 0.8))
     w = _gvb_by_hand(ref, x_s, y_s, x_t, step, lr, gh=mode == "gh", trade_off=0.8)
     assert_same_parameters(method, ref)
+    if mode == "plain":  # one backward of the total loss, no harmonizer anywhere
+        assert result.stats is None and "bridge_w_align" not in result.logs and method._bridge_harmonizer is None
+        return
     assert mode == "none" or (result.stats.conflict and result.logs["bridge_conflict"] == 1.0)
     got = (result.stats.w_align, result.stats.w_cls, result.logs["bridge_w_align"], result.logs["bridge_w_cls"])
     assert got == pytest.approx(w, rel=1e-4)
@@ -409,7 +445,7 @@ def test_gvb_uses_a_second_harmonizer_whose_state_is_saved():
     method = make("gvb")
     optimizers, harmonizer = sgd(method), harmonizer_for(method, "gh++", strategy="reweight", k=0.3)
     for step in range(2):
-        method.update(*batch(seed=step), step, optimizers, harmonizer, 1.0)
+        method.update(Batch(*batch(seed=step)), StepContext(step, optimizers, harmonizer, 1.0))
     second = method.bridge_harmonizer(harmonizer)
     assert second is not harmonizer and harmonizer.calls == second.calls == 2
     assert (second.mode, second.k, second.lead, second.strategy) == ("gh++", 0.3, "align", "reweight")
@@ -422,7 +458,7 @@ def test_gvb_uses_a_second_harmonizer_whose_state_is_saved():
 def test_gvb_without_bridges_needs_one_harmonizer_call():
     method = make("gvb", gvbg_weight=0.0, gvbd_weight=0.0)
     harmonizer = harmonizer_for(method)
-    result = method.update(*batch(), 0, sgd(method), harmonizer, 1.0)
+    result = method.update(Batch(*batch()), StepContext(0, sgd(method), harmonizer, 1.0))
     assert harmonizer.calls == 1 and "bridge_angle" not in result.logs
 
 
@@ -431,7 +467,7 @@ def test_dwl_update_order_and_what_moves():
     method = make("dwl", num_k1=2, num_k2=1, num_k3=2, num_k4=1)
     optimizers, harmonizer = sgd(method), harmonizer_for(method)
     rec = Recorder(method, optimizers, harmonizer)
-    result = method.update(*batch(), 0, optimizers, harmonizer, 1.0)
+    result = method.update(Batch(*batch()), StepContext(0, optimizers, harmonizer, 1.0))
     assert rec.names() == ["generator", "classifier"] * 2 + ["discriminator", "aux_classifiers", "classifier"] \
         + ["gh", "generator"] * 2 + ["generator", "classifier"]
     owners = {"generator": {"backbone", "bottleneck"}, "classifier": {"classifier"},
@@ -462,6 +498,21 @@ def test_dwl_phase_three_gradient_is_the_weighted_harmonized_pair():
         torch.testing.assert_close(p.grad, expected, rtol=1e-4, atol=1e-7)
 
 
+def test_dwl_phase_three_without_a_harmonizer_is_the_plain_weighted_sum():
+    method = make("dwl", disc_dropout=0.0)
+    x_s, _, x_t = batch()
+    weight, trade_off = 0.3, 0.9
+    generator = params_of(method.backbone, method.bottleneck)
+    f_s, f_t = method.features(x_s), method.features(x_t)
+    adv = -method.adv_weight * method._domain_loss(f_s, f_t)
+    dis = method._discrepancies(f_t)
+    g_adv = torch.autograd.grad(adv, generator, retain_graph=True)
+    g_dis = torch.autograd.grad(dis, generator, retain_graph=True)
+    assert method._generator_backward(None, adv, dis, weight, trade_off, [f_s, f_t]) is None
+    for p, ga, gd in zip(generator, g_adv, g_dis):
+        torch.testing.assert_close(p.grad, trade_off * weight * ga + (1 - weight) * gd, rtol=1e-5, atol=1e-7)
+
+
 def test_dwl_phase_three_losses_reach_the_right_modules():
     method = make("dwl", disc_dropout=0.0)
     x_s, _, x_t = batch()
@@ -482,7 +533,7 @@ def test_dwl_domain_losses():
     d_s, d_t = torch.randn(4), torch.randn(4)
     q = torch.sigmoid(d_t)
     expected = -(q * torch.log(torch.sigmoid(d_s)) + (1 - q) * torch.log(1 - torch.sigmoid(d_s))).mean()
-    from gradharmony.methods.dwl import authors_domain_loss
+    from gradharmony.uda.methods.dwl import authors_domain_loss
     assert authors_domain_loss(d_s, d_t).item() == pytest.approx(expected.item(), rel=1e-5)
     with pytest.raises(ValueError, match="batch sizes"):
         method.compute_losses(*batch(n_s=6, n_t=3), step=0)
@@ -545,7 +596,7 @@ def test_dwl_updates_close_windows_and_the_state_is_saved():
     optimizers, harmonizer = sgd(method), harmonizer_for(method, "gh")
     weights = []
     for step in range(4):
-        result = method.update(*batch(seed=step), step, optimizers, harmonizer, 1.0)
+        result = method.update(Batch(*batch(seed=step)), StepContext(step, optimizers, harmonizer, 1.0))
         weights.append(result.logs["dwl_T"])
     assert weights[:2] == [0.5, 0.5] and int(method.dwl_state[WINDOWS]) == 2
     assert 0.0 <= weights[2] < 1.0
@@ -557,7 +608,7 @@ def test_dwl_updates_close_windows_and_the_state_is_saved():
 
 def test_dwl_per_step_mmd_updates_the_alignment_term_every_step():
     method = make("dwl", stats_window=50, mmd_per_step=True)
-    method.update(*batch(), 0, sgd(method), harmonizer_for(method), 1.0)
+    method.update(Batch(*batch()), StepContext(0, sgd(method), harmonizer_for(method), 1.0))
     state = method.dwl_state.tolist()
     assert state[A_MAX] > 0 and state[A_NORM] == pytest.approx(state[A_MAX] / (state[A_MAX] + 1e-6))
     assert state[WINDOWS] == 0

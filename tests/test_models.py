@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from gradharmony.models import (DTN, Bottleneck, ClassifierHead, DomainDiscriminator, LeNet,
+from gradharmony.uda.models import (DTN, Bottleneck, ClassifierHead, DomainDiscriminator, LeNet,
                                 build_backbone)
 
 

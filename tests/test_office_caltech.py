@@ -9,9 +9,9 @@ import pytest
 import scipy.io
 import torch
 
-from gradharmony.config import ConfigError, TrainConfig
-from gradharmony.data import DatasetFormatError, DatasetNotFoundError, load_domain
-from gradharmony.engine import train
+from gradharmony.uda.config import ConfigError, TrainConfig
+from gradharmony.uda.data import DatasetFormatError, DatasetNotFoundError, load_domain
+from gradharmony.uda.engine import train
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

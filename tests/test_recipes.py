@@ -7,12 +7,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gradharmony.data.fake_images import write_benchmark_tree
-from gradharmony.engine import train
-from gradharmony.sweep import expand
+from fakes.images import write_benchmark_tree
+from gradharmony.uda.engine import train
+from gradharmony.uda.sweep import expand
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-RECIPES = sorted(CONFIGS.glob("*/*.yaml"))
+# One recipe per method and image benchmark; configs/benchmarks/ holds the benchmark stages (several
+# methods per grid, on real data), tested in test_benchmark_grids.py.
+IMAGE_BENCHMARKS = ("office31", "officehome", "visda2017", "domainnet")
+RECIPES = sorted(p for benchmark in IMAGE_BENCHMARKS for p in (CONFIGS / benchmark).glob("*.yaml"))
 # CI-sized: a small random-init backbone on 32x32 crops of generated images, two steps.
 TINY = {"backbone": "resnet18", "pretrained": None, "resize": 36, "crop": 32, "batch_size": 4, "steps": 2,
         "eval_every": 2, "loader_workers": 0, "device": "cpu", "source_eval_size": 4, "bottleneck_dim": 16,
@@ -20,10 +23,10 @@ TINY = {"backbone": "resnet18", "pretrained": None, "resize": 36, "crop": 32, "b
 
 
 def test_there_is_a_recipe_per_method_and_benchmark():
-    from gradharmony.methods import METHODS
+    from gradharmony.uda.methods import METHODS
 
     names = {(p.parent.name, p.stem) for p in RECIPES}
-    for benchmark in ("office31", "officehome", "visda2017", "domainnet"):
+    for benchmark in IMAGE_BENCHMARKS:
         for method in METHODS:
             assert (benchmark, method) in names, (benchmark, method)
 
@@ -31,7 +34,7 @@ def test_there_is_a_recipe_per_method_and_benchmark():
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("benchmarks")
-    for benchmark in ("office31", "officehome", "visda2017", "domainnet"):
+    for benchmark in IMAGE_BENCHMARKS:
         write_benchmark_tree(root, benchmark, per_class=1 if benchmark != "domainnet" else 2, size=36,
                              lists=benchmark == "domainnet")
     return root

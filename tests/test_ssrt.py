@@ -16,11 +16,17 @@ from torch.nn import functional as F
 
 pytest.importorskip("timm")
 
-from gradharmony import Harmonizer  # noqa: E402
-from gradharmony.methods import METHODS, UpdateResult, build_method  # noqa: E402
-from gradharmony.methods.ssrt import (SSRT, chunk_means, diversity_dropped, perturb_target,  # noqa: E402
-                                      refinement_ramp, self_refinement_loss)
-from gradharmony.models import build_image_backbone  # noqa: E402
+from gradharmony import Harmonizer
+from gradharmony.uda.methods import METHODS, Batch, Losses, StepContext, UpdateResult, build_method
+from gradharmony.uda.methods.ssrt import (
+    SSRT,
+    chunk_means,
+    diversity_dropped,
+    perturb_target,
+    refinement_ramp,
+    self_refinement_loss,
+)
+from gradharmony.uda.models import build_image_backbone
 
 NUM_CLASSES, DIM, DEPTH = 5, 16, 3
 
@@ -127,6 +133,8 @@ def test_losses_are_finite_and_the_batch_layout():
     assert losses.cls.dim() == 0 and losses.align.dim() == 0 and losses.align.requires_grad
     assert math.isfinite(losses.cls.item()) and math.isfinite(losses.align.item())
     assert losses.features.shape == (4 + 2 * 3, DIM)  # source, target, perturbed target
+    assert losses.cut.shape == (4 + 2 * 3, method.backbone.out_features)  # the ViT output they come from
+    assert torch.autograd.grad(losses.cls, losses.cut, retain_graph=True)[0].abs().sum() > 0
     assert {"cls_loss", "transfer_loss", "domain_loss", "sr_loss", "sr_r", "sr_weight", "sr_layer",
             "domain_acc", "grl_coeff", "source_acc"} <= set(losses.logs)
     assert all(math.isfinite(v) for v in losses.logs.values())
@@ -141,15 +149,15 @@ def test_align_is_domain_plus_ramped_refinement():
     method = make(sr_epsilon=0.0, domain_loss_weight=0.7, head_dropout=0.0)
     x_s, y_s, x_t = batch()
     t = method.terms(x_s, y_s, x_t, step=500, r=0.5)
-    expected = 0.7 * t.domain + 0.2 * 0.5 * t.sr
+    expected = 0.7 * t.extra["domain"] + 0.2 * 0.5 * t.extra["sr"]
     torch.testing.assert_close(t.align, expected)
     assert t.logs["sr_weight"] == pytest.approx(0.1) and t.logs["sr_strength"] == pytest.approx(0.15)
-    assert t.sr.item() > 0
+    assert t.extra["sr"].item() > 0
     # the authors' domain loss: BCE(sigmoid(D)) * 2 over the source + target rows
     logits = method.discriminator(t.features[:8]).squeeze(-1)
     labels = torch.cat((torch.ones(4), torch.zeros(4)))
     reference = nn.BCELoss()(torch.sigmoid(logits), labels) * 2
-    torch.testing.assert_close(t.domain, reference, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(t.extra["domain"], reference, rtol=1e-4, atol=1e-6)
     # without an explicit r: the safe-training ramp, sin(pi/2 * 500/1000) at step 500 (T = 1000)
     t = method.terms(x_s, y_s, x_t, step=500)
     assert t.logs["sr_r"] == pytest.approx(math.sin(math.pi / 4))
@@ -161,9 +169,11 @@ def test_gradients_reach_the_right_modules():
     t = method.terms(x_s, y_s, x_t, step=500, r=1.0)
     assert method.grl.coefficient > 0
     body = (method.backbone, method.bottleneck)
+    assert isinstance(t, Losses) and set(t.extra) == {"domain", "sr", "target_logits"}
+    domain, sr = t.extra["domain"], t.extra["sr"]
     assert all(reaches(t.cls, m) for m in (*body, method.classifier)) and not reaches(t.cls, method.discriminator)
-    assert all(reaches(t.domain, m) for m in (*body, method.discriminator)) and not reaches(t.domain, method.classifier)
-    assert all(reaches(t.sr, m) for m in (*body, method.classifier)) and not reaches(t.sr, method.discriminator)
+    assert all(reaches(domain, m) for m in (*body, method.discriminator)) and not reaches(domain, method.classifier)
+    assert all(reaches(sr, m) for m in (*body, method.classifier)) and not reaches(sr, method.discriminator)
     assert all(reaches(t.align, m) for m in (*body, method.classifier, method.discriminator))
 
 
@@ -176,7 +186,7 @@ def test_the_domain_gradient_is_reversed_and_scaled_below_the_discriminator():
         method.grl.constant = constant
         torch.manual_seed(5)  # same layer, direction and dropout masks
         t = method.terms(x_s, y_s, x_t, step=700, r=1.0)
-        return flat_grad(t.domain, params), flat_grad(t.domain, list(method.discriminator.parameters()))
+        return flat_grad(t.extra["domain"], params), flat_grad(t.extra["domain"], list(method.discriminator.parameters()))
 
     method.grl.set_step(700)
     coeff = method.grl.coefficient  # the authors' ramp to 0.1 over 1000 steps with alpha = 1
@@ -329,7 +339,7 @@ def collapse_run(restore_weights: bool = True, restore_optimizer: bool = False, 
             kept["bias"] = method.classifier[-1].bias.detach().clone()
             with torch.no_grad():
                 method.classifier[-1].bias[0] = 1e4  # forced collapse: every target prediction is class 0
-        result = method.update(x_s, y_s, x_t, step, optimizers, harmonizer, trade_off=1.0)
+        result = method.update(Batch(x_s, y_s, x_t), StepContext(step, optimizers, harmonizer, 1.0))
         logs.append(result.logs)
         if step == 4:
             kept["snapshot"] = {k: v.clone() for k, v in method.safe.snapshot.items()} if restore_weights else None
@@ -369,7 +379,7 @@ def test_a_second_collapse_soon_after_doubles_the_period():
         if step == 10:
             with torch.no_grad():
                 method.classifier[-1].bias[0] = 1e4
-        result = method.update(x_s, y_s, x_t, step, optimizers, harmonizer, trade_off=1.0)
+        result = method.update(Batch(x_s, y_s, x_t), StepContext(step, optimizers, harmonizer, 1.0))
     assert result.logs["safe_collapse"] == 1.0
     assert method.safe.phase == 11 and method.safe.period == 8  # 11 - 8 <= 4: doubled
 
@@ -409,7 +419,7 @@ def test_gh_plus_plus_updates_change_parameters_and_stay_finite():
     before = snapshot(method)
     for i, step in enumerate(range(300, 303)):
         x_s, y_s, x_t = batch(seed=i)
-        result = method.update(x_s, y_s, x_t, step, optimizers, harmonizer, trade_off=1.0)
+        result = method.update(Batch(x_s, y_s, x_t), StepContext(step, optimizers, harmonizer, 1.0))
         assert isinstance(result, UpdateResult) and result.stats is not None and result.stats.step == i
         assert math.isfinite(result.loss_cls) and math.isfinite(result.loss_align)
         assert math.isfinite(result.stats.w_cls) and math.isfinite(result.stats.w_align)
@@ -425,7 +435,7 @@ def test_gh_weights_are_the_authors_measured_over_the_vit():
     x_s, y_s, x_t = batch()
     harmonizer = Harmonizer(mode="gh", scope=method.scope_modules(), lead="cls")
     torch.manual_seed(11)
-    result = method.update(x_s, y_s, x_t, 600, sgd(method), harmonizer, trade_off=1.0)
+    result = method.update(Batch(x_s, y_s, x_t), StepContext(600, sgd(method), harmonizer, 1.0))
     torch.manual_seed(11)  # the same draws: layer, KL direction, dropout masks
     t = reference.terms(x_s, y_s, x_t, 600, r=reference.ramp(600))
     params = list(reference.backbone.parameters())
@@ -437,6 +447,28 @@ def test_gh_weights_are_the_authors_measured_over_the_vit():
     assert result.logs["cls_loss"] == pytest.approx(t.cls.item(), rel=1e-5)
 
 
+def test_plain_update_without_a_harmonizer_is_one_backward_of_the_weighted_sum():
+    method = make(sr_epsilon=0.0, safe_period=2)
+    reference = copy.deepcopy(method)
+    x_s, y_s, x_t = batch()
+    optimizers, ref_optimizers = sgd(method), sgd(reference)
+    for step in (600, 601):
+        torch.manual_seed(step)
+        result = method.update(Batch(x_s, y_s, x_t), StepContext(step, optimizers, None, 0.7))
+        assert result.stats is None and result.guards == ("plain",)
+        assert {"target_diversity", "safe_snapshot", "sr_r"} <= set(result.logs)  # the bookkeeping still runs
+        torch.manual_seed(step)  # the same draws: layer, KL direction, dropout masks
+        reference._begin_step(step, ref_optimizers)
+        t = reference.terms(x_s, y_s, x_t, step)
+        ref_optimizers["all"].zero_grad()
+        (t.cls + 0.7 * t.align).backward()
+        ref_optimizers["all"].step()
+        reference._end_step(step, int(t.extra["target_logits"].argmax(dim=1).unique().numel()))
+        assert result.loss_cls == pytest.approx(t.cls.item(), rel=1e-6)
+    pa, pb = snapshot(method), snapshot(reference)
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
 # ----------------------------------------------------------------------------- state and resume
 def test_state_dict_round_trip_keeps_the_safe_training_state_and_resumes_exactly():
     method = make(safe_period=2, safe_restore_optimizer=True)
@@ -444,7 +476,7 @@ def test_state_dict_round_trip_keeps_the_safe_training_state_and_resumes_exactly
     harmonizer = Harmonizer(mode="gh++", scope=method.scope_modules(), lead="cls")
     for step in range(4):
         x_s, y_s, x_t = batch(seed=step)
-        method.update(x_s, y_s, x_t, step, optimizers, harmonizer, trade_off=1.0)
+        method.update(Batch(x_s, y_s, x_t), StepContext(step, optimizers, harmonizer, 1.0))
     method.safe.restore_pending, method.safe.phase, method.safe.collapses = True, 3, 1  # a restart is due
     buffer = io.BytesIO()
     torch.save({"model": method.state_dict(), "opt": optimizers["all"].state_dict()}, buffer)
@@ -469,9 +501,9 @@ def test_state_dict_round_trip_keeps_the_safe_training_state_and_resumes_exactly
     for step in range(4, 6):
         x_s, y_s, x_t = batch(seed=step)
         torch.manual_seed(step)
-        ra = method.update(x_s, y_s, x_t, step, optimizers, harmonizer, trade_off=1.0)
+        ra = method.update(Batch(x_s, y_s, x_t), StepContext(step, optimizers, harmonizer, 1.0))
         torch.manual_seed(step)
-        rb = other.update(x_s, y_s, x_t, step, other_optimizers, other_harmonizer, trade_off=1.0)
+        rb = other.update(Batch(x_s, y_s, x_t), StepContext(step, other_optimizers, other_harmonizer, 1.0))
         assert ra.logs == rb.logs
         logs.append(ra.logs)
     assert logs[0]["safe_restored"] == 1.0 and logs[0]["safe_snapshot"] == 1.0
@@ -482,9 +514,9 @@ def test_state_dict_round_trip_keeps_the_safe_training_state_and_resumes_exactly
 
 def test_trains_and_resumes_exactly_through_the_engine(tmp_path):
     """The engine's checkpoints carry the safe-training state (a LeNet backbone: input perturbation)."""
-    from gradharmony.config import TrainConfig
-    from gradharmony.data import Domain
-    from gradharmony.engine import Trainer, train
+    from gradharmony.uda.config import TrainConfig
+    from gradharmony.uda.data import Domain
+    from gradharmony.uda.engine import Trainer, train
 
     def domain(n: int, shift: float, seed: int) -> Domain:
         g = torch.Generator().manual_seed(seed)

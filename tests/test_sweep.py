@@ -8,12 +8,21 @@ import math
 import pytest
 import yaml
 
-from gradharmony.cli import main
-from gradharmony.config import ConfigError
-from gradharmony.data.fake import write_fake_data_root
-from gradharmony.report import (Cell, collect, paired, summary_markdown, summary_rows, table_rows, task_families,
-                                variant_comparison_markdown)
-from gradharmony.sweep import expand, run_grid, run_status
+from fakes.digits import write_fake_data_root
+from gradharmony.uda.cli import main
+from gradharmony.uda.config import ConfigError, TrainConfig
+from gradharmony.uda.report import (
+    Cell,
+    collect,
+    paired,
+    summary_markdown,
+    summary_rows,
+    table_rows,
+    task_families,
+    variant_comparison_markdown,
+)
+from gradharmony.uda.runs import labelled_runs, read_config, read_labels, run_status, write_error, write_labels
+from gradharmony.uda.sweep import expand, run_grid
 
 
 def tiny_grid(tmp_path):
@@ -60,13 +69,47 @@ def test_sweep_runs_once_then_skips_and_reports(tmp_path):
     grid = tiny_grid(tmp_path)
     counts = run_grid(grid, workers=2)
     assert counts == {"done": 4, "failed": 0}
-    assert all(run_status(r) == "done" for r in expand(grid))
+    assert all(run_status(r.out, r.config.steps) == "done" for r in expand(grid))
+    labelled = {(labels["variant"], labels["seed"]): folder for labels, folder in labelled_runs(grid["out"])}
+    assert labelled == {(r.variant, r.seed): r.out for r in expand(grid)}
+    first = expand(grid)[0]
+    assert TrainConfig.from_dict(read_config(first.out)).outcome_hash() == first.out.name
     mtimes = [(r.out / "last.pt").stat().st_mtime_ns for r in expand(grid)]
     assert run_grid(grid, workers=2)["done"] == 4  # nothing re-run
     assert mtimes == [(r.out / "last.pt").stat().st_mtime_ns for r in expand(grid)]
     cells = collect(grid["out"])
     assert set(cells) == {("usps->mnistm", "mcc", "none"), ("usps->mnistm", "mcc", "gh")}
     assert sorted(cells[("usps->mnistm", "mcc", "gh")].last) == [0, 1]
+
+
+def _finished_record(step: int, acc: float) -> str:
+    return json.dumps({"step": step, "target_acc": acc, "best_target_acc": acc, "config": {"steps": step},
+                       "harmonizer": {}}) + "\n"
+
+
+def test_run_status_and_labels_are_read_from_the_folder(tmp_path):
+    folder = tmp_path / "abc"
+    assert run_status(folder, 10) == "pending"
+    write_labels(folder, "t", "dann", "gh", 3)
+    assert read_labels(folder) == {"task": "t", "method": "dann", "variant": "gh", "seed": 3}
+    assert [(labels["seed"], path) for labels, path in labelled_runs(tmp_path)] == [(3, folder)]
+    (folder / "last.pt").write_bytes(b"")
+    assert run_status(folder, 10) == "partial"
+    (folder / "metrics.jsonl").write_text(_finished_record(5, 0.5))
+    assert run_status(folder, 10) == "partial"
+    write_error(folder, "Traceback: boom")
+    assert run_status(folder, 10) == "failed"
+    (folder / "metrics.jsonl").write_text(_finished_record(5, 0.5) + _finished_record(10, 0.6))
+    assert run_status(folder, 10) == "done"
+
+
+def test_two_folders_with_the_same_labels_are_reported(tmp_path):
+    for name, acc in (("a", 0.5), ("b", 0.7)):
+        write_labels(tmp_path / name, "t", "dann", "none", 0)
+        (tmp_path / name / "metrics.jsonl").write_text(_finished_record(10, acc))
+    with pytest.warns(UserWarning, match="both labelled"):
+        cells = collect(tmp_path)
+    assert cells[("t", "dann", "none")].last == {0: 70.0}
 
 
 def test_a_reused_worker_trains_the_same_runs_as_fresh_ones(tmp_path):
@@ -98,8 +141,7 @@ def test_sweep_and_report_commands(tmp_path, capsys):
     assert (tmp_path / "report" / "report.csv").exists()
     assert main(["report", grid["out"], "--compare", "gh", "none", "--out", str(tmp_path / "report")]) == 0
     assert "| usps->mnistm | mcc | " in capsys.readouterr().out.split("gh minus none")[1]
-    with pytest.raises(SystemExit):
-        main(["report", grid["out"], "--compare", "gh", "gh++", "--out", str(tmp_path / "report")])
+    assert main(["report", grid["out"], "--compare", "gh", "gh++", "--out", str(tmp_path / "report")]) == 2
     assert "no method has both variants 'gh' and 'gh++'" in capsys.readouterr().err
     assert (tmp_path / "report" / "tsne_usps_to_mnistm_mcc_gh.png").stat().st_size > 10_000
 

@@ -1,7 +1,7 @@
-"""``python -m gradharmony`` (and ``torchrun ... -m gradharmony``) runs the command line."""
+"""``python -m gradharmony`` (and ``torchrun ... -m gradharmony``) runs the toolkit's command line."""
 
 import sys
 
-from gradharmony.cli import main
+from gradharmony._entry import main
 
 sys.exit(main())

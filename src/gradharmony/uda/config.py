@@ -1,0 +1,352 @@
+"""The resolved configuration of one training run: defaults, YAML recipes, overrides, validation.
+
+A run is fully described by a :class:`TrainConfig`; it is saved next to the results, and its hash
+(over the fields that change the outcome) keys resumable runs and sweeps.
+
+Example:
+    >>> cfg = TrainConfig(method="dann", harmonizer="gh++", steps=100)
+    >>> cfg.with_overrides({"seed": 3}).seed
+    3
+    >>> TrainConfig.from_dict({"stepz": 10})
+    Traceback (most recent call last):
+    ...
+    gradharmony.uda.config.ConfigError: unknown config key 'stepz' (did you mean 'steps'?)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import hashlib
+import json
+import numbers
+import os
+import types
+import typing
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gradharmony.harmonize import LEADS, MODES, check_mode
+from gradharmony.harmonizer import STRATEGIES
+
+SCOPES = ("default", "bottleneck", "backbone", "all")
+LEAD_CHOICES = (*LEADS, "default")
+AMP_MODES = ("none", "bf16", "fp16")
+# Fields that do not change the outcome of a run: excluded from its hash.
+NON_OUTCOME_FIELDS = ("out", "data_root", "progress", "threads", "device", "checkpoint_every", "loader_workers",
+                      "tensorboard")
+# Fields added after runs were first keyed by their hash: left out of the hash while at these
+# defaults, so that run folders named by earlier versions keep their names (and resume).
+ADDED_FIELD_DEFAULTS: dict[str, Any] = {"pretrained": None, "amp": "none", "resize": 256, "crop": 224,
+                                        "sync_batchnorm": False, "measure_every": 0}
+
+
+class ConfigError(ValueError):
+    """A configuration value or key that cannot be used, with what would be accepted."""
+
+
+def unknown_name_message(kind: str, value: str, valid: Iterable[str]) -> str:
+    """``unknown <kind> 'x' (did you mean 'y'?); choose one of ...``: shared by recipes and the command line."""
+    valid = list(valid)
+    hint = difflib.get_close_matches(value, valid, n=1)
+    maybe = f" (did you mean {hint[0]!r}?)" if hint else ""
+    return f"unknown {kind} {value!r}{maybe}; choose one of {', '.join(sorted(valid))}"
+
+
+def field_choices() -> dict[str, tuple[str, ...]]:
+    """The accepted values of each :class:`TrainConfig` field that takes one of a closed set of names.
+
+    Read from the registries (methods, harmonizer modes, strategies, backbones), so that validation,
+    ``gradharmony train --help`` and the command line's checks always agree.
+    """
+    from gradharmony.uda.methods import METHODS
+    from gradharmony.uda.models import BACKBONES, FEATURE_BACKBONES
+    from gradharmony.uda.models.backbones import IMAGE_BACKBONE_NAMES
+
+    return {"method": tuple(METHODS), "backbone": (*BACKBONES, *FEATURE_BACKBONES, *IMAGE_BACKBONE_NAMES),
+            "harmonizer": MODES, "strategy": STRATEGIES, "scope": SCOPES, "lead": LEAD_CHOICES, "amp": AMP_MODES}
+
+
+@functools.cache
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _split_optional(hint: Any) -> tuple[type, bool]:
+    """``(base type, whether None is allowed)`` of a field's annotation (``int``, ``str | None``, ``dict[...]``)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return typing.get_origin(args[0]) or args[0], len(args) < len(typing.get_args(hint))
+    return typing.get_origin(hint) or hint, False
+
+
+def _checked_value(name: str, hint: Any, value: Any) -> Any:
+    """``value`` if it has the field's type, else a :class:`ConfigError` naming field, type and value.
+
+    A path is taken as a string, and a number written like ``1e-3`` (which YAML reads as a string)
+    as a number.
+    """
+    base, optional = _split_optional(hint)
+    if optional and value is None:
+        return value
+    if base is bool and isinstance(value, bool):
+        return value
+    if base is int and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if base is float and not isinstance(value, bool):
+        if isinstance(value, numbers.Real):
+            return value  # an int stays an int: converting it would change the hash of existing runs
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    if base is str and isinstance(value, (str, os.PathLike)):
+        return os.fspath(value)
+    if base is dict and isinstance(value, dict):
+        return value
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a mapping"}
+    expected = names.get(base, getattr(base, "__name__", str(base))) + (" or null" if optional else "")
+    raise ConfigError(f"{name} must be {expected}, got {value!r} ({type(value).__name__})")
+
+
+def _check_image_domain(role: str, name: str) -> None:
+    from gradharmony.uda.data.benchmarks import get_benchmark
+
+    benchmark, domain = name.split(":", 1)
+    try:
+        get_benchmark(benchmark).domain(domain)
+    except (KeyError, ValueError) as e:
+        raise ConfigError(f"{role} {name!r}: {e}") from None
+
+
+def _option(default: Any, help: str, *, group: str) -> Any:
+    """A :class:`TrainConfig` field with its one-line help and its section (shown by ``gradharmony train --help``)."""
+    return field(default=default, metadata={"help": help, "group": group})
+
+
+WHAT = "what to train"
+HARMONIZATION = "gradient harmonization"
+OPTIMISATION = "optimisation (TLlib's digit recipe: SGD, nesterov, inverse decay)"
+DATA = "data"
+RUN = "evaluation, logging, hardware, reproducibility"
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run depends on; each field is also a ``gradharmony train`` flag."""
+
+    # what to train
+    method: str = _option("dann", "the UDA method", group=WHAT)
+    source: str = _option("mnist", "labelled source domain", group=WHAT)
+    target: str = _option("mnistm-synth", "unlabelled target domain, evaluated on its test split; the same "
+                                          "kinds as source", group=WHAT)
+    backbone: str = _option("lenet", "feature extractor: digit CNNs, an MLP for feature-vector domains, or an "
+                                     "image backbone for the image benchmarks", group=WHAT)
+    pretrained: str | None = _option(None, "image backbones: 'imagenet' (the standard weights) or a weights "
+                                           "file; none: random initialisation", group=WHAT)
+    image_size: int = _option(32, "digit domains: images are resized to this many pixels a side", group=WHAT)
+    channels: int = _option(3, "digit domains: 1 (grey) or 3 (RGB)", group=WHAT)
+    resize: int = _option(256, "image benchmarks: resize to this square size, then crop", group=WHAT)
+    crop: int = _option(224, "image benchmarks: crop size (random for training, centre for evaluation)",
+                        group=WHAT)
+    bottleneck_dim: int = _option(256, "width of the bottleneck layer between backbone and classifier",
+                                  group=WHAT)
+    method_params: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "the method's own hyper-parameters (name: value)", "group": WHAT})
+    # gradient harmonization
+    harmonizer: str = _option("none", "how the classification and alignment gradients are combined: none "
+                                      "(plain sum), gh (remove each one's conflicting component), gh++ (the "
+                                      "authors' rotation rule), gh++exact (exact rotation to 90 degrees)",
+                              group=HARMONIZATION)
+    strategy: str = _option("recombine", "how the two per-loss gradients are obtained: reweight (the authors' "
+                                         "three backward passes), recombine (two passes, same update), features "
+                                         "(measured on shared features: cheaper, approximate)",
+                            group=HARMONIZATION)
+    scope: str = _option("default", "parameters whose gradients are harmonized: default (the method's own: "
+                                    "backbone, bottleneck, classifier), bottleneck, backbone, or all",
+                         group=HARMONIZATION)
+    k: float = _option(0.5, "gh++ and gh++exact: share of the rotation given to the lead gradient, in [0, 1]",
+                       group=HARMONIZATION)
+    lead: str = _option("default", "gh++ and gh++exact: the gradient that leads: align, cls, or default "
+                                   "(the method's own choice)", group=HARMONIZATION)
+    refresh_every: int = _option(1, "measure the harmonizer weights every this many steps and reuse them in "
+                                    "between (1: every step)", group=HARMONIZATION)
+    max_weight: float | None = _option(None, "cap on each harmonizer weight; none: no cap", group=HARMONIZATION)
+    trade_off: float = _option(1.0, "weight of the alignment loss: the update is trade_off * align + cls",
+                               group=HARMONIZATION)
+    measure_every: int = _option(0, "harmonizer none only: measure the gradient geometry (angle, norms, "
+                                    "conflicts) every this many steps, for the logs; 0: never (plain training "
+                                    "at full speed)", group=HARMONIZATION)
+    # optimisation (TLlib's digit recipe: SGD, nesterov, inverse decay)
+    steps: int = _option(3000, "training steps (one source batch and one target batch each)", group=OPTIMISATION)
+    batch_size: int = _option(32, "images per batch, in each domain", group=OPTIMISATION)
+    lr: float = _option(0.01, "initial learning rate of SGD", group=OPTIMISATION)
+    lr_gamma: float = _option(0.001, "learning-rate decay: lr * (1 + lr_gamma * step) ** -lr_decay",
+                              group=OPTIMISATION)
+    lr_decay: float = _option(0.75, "learning-rate decay exponent (see --lr-gamma)", group=OPTIMISATION)
+    momentum: float = _option(0.9, "SGD momentum", group=OPTIMISATION)
+    weight_decay: float = _option(1e-3, "SGD weight decay", group=OPTIMISATION)
+    nesterov: bool = _option(True, "Nesterov momentum", group=OPTIMISATION)
+    # data
+    data_root: str | None = _option(None, "folder holding the datasets; none: $GRADHARMONY_DATA_ROOT, else ./data",
+                                    group=DATA)
+    source_limit: int | None = _option(None, "use only the first N source training images (shuffled by seed); "
+                                             "none: all", group=DATA)
+    target_limit: int | None = _option(None, "use only the first N target training images (shuffled by seed); "
+                                             "none: all", group=DATA)
+    # evaluation, logging, reproducibility
+    eval_every: int = _option(500, "evaluate on the target test split every this many steps (and at the end)",
+                              group=RUN)
+    source_eval_size: int = _option(2000, "source test images evaluated at each evaluation (a cheap "
+                                          "diagnostic); 0: none", group=RUN)
+    checkpoint_every: int | None = _option(None, "save a checkpoint every this many steps; none: at every "
+                                                 "evaluation", group=RUN)
+    seed: int = _option(0, "random seed of weights, batches and data subsets", group=RUN)
+    out: str = _option("runs/default", "run folder: config.yaml, metrics.jsonl, steps.csv, last.pt; a run whose "
+                                       "folder holds a checkpoint resumes", group=RUN)
+    device: str = _option("auto", "auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps", group=RUN)
+    amp: str = _option("none", "mixed precision: none, bf16 (autocast), fp16 (autocast and gradient scaler; "
+                               "CUDA)", group=RUN)
+    sync_batchnorm: bool = _option(False, "several processes (torchrun): batch-norm statistics of the global "
+                                          "batch (CUDA)", group=RUN)
+    threads: int | None = _option(None, "CPU threads of this run; none: PyTorch's default", group=RUN)
+    progress: bool = _option(True, "show a progress bar", group=RUN)
+    tensorboard: str | None = _option(None, "also log the scalars as TensorBoard events in this folder",
+                                      group=RUN)
+    loader_workers: int = _option(0, "image benchmarks: DataLoader worker processes (0: load in the training "
+                                     "process)", group=RUN)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Check types, ranges and names; raise a :class:`ConfigError` saying what is accepted."""
+        hints = _field_types()
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _checked_value(f.name, hints[f.name], getattr(self, f.name)))
+        try:
+            self.harmonizer = check_mode(self.harmonizer)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        if self.scope not in SCOPES:
+            raise ConfigError(f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
+        if self.lead not in LEAD_CHOICES:
+            raise ConfigError(f"lead must be 'align', 'cls' or 'default', got {self.lead!r}")
+        if not 0.0 <= self.k <= 1.0:
+            raise ConfigError(f"k must lie in [0, 1], got {self.k}")
+        for name in ("steps", "batch_size", "eval_every", "refresh_every", "image_size", "channels",
+                     "bottleneck_dim"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.channels not in (1, 3):
+            raise ConfigError(f"channels must be 1 or 3, got {self.channels}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}")
+        if self.amp not in AMP_MODES:
+            raise ConfigError(f"amp must be none, bf16 or fp16, got {self.amp!r}")
+        if self.measure_every < 0:
+            raise ConfigError(f"measure_every must be >= 0 (0: never measure under harmonizer none), "
+                              f"got {self.measure_every}")
+        if self.source_eval_size < 0:
+            raise ConfigError(f"source_eval_size must be >= 0, got {self.source_eval_size}")
+        self._validate_names()
+
+    def _validate_names(self) -> None:
+        """Method, its hyper-parameters, backbone and domains: checked before any data is read."""
+        from gradharmony.uda.data import DOMAIN_NAMES
+        from gradharmony.uda.methods import METHODS
+        from gradharmony.uda.models.backbones import IMAGE_BACKBONE_NAMES
+
+        def check(kind: str, value: str, valid) -> None:
+            if value not in valid:
+                raise ConfigError(unknown_name_message(kind, value, valid))
+
+        choices = field_choices()
+        check("method", self.method, choices["method"])
+        check("backbone", self.backbone, choices["backbone"])
+        if self.pretrained is not None and self.backbone not in IMAGE_BACKBONE_NAMES:
+            raise ConfigError(f"pretrained weights apply to the image backbones ({', '.join(IMAGE_BACKBONE_NAMES)}), "
+                              f"not to {self.backbone!r}")
+        for role, name in (("source", self.source), ("target", self.target)):
+            if ":" in name:  # an image benchmark's domain, e.g. office31:amazon
+                _check_image_domain(role, name)
+            else:
+                check(f"{role} domain", name, DOMAIN_NAMES)
+        if (":" in self.source) != (":" in self.target):
+            raise ConfigError(f"source {self.source!r} and target {self.target!r} must both be image-benchmark "
+                              f"domains (benchmark:domain) or both not")
+        accepted = METHODS[self.method].hparam_defaults()
+        accepted.pop("bottleneck_dim", None)  # a config field of its own
+        for key in self.method_params:
+            check(f"hyper-parameter of {self.method}", key, accepted)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def field_names(cls) -> list[str]:
+        """The names of every field, in declaration order."""
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """A validated config from a mapping of field names to values; unknown keys are named."""
+        names = cls.field_names()
+        for key in values:
+            if key not in names:
+                hint = difflib.get_close_matches(key, names, n=1)
+                suggestion = f" (did you mean {hint[0]!r}?)" if hint else f"; valid keys: {', '.join(names)}"
+                raise ConfigError(f"unknown config key {key!r}{suggestion}")
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+        """A validated config from a YAML recipe (a mapping of field names to values), with ``overrides``."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {yaml_error_line(e)}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+        try:
+            return cls.from_dict({**values, **(overrides or {})})
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+    def with_overrides(self, overrides: dict[str, Any]) -> TrainConfig:
+        """A copy with ``overrides`` applied, validated."""
+        return TrainConfig.from_dict({**self.to_dict(), **overrides})
+
+    # ------------------------------------------------------------------ output
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, as plain values (what ``config.yaml`` holds)."""
+        return dataclasses.asdict(self)
+
+    def outcome_hash(self) -> str:
+        """Hash of every field that changes the result (not paths, devices or logging)."""
+        values = {k: v for k, v in self.to_dict().items() if k not in NON_OUTCOME_FIELDS
+                  and not (k in ADDED_FIELD_DEFAULTS and v == ADDED_FIELD_DEFAULTS[k])}
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+    def save(self, path: str | Path) -> None:
+        """Write the config as YAML to ``path``."""
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def yaml_error_line(error: yaml.YAMLError) -> str:
+    """A YAML parse error on one line: where (line, column) and what, as PyYAML words it."""
+    mark = getattr(error, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    what = getattr(error, "problem", None) or str(error)
+    context = getattr(error, "context", None)
+    return " ".join(f"{where}{what}{f' ({context})' if context else ''}".split())

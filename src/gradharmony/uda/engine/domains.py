@@ -1,0 +1,80 @@
+"""The four domains a run uses: source train, target train (labels never read), source and target test."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset, Subset
+
+from gradharmony.uda.config import ConfigError, TrainConfig
+from gradharmony.uda.data import Domain, default_data_root, load_domain
+from gradharmony.uda.engine.evaluation import num_classes_of
+
+
+def _limited(domain: Domain, limit: int | None, seed: int) -> Domain:
+    if limit is None or limit >= len(domain):
+        return domain
+    keep = torch.randperm(len(domain), generator=torch.Generator().manual_seed(seed))[:limit]
+    return Domain(name=domain.name, split=domain.split, images=domain.images[keep],
+                  labels=domain.labels[keep], num_classes=domain.num_classes)
+
+
+def load_domains(cfg: TrainConfig) -> dict[str, Domain | Dataset]:
+    """Source train (labelled), target train (labels never used), source and target test."""
+    root = Path(cfg.data_root) if cfg.data_root else default_data_root()
+    if is_image_task(cfg.source):
+        domains = _load_image_domains(cfg, root)
+    else:
+        common = dict(data_root=root, image_size=cfg.image_size, channels=cfg.channels)
+        domains = {
+            "source": _limited(load_domain(cfg.source, "train", **common), cfg.source_limit, 0),
+            "target": _limited(load_domain(cfg.target, "train", **common), cfg.target_limit, 1),
+            "source_test": _limited(load_domain(cfg.source, "test", **common), cfg.source_eval_size, 2),
+            "target_test": load_domain(cfg.target, "test", **common),
+        }
+    if num_classes_of(domains["source"]) != num_classes_of(domains["target"]):
+        raise ConfigError(f"{cfg.source} has {num_classes_of(domains['source'])} classes but {cfg.target} has "
+                          f"{num_classes_of(domains['target'])}; closed-set UDA needs the same classes")
+    return domains
+
+
+def is_image_task(name: str) -> bool:
+    """Image-benchmark domains are named ``benchmark:domain`` (e.g. ``office31:amazon``)."""
+    return ":" in name
+
+
+def load_eval_domain(cfg: TrainConfig, name: str, split: str, data_root: str | Path | None) -> Domain | Dataset:
+    """One domain for evaluation, in the input space the run was trained in."""
+    root = Path(data_root) if data_root else default_data_root()
+    if is_image_task(name):
+        from gradharmony.uda.data.image_domains import load_image_domain
+
+        benchmark, domain = name.split(":", 1)
+        return load_image_domain(benchmark, domain, split, root, train=False, resize=cfg.resize, crop=cfg.crop)
+    return load_domain(name, split, data_root=root, image_size=cfg.image_size, channels=cfg.channels)
+
+
+def _subset(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
+    if limit is None or limit >= len(dataset):
+        return dataset
+    keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:limit]
+    subset = Subset(dataset, keep.tolist())
+    subset.num_classes = dataset.num_classes
+    return subset
+
+
+def _load_image_domains(cfg: TrainConfig, root: Path) -> dict[str, Dataset]:
+    """Image benchmarks through DataLoaders: train transforms for training, evaluation ones for tests."""
+    from gradharmony.uda.data.image_domains import load_image_domain
+
+    def load(name: str, split: str, train: bool) -> Dataset:
+        benchmark, domain = name.split(":", 1)
+        return load_image_domain(benchmark, domain, split, root, train=train, resize=cfg.resize, crop=cfg.crop)
+
+    return {
+        "source": _subset(load(cfg.source, "train", True), cfg.source_limit, 0),
+        "target": _subset(load(cfg.target, "train", True), cfg.target_limit, 1),
+        "source_test": _subset(load(cfg.source, "test", False), cfg.source_eval_size, 2),
+        "target_test": load(cfg.target, "test", False),
+    }

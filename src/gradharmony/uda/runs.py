@@ -1,0 +1,218 @@
+"""Run records: everything a run folder holds besides its checkpoint, written and read here only.
+
+A run folder (``<out>/`` of one training run) holds:
+
+* ``metrics.jsonl``: one JSON line per evaluation, and ``steps.csv``: one row per step; the training
+  engine writes both through :class:`RunLog` (their only writer).  Every write is atomic or
+  append-only, and on resume both logs are cut back to the checkpoint's step, so an interrupted and
+  resumed run holds each record once;
+* ``config.yaml``: the resolved configuration, saved by the engine when the run starts;
+* ``last.pt``: the checkpoint (written and read by :mod:`gradharmony.uda.engine.checkpoint`);
+* in a sweep, ``run.json``: the run's labels (task, method, variant, seed), written by
+  :func:`write_labels`, and ``error.txt``: the traceback of a run that failed (:func:`write_error`).
+
+Sweeps write through the engine and the two functions above; reports, plots and the command line
+only read, through :func:`read_metrics`, :func:`read_steps`, :func:`read_config`,
+:func:`labelled_runs` and :func:`run_status`.  This module imports nothing else of the package.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import yaml
+
+METRICS_FILE = "metrics.jsonl"
+STEPS_FILE = "steps.csv"
+CONFIG_FILE = "config.yaml"
+CHECKPOINT_FILE = "last.pt"
+LABELS_FILE = "run.json"
+ERROR_FILE = "error.txt"
+LABEL_KEYS = ("task", "method", "variant", "seed")
+#: What :func:`run_status` answers.
+STATUSES = ("done", "partial", "failed", "pending")
+
+STEP_FIELDS = ("step", "loss_cls", "loss_align", "cos", "angle", "w_align", "w_cls", "conflict",
+               "measured", "guards")
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN or infinity: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file, so that no reader sees half of it."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+class RunLog:
+    """Appends evaluation records to ``metrics.jsonl`` and per-step records to ``steps.csv``."""
+
+    def __init__(self, out: Path):
+        self.metrics_path = out / METRICS_FILE
+        self.steps_path = out / STEPS_FILE
+        self.pending_steps: list[dict[str, Any]] = []
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records of steps >= ``step`` (they will be produced again after a resume)."""
+        if self.metrics_path.exists():
+            keep = [line for line in self.metrics_path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] < step]
+            atomic_write_bytes(self.metrics_path, "".join(line + "\n" for line in keep).encode())
+        if self.steps_path.exists():
+            with self.steps_path.open(newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) < step]
+            self._write_steps(rows, mode="w")
+
+    def add_step(self, record: dict[str, Any]) -> None:
+        """Queue one step's record; :meth:`flush_steps` appends the queue to ``steps.csv``."""
+        self.pending_steps.append(record)
+
+    def flush_steps(self) -> None:
+        """Append the queued step records (the engine calls it before each checkpoint)."""
+        if self.pending_steps:
+            self._write_steps(self.pending_steps, mode="a")
+            self.pending_steps = []
+
+    def _write_steps(self, rows: Iterable[dict[str, Any]], mode: str) -> None:
+        new_file = mode == "w" or not self.steps_path.exists()
+        with self.steps_path.open(mode, newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=STEP_FIELDS)
+            if new_file:
+                writer.writeheader()
+            for row in rows:
+                writer.writerow({k: row.get(k) for k in STEP_FIELDS})
+
+    def add_evaluation(self, record: dict[str, Any]) -> None:
+        """Append one evaluation record to ``metrics.jsonl`` (NaN and infinity written as null)."""
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(_clean(record)) + "\n")
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The evaluation records of a run directory (or of a metrics.jsonl file)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_steps(path: str | Path) -> list[dict[str, Any]]:
+    """The per-step records of a run directory, with numbers parsed."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / STEPS_FILE
+    out = []
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            parsed: dict[str, Any] = {}
+            for k, v in row.items():
+                if k == "guards":
+                    parsed[k] = v
+                elif k in ("conflict", "measured"):
+                    parsed[k] = v == "True"
+                else:
+                    parsed[k] = float(v) if v not in ("", "None") else math.nan
+            parsed["step"] = int(parsed["step"])
+            out.append(parsed)
+    return out
+
+
+def read_config(folder: str | Path) -> dict[str, Any]:
+    """The resolved configuration a run was trained with (its ``config.yaml``), as a mapping.
+
+    ``TrainConfig.from_dict`` turns it into a config; the engine saves it when the run starts.
+    """
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: {folder} is not a started run folder")
+    values = yaml.safe_load(path.read_text())
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} does not hold a configuration mapping")
+    return values
+
+
+# ---------------------------------------------------------------------------------------- sweeps
+class LabelledRun(NamedTuple):
+    """A run folder of a sweep with its labels (``task``, ``method``, ``variant``, ``seed``)."""
+
+    labels: dict[str, Any]
+    folder: Path
+
+
+def write_labels(folder: str | Path, task: str, method: str, variant: str, seed: int) -> Path:
+    """Label a sweep's run folder (creating it): what :func:`labelled_runs` and the reports read."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LABELS_FILE
+    labels = {"task": task, "method": method, "variant": variant, "seed": int(seed)}
+    atomic_write_bytes(path, json.dumps(labels).encode())
+    return path
+
+
+def read_labels(folder: str | Path) -> dict[str, Any]:
+    """The labels a sweep gave a run folder (``task``, ``method``, ``variant``, ``seed``)."""
+    path = Path(folder) / LABELS_FILE
+    labels = json.loads(path.read_text())
+    missing = [key for key in LABEL_KEYS if key not in labels]
+    if missing:
+        raise ValueError(f"{path} lacks the label(s) {', '.join(missing)}")
+    return labels
+
+
+def labelled_runs(root: str | Path) -> list[LabelledRun]:
+    """Every run folder directly under ``root`` that a sweep labelled, in folder-name order.
+
+    Each item unpacks as ``labels, folder``.
+    """
+    return [LabelledRun(read_labels(p.parent), p.parent) for p in sorted(Path(root).glob(f"*/{LABELS_FILE}"))]
+
+
+def write_error(folder: str | Path, text: str) -> None:
+    """Record why a run failed (a traceback); :func:`run_status` then answers ``failed``."""
+    (Path(folder) / ERROR_FILE).write_text(text)
+
+
+def clear_error(folder: str | Path) -> None:
+    """Forget a recorded failure (before the run is tried again)."""
+    (Path(folder) / ERROR_FILE).unlink(missing_ok=True)
+
+
+def last_step(folder: str | Path) -> int | None:
+    """The step of a run's last evaluation record, or ``None`` when it has none yet."""
+    path = Path(folder) / METRICS_FILE
+    if not path.exists():
+        return None
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    return int(json.loads(lines[-1])["step"]) if lines else None
+
+
+def run_status(folder: str | Path, steps: int) -> str:
+    """A run folder's state, read from disk only: one of :data:`STATUSES`.
+
+    ``done``: its last evaluation is at ``steps`` (or later); ``failed``: an error is recorded;
+    ``partial``: a checkpoint exists to resume from; ``pending``: nothing to resume (never started,
+    or stopped before its first checkpoint).
+    """
+    folder = Path(folder)
+    step = last_step(folder)
+    if step is not None and step >= steps:
+        return "done"
+    if (folder / ERROR_FILE).exists():
+        return "failed"
+    return "partial" if (folder / CHECKPOINT_FILE).exists() else "pending"
