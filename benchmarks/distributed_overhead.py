@@ -24,9 +24,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harmonizer_overhead import Config, Stepper, build  # noqa: E402
+from harmonizer_overhead import Config, Stepper, build
 
-import gradharmony.distributed as gh_dist  # noqa: E402
+import gradharmony.distributed as gh_dist
 
 CONFIGS = [
     Config("plain (data parallel, no GH)", None),
@@ -87,8 +87,7 @@ def _worker(rank: int, world: int, port: int, model_name: str, batch: int, steps
             dist.barrier()
             samples[cfg.name].append((time.perf_counter() - start) / steps)
     if rank == 0:
-        queue.put(({k: statistics.median(v) for k, v in samples.items()}, volume,
-                   sum(p.numel() for p in params)))
+        queue.put(({k: statistics.median(v) for k, v in samples.items()}, volume, sum(p.numel() for p in params)))
     dist.destroy_process_group()
 
 
@@ -105,21 +104,27 @@ def main() -> None:
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, args.processes, port, args.model, args.batch, args.steps,
-                                               args.repeats, queue)) for r in range(args.processes)]
+    procs = [
+        ctx.Process(
+            target=_worker, args=(r, args.processes, port, args.model, args.batch, args.steps, args.repeats, queue)
+        )
+        for r in range(args.processes)
+    ]
     for p in procs:
         p.start()
     times, volume, n_params = queue.get(timeout=3600)
     for p in procs:
         p.join()
     plain_t, plain_v = times[CONFIGS[0].name], volume[CONFIGS[0].name]
-    print(f"{args.processes} gloo processes on CPU, 1 thread each, {args.model} ({n_params / 1e6:.2f} M parameters), "
-          f"batch {args.batch}+{args.batch} per process, median of {args.repeats} x {args.steps} steps\n")
+    print(
+        f"{args.processes} gloo processes on CPU, 1 thread each, {args.model} ({n_params / 1e6:.2f} M parameters), "
+        f"batch {args.batch}+{args.batch} per process, median of {args.repeats} x {args.steps} steps\n"
+    )
     print("| configuration | ms / step | ratio to plain | all-reduced MB / step / process | ratio to plain |")
     print("|---|---:|---:|---:|---:|")
     for cfg in CONFIGS:
         t, v = times[cfg.name], volume[cfg.name]
-        print(f"| {cfg.name} | {1000 * t:.1f} | {t / plain_t:.2f}x | {v / 2 ** 20:.2f} | {v / plain_v:.2f}x |")
+        print(f"| {cfg.name} | {1000 * t:.1f} | {t / plain_t:.2f}x | {v / 2**20:.2f} | {v / plain_v:.2f}x |")
 
 
 if __name__ == "__main__":

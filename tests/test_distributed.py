@@ -13,8 +13,13 @@ from torch import nn
 
 from gradharmony import GradientReversal, Harmonizer
 
-CASES = [("gh", "reweight", "full"), ("gh", "recombine", "full"), ("gh++", "recombine", "bottleneck"),
-         ("gh++exact", "features", "full"), ("gh", "recombine", "refresh")]
+CASES = [
+    ("gh", "reweight", "full"),
+    ("gh", "recombine", "full"),
+    ("gh++", "recombine", "bottleneck"),
+    ("gh++exact", "features", "full"),
+    ("gh", "recombine", "refresh"),
+]
 
 
 class Net(nn.Module):
@@ -145,10 +150,11 @@ def test_unknown_distributed_mode_is_rejected():
 # data parallelism: it is off here so that the two-process loss is the concatenated batch's.
 # DWL's pseudo-label phase weighs by the batch's mean entropy (per process): phase 4 is off, and a
 # window of one step makes the dynamic weight move every step, from statistics summed over processes.
-MULTI_STEP = {"mcd": {"num_k": 2, "head_hidden": 0, "entropy_weight": 0.0},
-              "gvb": {"disc_hidden": 8, "disc_dropout": 0.0},
-              "dwl": {"num_k1": 1, "num_k3": 2, "num_k4": 0, "disc_hidden": 8, "disc_dropout": 0.0,
-                      "stats_window": 1}}
+MULTI_STEP = {
+    "mcd": {"num_k": 2, "head_hidden": 0, "entropy_weight": 0.0},
+    "gvb": {"disc_hidden": 8, "disc_dropout": 0.0},
+    "dwl": {"num_k1": 1, "num_k3": 2, "num_k4": 0, "disc_hidden": 8, "disc_dropout": 0.0, "stats_window": 1},
+}
 # GVB-GD (like CDAN+E) normalises its entropy weights by the mean over the local batch, so its
 # data-parallel loss is not the loss of the concatenated batch: there both processes get the same
 # half, which must give exactly the single-process update on that half (nothing counted twice).
@@ -174,8 +180,9 @@ def multi_step_updates(method, xs, ys, xt, steps=3, plain=False):
     """``steps`` updates through the one contract; ``plain``: no harmonizer (plain training)."""
     from gradharmony.uda.methods import Batch, StepContext
 
-    optimizers = {name: torch.optim.SGD(groups, lr=0.1, momentum=0.9)
-                  for name, groups in method.optimizer_groups(0.1).items()}
+    optimizers = {
+        name: torch.optim.SGD(groups, lr=0.1, momentum=0.9) for name, groups in method.optimizer_groups(0.1).items()
+    }
     h = None if plain else Harmonizer(mode="gh", scope=method.scope_modules(), lead=method.default_lead)
     for step in range(steps):
         method.update(Batch(xs, ys, xt), StepContext(step, optimizers, h, 1.0))
@@ -193,8 +200,11 @@ def _multi_step_worker(rank, world, init_file, name, plain, queue):
         queue.put((rank, [p.numpy() for p in params], state))
 
 
-@pytest.mark.parametrize("name, plain", [(name, False) for name in sorted(MULTI_STEP)] + [("mcd", True)],
-                         ids=[*sorted(MULTI_STEP), "mcd-plain"])
+@pytest.mark.parametrize(
+    "name, plain",
+    [(name, False) for name in sorted(MULTI_STEP)] + [("mcd", True)],
+    ids=[*sorted(MULTI_STEP), "mcd-plain"],
+)
 def test_multi_step_methods_in_two_processes_equal_one_process(name, plain, tmp_path):
     before = [p.detach().clone() for p in multi_step_method(name).parameters()]
     xs, ys, xt = data()
@@ -264,7 +274,14 @@ def test_sync_batchnorm_converts_every_batch_norm_and_refuses_the_cpu(tmp_path, 
     with pytest.raises(ConfigError, match="needs CUDA"):
         process.synchronised_batch_norm(model, torch.device("cpu"))
     monkeypatch.setattr(loop, "init_distributed", lambda device: (0, 2, False))
-    cfg = TrainConfig(method="mcc", out=str(tmp_path / "run"), progress=False, sync_batchnorm=True,
-                      image_size=16, channels=1, bottleneck_dim=4)
+    cfg = TrainConfig(
+        method="mcc",
+        out=str(tmp_path / "run"),
+        progress=False,
+        sync_batchnorm=True,
+        image_size=16,
+        channels=1,
+        bottleneck_dim=4,
+    )
     with pytest.raises(ConfigError, match="sync_batchnorm needs CUDA"):
         loop.Trainer(cfg, domains=_tiny_engine_domains())

@@ -22,8 +22,9 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, cfg, queue) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     trainer = Trainer(cfg, tiny_domains())
     result = trainer.run()
@@ -32,13 +33,24 @@ def _worker(rank: int, world: int, port: int, cfg, queue) -> None:
     exit_without_finalization(queue)  # the trainer destroyed its process group
 
 
-@pytest.mark.parametrize("method, params, harmonizer", [
-    ("mcc", {}, "gh"), ("mcd", {"num_k": 2, "head_hidden": 8}, "gh"),
-    ("dann", {"disc_hidden": 16}, "none"),  # plain training (averaged by the method), measured every 2 steps
-])
+@pytest.mark.parametrize(
+    "method, params, harmonizer",
+    [
+        ("mcc", {}, "gh"),
+        ("mcd", {"num_k": 2, "head_hidden": 8}, "gh"),
+        ("dann", {"disc_hidden": 16}, "none"),  # plain training (averaged by the method), measured every 2 steps
+    ],
+)
 def test_two_processes_train_one_run_written_by_rank_zero(tmp_path, method, params, harmonizer):
-    cfg = config(tmp_path, method=method, method_params=params, steps=6, eval_every=3, harmonizer=harmonizer,
-                 measure_every=2 if harmonizer == "none" else 0)
+    cfg = config(
+        tmp_path,
+        method=method,
+        method_params=params,
+        steps=6,
+        eval_every=3,
+        harmonizer=harmonizer,
+        measure_every=2 if harmonizer == "none" else 0,
+    )
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()

@@ -13,8 +13,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "docs" / "examples"
 
 
 def run_example(name: str, *args: str) -> str:
-    result = subprocess.run([sys.executable, name, *args], cwd=EXAMPLES, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run([sys.executable, name, *args], cwd=EXAMPLES, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 

@@ -13,7 +13,8 @@ from gradharmony.harmonize import MODES, gramian, harmonize, harmonize_vectors, 
 
 finite = st.floats(min_value=-1e3, max_value=1e3, allow_nan=False, allow_infinity=False)
 vectors = st.integers(min_value=2, max_value=8).flatmap(
-    lambda n: st.tuples(st.lists(finite, min_size=n, max_size=n), st.lists(finite, min_size=n, max_size=n)))
+    lambda n: st.tuples(st.lists(finite, min_size=n, max_size=n), st.lists(finite, min_size=n, max_size=n))
+)
 ks = st.floats(min_value=0.0, max_value=1.0)
 leads = st.sampled_from(["align", "cls"])
 
@@ -82,7 +83,9 @@ def test_ghpp_exact_yields_a_right_angle_and_keeps_norms(v, k, lead):
     assert float(c2.norm()) == pytest.approx(float(c.norm()), rel=1e-7)
     # The split by k: the lead turns by k * (angle - 90) degrees.
     lead_old, lead_new = (a, a2) if lead == "align" else (c, c2)
-    turned = math.degrees(math.acos(max(-1.0, min(1.0, float(lead_old @ lead_new / (lead_old.norm() * lead_new.norm()))))))
+    turned = math.degrees(
+        math.acos(max(-1.0, min(1.0, float(lead_old @ lead_new / (lead_old.norm() * lead_new.norm())))))
+    )
     assert turned == pytest.approx(k * (r.angle - 90.0), abs=1e-4)
 
 
@@ -142,7 +145,7 @@ obtuse = st.floats(min_value=90.001, max_value=180.0)
 
 def conflicting_gramian(log_a: float, log_c: float, angle: float) -> tuple[float, float, float]:
     """(aa, cc, d) of gradients with norms 10**log_a, 10**log_c and the given angle in degrees."""
-    na, nc = 10.0 ** log_a, 10.0 ** log_c
+    na, nc = 10.0**log_a, 10.0**log_c
     return na * na, nc * nc, na * nc * math.cos(math.radians(angle))
 
 
@@ -201,8 +204,9 @@ def test_scaling_either_gradient(v, s, t, k, lead):
     a2, c2 = harmonize_vectors(a, c, mode="gh")
     w_a, w_c = harmonize_weights(*gramian(a * s, c * t), mode="gh")
     expected = s * a2 + t * c2
-    assert torch.allclose(w_a * s * a + w_c * t * c, expected, rtol=1e-7,
-                          atol=1e-9 * float(s * a.norm() + t * c.norm()))
+    assert torch.allclose(
+        w_a * s * a + w_c * t * c, expected, rtol=1e-7, atol=1e-9 * float(s * a.norm() + t * c.norm())
+    )
 
 
 @settings(max_examples=200, deadline=None)

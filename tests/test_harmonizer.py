@@ -80,6 +80,7 @@ def another_batch(seed, dtype=torch.float64):
 # (projections, rotations in the plane of the two gradients) or, for the authors' GH++, written
 # out from the published formula, and the weights are read off the harmonized vectors.
 
+
 def per_loss_gradients(model, batch):
     """{name: dL_align/dp}, {name: dL_cls/dp} for every parameter, on a deep copy (zeros if unreached),
     plus the two gradients with respect to the bottleneck output f."""
@@ -163,8 +164,7 @@ def find_conflicting_seed(lo=0, hi=200):
         model, batch = make(torch.float64, seed)
         ga, gc, (fa, fc) = per_loss_gradients(model, batch)
         full, small = scope_names(model, model.scope()), scope_names(model, [model.bottleneck])
-        if (flat(ga, full) @ flat(gc, full) < 0 and flat(ga, small) @ flat(gc, small) < 0
-                and (fa * fc).sum() < 0):
+        if flat(ga, full) @ flat(gc, full) < 0 and flat(ga, small) @ flat(gc, small) < 0 and (fa * fc).sum() < 0:
             return seed
     raise AssertionError("no conflicting seed found")
 
@@ -198,11 +198,20 @@ def test_recombine_and_reweight_give_the_same_grad_everywhere(mode, lead):
         assert torch.allclose(ga[name], gb[name], atol=1e-6, rtol=0), name
 
 
-MODES_AND_LEADS = [("none", "align"), ("gh", "align"), ("gh++", "align"), ("gh++", "cls"),
-                   ("gh++exact", "align"), ("gh++exact", "cls")]
+MODES_AND_LEADS = [
+    ("none", "align"),
+    ("gh", "align"),
+    ("gh++", "align"),
+    ("gh++", "cls"),
+    ("gh++exact", "align"),
+    ("gh++exact", "cls"),
+]
 # strategy, scope, whether the backbone output h is passed as a cut, backbone traversals per call
-SETUPS = {"reweight": ("reweight", "full", False, 3), "recombine": ("recombine", "full", False, 2),
-          "recombine-cut": ("recombine", "bottleneck", True, 1)}
+SETUPS = {
+    "reweight": ("reweight", "full", False, 3),
+    "recombine": ("recombine", "full", False, 2),
+    "recombine-cut": ("recombine", "bottleneck", True, 1),
+}
 
 
 @pytest.mark.parametrize("mode, lead", MODES_AND_LEADS)
@@ -220,7 +229,8 @@ def test_update_equals_the_hand_computed_reference(mode, lead, setup):
     cls, align, _, h, _ = model.forward_all(*batch, count=True)
     CountBackward.calls = 0
     stats = Harmonizer(mode=mode, scope=modules, strategy=strategy, k=0.3, lead=lead).backward(
-        cls=cls, align=align, trade_off=0.7, features=h if cut else None)
+        cls=cls, align=align, trade_off=0.7, features=h if cut else None
+    )
     assert CountBackward.calls == traversals
     assert stats.conflict and stats.measured
     assert (stats.w_align, stats.w_cls) == pytest.approx(weights, rel=1e-9)
@@ -261,12 +271,21 @@ def test_probe_trade_off_harmonizes_the_scaled_alignment_gradient(mode):
     if mode == "gh++exact":  # the norms of both scaled gradients survive into a right angle
         update = torch.cat([p.grad.reshape(-1) for n, p in model.named_parameters() if n in names])
         assert float(update.norm()) ** 2 == pytest.approx(
-            float((0.7 * flat(ga, names)).norm()) ** 2 + float(flat(gc, names).norm()) ** 2, rel=1e-9)
+            float((0.7 * flat(ga, names)).norm()) ** 2 + float(flat(gc, names).norm()) ** 2, rel=1e-9
+        )
 
 
-@pytest.mark.parametrize("strategy, refresh_every, traversals", [
-    ("recombine", 1, [2, 2, 2]), ("recombine", 2, [2, 1, 2]), ("reweight", 1, [3, 3, 3]),
-    ("reweight", 3, [3, 1, 1]), ("features", 1, [1, 1, 1]), ("features", 2, [1, 1, 1])])
+@pytest.mark.parametrize(
+    "strategy, refresh_every, traversals",
+    [
+        ("recombine", 1, [2, 2, 2]),
+        ("recombine", 2, [2, 1, 2]),
+        ("reweight", 1, [3, 3, 3]),
+        ("reweight", 3, [3, 1, 1]),
+        ("features", 1, [1, 1, 1]),
+        ("features", 2, [1, 1, 1]),
+    ],
+)
 def test_backbone_traversals_are_counted(strategy, refresh_every, traversals):
     # A measured call costs the strategy's probes; a reused one (refresh_every > 1) one backward.
     model, batch = make()
@@ -280,8 +299,10 @@ def test_backbone_traversals_are_counted(strategy, refresh_every, traversals):
     assert counts == traversals
 
 
-@pytest.mark.parametrize("strategy, mode, lead", [("recombine", "gh", "align"), ("reweight", "gh++", "cls"),
-                                                  ("recombine", "gh++exact", "align")])
+@pytest.mark.parametrize(
+    "strategy, mode, lead",
+    [("recombine", "gh", "align"), ("reweight", "gh++", "cls"), ("recombine", "gh++exact", "align")],
+)
 def test_refresh_every_reuses_weights_between_refreshes_and_remeasures_on_refresh_steps(strategy, mode, lead):
     """A new batch and an optimizer step every call, so each batch has its own weights: reused
     steps must apply the weights measured at the last refresh (not this batch's), and refresh
@@ -377,14 +398,16 @@ def test_amp_grad_scaler_path(strategy):
     model, batch = make(torch.float32, CONFLICT_SEED)
     reference = copy.deepcopy(model)
     ref_stats = run(reference, batch, mode="gh++", strategy=strategy)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     cls, align, _ = model.losses(*batch)
-    stats = Harmonizer(mode="gh++", scope=model.scope(), strategy=strategy).backward(cls=cls, align=align, scaler=scaler)
+    stats = Harmonizer(mode="gh++", scope=model.scope(), strategy=strategy).backward(
+        cls=cls, align=align, scaler=scaler
+    )
     # Measured on unscaled gradients: same weights and norms; .grad holds scaled gradients.
     assert (stats.w_align, stats.w_cls) == pytest.approx((ref_stats.w_align, ref_stats.w_cls), rel=1e-4)
     assert stats.norm_cls == pytest.approx(ref_stats.norm_cls, rel=1e-4)
     for name, g in grads(reference).items():
-        assert torch.allclose(dict(model.named_parameters())[name].grad / 2.0 ** 12, g, atol=1e-6, rtol=1e-4), name
+        assert torch.allclose(dict(model.named_parameters())[name].grad / 2.0**12, g, atol=1e-6, rtol=1e-4), name
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     scaler.step(optimizer)
@@ -392,12 +415,12 @@ def test_amp_grad_scaler_path(strategy):
     # The scaler unscaled the harmonized gradient and took the plain SGD step with it.
     for name, p in model.named_parameters():
         assert torch.allclose(p.detach(), before[name] - 0.1 * grads(reference)[name], atol=1e-7, rtol=1e-5), name
-    assert scaler.get_scale() == 2.0 ** 12  # no overflow: the scale is kept
+    assert scaler.get_scale() == 2.0**12  # no overflow: the scale is kept
 
 
 def test_amp_overflow_step_is_skipped_by_the_scaler():
     model, batch = make(torch.float32, CONFLICT_SEED)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     cls, align, _ = model.losses(*batch)
     h = Harmonizer(mode="gh", scope=model.scope())
     stats = h.backward(cls=cls * torch.tensor(math.inf), align=align, scaler=scaler)
@@ -407,7 +430,7 @@ def test_amp_overflow_step_is_skipped_by_the_scaler():
     scaler.step(optimizer)
     scaler.update()
     assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
-    assert scaler.get_scale() < 2.0 ** 12
+    assert scaler.get_scale() < 2.0**12
 
 
 @pytest.mark.parametrize("mode", ["gh", "gh++exact"])
@@ -463,9 +486,17 @@ def test_summary_and_state_dict_round_trip():
     assert clone.summary() == summary and clone.calls == 3 and clone.last == h.last
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(mode="mgda"), "mode"), (dict(strategy="fast"), "strategy"), (dict(refresh_every=0), "refresh_every"),
-    (dict(on_nonfinite="ignore"), "on_nonfinite"), (dict(max_weight=0.5), "max_weight"), (dict(k=2.0), "k")])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(mode="mgda"), "mode"),
+        (dict(strategy="fast"), "strategy"),
+        (dict(refresh_every=0), "refresh_every"),
+        (dict(on_nonfinite="ignore"), "on_nonfinite"),
+        (dict(max_weight=0.5), "max_weight"),
+        (dict(k=2.0), "k"),
+    ],
+)
 def test_bad_configuration_is_rejected(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Harmonizer(scope=nn.Linear(2, 2), **kwargs)

@@ -29,15 +29,15 @@ def empty_torch_home(tmp_path, monkeypatch):
 
 def test_registry_names_and_unknown():
     assert {"resnet18", "resnet50", "resnet101", "vit_base_patch16_224", "efficientnet_lite0"} <= set(
-        IMAGE_BACKBONE_NAMES)
+        IMAGE_BACKBONE_NAMES
+    )
     with pytest.raises(ValueError, match=r"resnet50.*vit_base_patch16_224.*efficientnet_lite0"):
         build_image_backbone("vgg16")
     assert build_image_backbone("ResNet18").out_features == 512
 
 
 # ---------------------------------------------------------------- ResNets
-@pytest.mark.parametrize("name, width", [("resnet18", 512), ("resnet34", 512), ("resnet50", 2048),
-                                         ("resnet101", 2048)])
+@pytest.mark.parametrize("name, width", [("resnet18", 512), ("resnet34", 512), ("resnet50", 2048), ("resnet101", 2048)])
 def test_resnet_features(name, width):
     net = build_image_backbone(name)
     assert net.out_features == width == IMAGE_BACKBONES[name].out_features
@@ -73,8 +73,10 @@ def test_resnet_weights_from_a_local_file(tmp_path):
     assert torch.equal(net.layer4[1].bn2.running_mean, reference.layer4[1].bn2.running_mean)
     assert net.pretrained_source == str(path)
     wrapped = tmp_path / "ddp-checkpoint.pth"  # a DDP training checkpoint without the classifier
-    torch.save({"state_dict": {f"module.{k}": v for k, v in reference.state_dict().items()
-                               if not k.startswith("fc.")}}, wrapped)
+    torch.save(
+        {"state_dict": {f"module.{k}": v for k, v in reference.state_dict().items() if not k.startswith("fc.")}},
+        wrapped,
+    )
     assert torch.equal(build_image_backbone("resnet18", pretrained=wrapped).conv1.weight, reference.conv1.weight)
 
 
@@ -167,8 +169,10 @@ def test_efficientnet_lite0_imagenet_weights_recognise_real_photos():
     backbone = build_image_backbone("efficientnet_lite0", pretrained=True).eval()
     transform = eval_transform(256, 224, mean=backbone.input_mean, std=backbone.input_std)
     categories = tvm.ResNet18_Weights.IMAGENET1K_V1.meta["categories"]
-    expected = {"chelsea": {"tabby", "tiger cat", "Egyptian cat", "Persian cat", "Siamese cat"},
-                "coffee": {"espresso", "cup", "coffee mug"}}
+    expected = {
+        "chelsea": {"tabby", "tiger cat", "Egyptian cat", "Persian cat", "Siamese cat"},
+        "coffee": {"espresso", "cup", "coffee mug"},
+    }
     batch = torch.stack([transform(Image.fromarray(getattr(photos, name)())) for name in expected])
     with torch.no_grad():
         logits = head(backbone(batch))

@@ -33,8 +33,12 @@ from gradharmony.uda.data.images import (
 )
 
 SMALL = {"resize": 36, "crop": 32}
-THREE = {"office31": OFFICE31_CLASSES[:3], "officehome": OFFICE_HOME_CLASSES[:3],
-         "visda2017": VISDA2017_CLASSES[:3], "domainnet": DOMAINNET_CLASSES[:3]}
+THREE = {
+    "office31": OFFICE31_CLASSES[:3],
+    "officehome": OFFICE_HOME_CLASSES[:3],
+    "visda2017": VISDA2017_CLASSES[:3],
+    "domainnet": DOMAINNET_CLASSES[:3],
+}
 
 
 def load(benchmark, domain, root, split="train", **kwargs):
@@ -52,9 +56,15 @@ def tree(tmp_path_factory):
 
 
 # ---------------------------------------------------------------- catalogue
-@pytest.mark.parametrize("name, count, metric", [
-    ("office31", 31, "accuracy"), ("officehome", 65, "accuracy"),
-    ("visda2017", 12, "mean_class_accuracy"), ("domainnet", 345, "accuracy")])
+@pytest.mark.parametrize(
+    "name, count, metric",
+    [
+        ("office31", 31, "accuracy"),
+        ("officehome", 65, "accuracy"),
+        ("visda2017", 12, "mean_class_accuracy"),
+        ("domainnet", 345, "accuracy"),
+    ],
+)
 def test_catalogue_classes_and_metric(name, count, metric):
     bench = BENCHMARKS[name]
     assert bench.num_classes == count == len(set(bench.classes))
@@ -93,9 +103,15 @@ def test_unknown_classes_rejected(tree):
 
 
 # ---------------------------------------------------------------- folder layouts
-@pytest.mark.parametrize("benchmark, domain, folder", [
-    ("office31", "amazon", "office31/amazon/images"), ("officehome", "Clipart", "office-home/Clipart"),
-    ("visda2017", "synthetic", "visda-2017/train"), ("visda2017", "real", "visda-2017/validation")])
+@pytest.mark.parametrize(
+    "benchmark, domain, folder",
+    [
+        ("office31", "amazon", "office31/amazon/images"),
+        ("officehome", "Clipart", "office-home/Clipart"),
+        ("visda2017", "synthetic", "visda-2017/train"),
+        ("visda2017", "real", "visda-2017/validation"),
+    ],
+)
 def test_folder_layout(tree, benchmark, domain, folder):
     ds = load(benchmark, domain, tree, layout="folder")
     assert isinstance(ds, FolderDataset) and str(tree / folder) in ds.source
@@ -144,10 +160,14 @@ def test_folder_dataset_default_order_and_filtering(tmp_path):
 
 
 # ---------------------------------------------------------------- list layouts
-@pytest.mark.parametrize("benchmark, domain, list_name", [
-    ("office31", "webcam", "office31/image_list/webcam.txt"),
-    ("officehome", "Art", "office-home/image_list/Art.txt"),
-    ("visda2017", "real", "visda-2017/validation/image_list.txt")])
+@pytest.mark.parametrize(
+    "benchmark, domain, list_name",
+    [
+        ("office31", "webcam", "office31/image_list/webcam.txt"),
+        ("officehome", "Art", "office-home/image_list/Art.txt"),
+        ("visda2017", "real", "visda-2017/validation/image_list.txt"),
+    ],
+)
 def test_list_layout(tree, benchmark, domain, list_name):
     ds = load(benchmark, domain, tree, layout="list")
     assert str(tree / list_name) in ds.source
@@ -179,8 +199,11 @@ def test_list_with_other_class_order_is_renumbered_by_folder(tmp_path):
     classes = OFFICE_HOME_CLASSES[:3]
     entries = write_class_tree(tmp_path / "office-home" / "Product", classes, per_class=2)
     tllib_order = {0: 2, 1: 0, 2: 1}  # the list numbers the classes differently
-    write_image_list(tmp_path / "office-home" / "image_list" / "Product.txt",
-                     [(p, tllib_order[y]) for p, y in entries], tmp_path / "office-home")
+    write_image_list(
+        tmp_path / "office-home" / "image_list" / "Product.txt",
+        [(p, tllib_order[y]) for p, y in entries],
+        tmp_path / "office-home",
+    )
     ds = load("officehome", "Product", tmp_path, layout="list")
     assert ds.targets == [0, 0, 1, 1, 2, 2]
     subset = load("officehome", "Product", tmp_path, layout="list", classes=[classes[2], classes[0]])
@@ -189,8 +212,9 @@ def test_list_with_other_class_order_is_renumbered_by_folder(tmp_path):
 
 def test_list_contradicting_its_folders(tmp_path):
     entries = write_class_tree(tmp_path / "office31" / "dslr" / "images", OFFICE31_CLASSES[:2], per_class=2)
-    write_image_list(tmp_path / "office31" / "image_list" / "dslr.txt", [(p, 0) for p, _ in entries],
-                     tmp_path / "office31")
+    write_image_list(
+        tmp_path / "office31" / "image_list" / "dslr.txt", [(p, 0) for p, _ in entries], tmp_path / "office31"
+    )
     with pytest.raises(DatasetFormatError, match="label 0 is given to both"):
         load("office31", "dslr", tmp_path, layout="list", classes=OFFICE31_CLASSES[:2])
 
@@ -198,8 +222,12 @@ def test_list_contradicting_its_folders(tmp_path):
 def test_foreign_list_paths_are_rerooted(tmp_path):
     """The CDAN / GH authors' lists carry their machine's folders in front of the usual paths."""
     entries = write_class_tree(tmp_path / "office31" / "amazon" / "images", OFFICE31_CLASSES[:2], per_class=2)
-    write_image_list(tmp_path / "office31" / "amazon_list.txt", entries, tmp_path / "office31",
-                     prefix="/data/office/domain_adaptation_images/")
+    write_image_list(
+        tmp_path / "office31" / "amazon_list.txt",
+        entries,
+        tmp_path / "office31",
+        prefix="/data/office/domain_adaptation_images/",
+    )
     ds = load("office31", "amazon", tmp_path, layout="list", classes=OFFICE31_CLASSES[:2])
     assert [p for p, _ in ds.samples] == [p for p, _ in entries]
     explicit = load("office31", "amazon", tmp_path, list_file="amazon_list.txt", classes=OFFICE31_CLASSES[:2])
@@ -271,8 +299,10 @@ def test_train_transform_is_random_and_flips():
     plain = sum(torch.equal(o, view) for o in flips)
     mirrored = sum(torch.equal(o, view.flip(-1)) for o in flips)
     assert plain + mirrored == 20 and plain > 0 and mirrored > 0
-    assert all(torch.equal(o, view) for o in
-               (train_transform(32, 32, crop_mode="center", flip=False)(square) for _ in range(5)))
+    assert all(
+        torch.equal(o, view)
+        for o in (train_transform(32, 32, crop_mode="center", flip=False)(square) for _ in range(5))
+    )
 
 
 def test_custom_transform_and_eval_flag(tree):

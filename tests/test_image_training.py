@@ -8,17 +8,31 @@ import signal
 import pytest
 import torch
 
-from gradharmony.uda.config import ConfigError, TrainConfig
 from fakes.images import write_benchmark_tree
+from gradharmony.uda.config import ConfigError, TrainConfig
 from gradharmony.uda.engine import Trainer, train
 from gradharmony.uda.runs import read_metrics
 
 
 def image_config(tmp_path, root, **overrides) -> TrainConfig:
-    values = dict(method="dann", harmonizer="gh", source="office31:amazon", target="office31:webcam",
-                  backbone="resnet18", resize=36, crop=32, bottleneck_dim=16, batch_size=4, steps=4,
-                  eval_every=2, source_eval_size=8, data_root=str(root), out=str(tmp_path / "run"),
-                  progress=False, method_params={"disc_hidden": 16})
+    values = dict(
+        method="dann",
+        harmonizer="gh",
+        source="office31:amazon",
+        target="office31:webcam",
+        backbone="resnet18",
+        resize=36,
+        crop=32,
+        bottleneck_dim=16,
+        batch_size=4,
+        steps=4,
+        eval_every=2,
+        source_eval_size=8,
+        data_root=str(root),
+        out=str(tmp_path / "run"),
+        progress=False,
+        method_params={"disc_hidden": 16},
+    )
     return TrainConfig(**{**values, **overrides})
 
 

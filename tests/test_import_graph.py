@@ -67,17 +67,21 @@ def imports_of(module: str, files: dict[str, Path]) -> list[tuple[str, int, str]
                 if alias.name == PACKAGE or alias.name.startswith(PACKAGE + "."):
                     add(alias.name, node)
         elif isinstance(node, ast.ImportFrom):
-            base = (_resolve_relative(module, node.level, node.module, files) if node.level
-                    else node.module or "")
+            base = _resolve_relative(module, node.level, node.module, files) if node.level else node.module or ""
             if base != PACKAGE and not base.startswith(PACKAGE + "."):
                 continue
             for alias in node.names:
                 submodule = f"{base}.{alias.name}"
                 add(submodule if submodule in files else base, node)
-        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-              and node.func.attr == "import_module" and node.args
-              and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)
-              and node.args[0].value.startswith(PACKAGE + ".")):
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "import_module"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+            and node.args[0].value.startswith(PACKAGE + ".")
+        ):
             add(node.args[0].value, node)
     return found
 
@@ -108,7 +112,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
                 state[path.pop()] = 2
                 stack.pop()
             elif state.get(child) == 1:
-                return [*path[path.index(child):], child]
+                return [*path[path.index(child) :], child]
             elif not state.get(child):
                 state[child] = 1
                 path.append(child)
@@ -118,8 +122,10 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def describe(cycle: list[str], where: dict[tuple[str, str], tuple[int, str]]) -> str:
     files = module_files()
-    return "\n".join(f"  {a} -> {b}   ({files[a].relative_to(SRC)}:{where[(a, b)][0]}: {where[(a, b)][1]})"
-                     for a, b in itertools.pairwise(cycle))
+    return "\n".join(
+        f"  {a} -> {b}   ({files[a].relative_to(SRC)}:{where[(a, b)][0]}: {where[(a, b)][1]})"
+        for a, b in itertools.pairwise(cycle)
+    )
 
 
 def test_the_graph_sees_top_level_and_function_level_imports():
@@ -144,7 +150,11 @@ COMMAND_LAUNCHER = "gradharmony._entry"
 def test_the_core_does_not_import_the_toolkit():
     graph, where = import_graph()
     files = module_files()
-    offending = [f"  {files[a].relative_to(SRC)}:{where[(a, b)][0]}: {where[(a, b)][1]}"
-                 for a in sorted(graph) if a != TOOLKIT and not a.startswith(TOOLKIT + ".") and a != COMMAND_LAUNCHER
-                 for b in sorted(graph[a]) if b == TOOLKIT or b.startswith(TOOLKIT + ".")]
+    offending = [
+        f"  {files[a].relative_to(SRC)}:{where[(a, b)][0]}: {where[(a, b)][1]}"
+        for a in sorted(graph)
+        if a != TOOLKIT and not a.startswith(TOOLKIT + ".") and a != COMMAND_LAUNCHER
+        for b in sorted(graph[a])
+        if b == TOOLKIT or b.startswith(TOOLKIT + ".")
+    ]
     assert not offending, "the core imports the toolkit:\n" + "\n".join(offending)

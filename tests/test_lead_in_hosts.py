@@ -28,9 +28,11 @@ K = 0.5
 NUM_CLASSES, IN = 3, 12
 DEFAULT_LEAD = {"mcd": "cls", "ssrt": "cls", "cdan": "align"}
 # Tiny hosts; the step puts each reversal layer (CDAN, SSRT) well above zero.
-HOSTS = {"mcd": ({"num_k": 1, "head_hidden": 8}, 0),
-         "ssrt": ({"sr_layers": (-1,), "sr_epsilon": 0.0, "safe_period": 50, "grl_max_steps": 10}, 30),
-         "cdan": ({"disc_hidden": 16}, 80)}
+HOSTS = {
+    "mcd": ({"num_k": 1, "head_hidden": 8}, 0),
+    "ssrt": ({"sr_layers": (-1,), "sr_epsilon": 0.0, "safe_period": 50, "grl_max_steps": 10}, 30),
+    "cdan": ({"disc_hidden": 16}, 80),
+}
 
 
 def ghpp_weights(angle: float, k: float, lead: str) -> tuple[float, float]:
@@ -60,8 +62,15 @@ class Probe:
             held = [None if p.grad is None else p.grad.clone() for p in params]
             stats = original(**kwargs)
             new = [p.grad if h is None else p.grad - h for p, h in zip(params, held)]
-            self.calls.append({"g_align": g_align, "g_cls": g_cls, "grad": flat(new, params),
-                               "trade_off": kwargs.get("trade_off", 1.0), "stats": stats})
+            self.calls.append(
+                {
+                    "g_align": g_align,
+                    "g_cls": g_cls,
+                    "grad": flat(new, params),
+                    "trade_off": kwargs.get("trade_off", 1.0),
+                    "stats": stats,
+                }
+            )
             return stats
 
         harmonizer.backward = backward
@@ -90,8 +99,9 @@ class Probe:
                 other = "cls" if lead == "align" else "align"
                 beta = K * (angle - 90.0)
                 assert weights[lead] == pytest.approx(1 + 2 * math.sin(math.radians(beta / 2)), rel=1e-4)
-                assert weights[other] == pytest.approx(1 + 2 * math.sin(math.radians((beta + 90 - angle) / 2)),
-                                                       rel=1e-4)
+                assert weights[other] == pytest.approx(
+                    1 + 2 * math.sin(math.radians((beta + 90 - angle) / 2)), rel=1e-4
+                )
                 assert weights[lead] > 1.0 > weights[other]
         return conflicts
 
@@ -133,10 +143,14 @@ def test_the_lead_loss_gets_the_lead_weight_in_the_host(name, lead):
 
 @pytest.mark.parametrize("name", sorted(HOSTS))
 def test_the_engine_uses_the_hosts_own_lead_by_default(tmp_path, name):
-    params = {"mcd": {"num_k": 1, "head_hidden": 8}, "cdan": {"disc_hidden": 16, "grl_max_steps": 4},
-              "ssrt": {"sr_epsilon": 0.0, "safe_period": 50, "grl_max_steps": 2}}[name]
-    cfg = config(tmp_path, method=name, harmonizer="gh++", k=K, lead="default", steps=4, eval_every=4,
-                 method_params=params)
+    params = {
+        "mcd": {"num_k": 1, "head_hidden": 8},
+        "cdan": {"disc_hidden": 16, "grl_max_steps": 4},
+        "ssrt": {"sr_epsilon": 0.0, "safe_period": 50, "grl_max_steps": 2},
+    }[name]
+    cfg = config(
+        tmp_path, method=name, harmonizer="gh++", k=K, lead="default", steps=4, eval_every=4, method_params=params
+    )
     trainer = Trainer(cfg, tiny_domains())
     assert trainer.harmonizer.lead == DEFAULT_LEAD[name] == type(trainer.model).default_lead
     probe = Probe(trainer.harmonizer)

@@ -36,14 +36,18 @@ SMALL = {"dann": {"disc_hidden": 32}, "cdan": {"disc_hidden": 32}, "cdan+e": {"d
 def make(name: str, **hparams) -> Method:
     torch.manual_seed(0)
     backbone = build_backbone("lenet", 1, 28)
-    return build_method(name, backbone, NUM_CLASSES, MAX_STEPS, bottleneck_dim=DIM,
-                        **{**SMALL.get(name, {}), **hparams})
+    return build_method(
+        name, backbone, NUM_CLASSES, MAX_STEPS, bottleneck_dim=DIM, **{**SMALL.get(name, {}), **hparams}
+    )
 
 
 def batch(n_s: int = 4, n_t: int = 4, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
-    return (torch.rand(n_s, 1, 28, 28, generator=g), torch.randint(0, NUM_CLASSES, (n_s,), generator=g),
-            torch.rand(n_t, 1, 28, 28, generator=g))
+    return (
+        torch.rand(n_s, 1, 28, 28, generator=g),
+        torch.randint(0, NUM_CLASSES, (n_s,), generator=g),
+        torch.rand(n_t, 1, 28, 28, generator=g),
+    )
 
 
 def losses_at(method: Method, step: int = 50, seed: int = 2, **sizes) -> Losses:
@@ -68,7 +72,7 @@ def reaches(loss: torch.Tensor, module: nn.Module) -> bool:
 # ----------------------------------------------------------------------------- registry
 def test_registry_keys_and_names():
     # The single-step methods here; mcd, gvb and dwl (multi-step) in test_methods_multistep.py, ssrt in test_ssrt.py.
-    assert sorted(METHODS) == sorted(NAMES + ["mcd", "gvb", "dwl", "ssrt"])
+    assert sorted(METHODS) == sorted([*NAMES, "mcd", "gvb", "dwl", "ssrt"])
     for key, cls in METHODS.items():
         assert cls.name == key and cls.default_lead in ("align", "cls") and cls.__doc__
 
@@ -150,11 +154,14 @@ def test_align_gradient_reaches_exactly_the_expected_modules(name):
         assert reaches(losses.align, module) == expected, part
 
 
-@pytest.mark.parametrize("name, hparams, classifier", [
-    ("cdan", {"detach_predictions": False}, True),
-    ("cdan+e", {"entropy_grad": False}, False),
-    ("cdan", {"randomized": True, "randomized_dim": 64}, False),
-])
+@pytest.mark.parametrize(
+    "name, hparams, classifier",
+    [
+        ("cdan", {"detach_predictions": False}, True),
+        ("cdan+e", {"entropy_grad": False}, False),
+        ("cdan", {"randomized": True, "randomized_dim": 64}, False),
+    ],
+)
 def test_cdan_detach_options(name, hparams, classifier):
     method = make(name, **hparams)
     losses = losses_at(method)
@@ -202,8 +209,9 @@ def test_compute_losses_sets_the_schedule_and_forward_never_moves_it(name):
     method.eval()(x_t)
     assert method.grl.step == 37
     hp = method.hparams
-    expected = warm_start_coefficient(37, hp["grl_max_steps"] or MAX_STEPS, hp["grl_alpha"],
-                                      hp["grl_low"], hp["grl_high"])
+    expected = warm_start_coefficient(
+        37, hp["grl_max_steps"] or MAX_STEPS, hp["grl_alpha"], hp["grl_low"], hp["grl_high"]
+    )
     assert losses.logs["grl_coeff"] == pytest.approx(expected)
 
 
@@ -356,8 +364,7 @@ def test_scope_is_backbone_bottleneck_classifier():
 @pytest.mark.parametrize("mode", ["gh", "gh++"])
 def test_three_harmonized_sgd_steps(name, mode):
     method = make(name).train()
-    harmonizer = Harmonizer(mode=mode, scope=method.scope_modules(), strategy="recombine",
-                            lead=method.default_lead)
+    harmonizer = Harmonizer(mode=mode, scope=method.scope_modules(), strategy="recombine", lead=method.default_lead)
     optimizer = torch.optim.SGD(method.parameter_groups(lr=0.05), lr=0.05, momentum=0.9)
     before = {k: p.detach().clone() for k, p in method.named_parameters()}
     for step in range(50, 53):
@@ -415,7 +422,9 @@ def test_default_update_is_the_harmonized_or_plain_backward_then_a_step(name, ha
     optimizers, ref_optimizers = sgd(method), sgd(reference)
     for step in (40, 41):
         torch.manual_seed(step)
-        result = method.update(Batch(x_s, y_s, x_t), StepContext(step, optimizers, harmonizer if harmonized else None, 0.6))
+        result = method.update(
+            Batch(x_s, y_s, x_t), StepContext(step, optimizers, harmonizer if harmonized else None, 0.6)
+        )
         torch.manual_seed(step)
         losses = reference.compute_losses(x_s, y_s, x_t, step)
         ref_optimizers["all"].zero_grad()

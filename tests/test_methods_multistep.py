@@ -30,9 +30,11 @@ from gradharmony.uda.methods.mcd import classifier_discrepancy, mean_prediction_
 
 NUM_CLASSES, DIM, IN = 3, 8, 12
 MULTI = ["mcd", "gvb", "dwl"]
-SMALL = {"mcd": {"num_k": 2, "head_hidden": 8},
-         "gvb": {"disc_hidden": 8},
-         "dwl": {"num_k1": 1, "num_k3": 2, "disc_hidden": 8, "stats_window": 2}}
+SMALL = {
+    "mcd": {"num_k": 2, "head_hidden": 8},
+    "gvb": {"disc_hidden": 8},
+    "dwl": {"num_k1": 1, "num_k3": 2, "disc_hidden": 8, "stats_window": 2},
+}
 
 
 class Tiny(nn.Sequential):
@@ -55,8 +57,9 @@ def batch(n_s: int = 6, n_t: int = 6, seed: int = 1):
 
 
 def sgd(method: Method, lr: float = 0.1, momentum: float = 0.0) -> dict[str, torch.optim.Optimizer]:
-    return {name: torch.optim.SGD(groups, lr=lr, momentum=momentum)
-            for name, groups in method.optimizer_groups(lr).items()}
+    return {
+        name: torch.optim.SGD(groups, lr=lr, momentum=momentum) for name, groups in method.optimizer_groups(lr).items()
+    }
 
 
 def harmonizer_for(method: Method, mode: str = "gh", **kwargs) -> Harmonizer:
@@ -143,14 +146,32 @@ def test_registry_and_flags():
 
 def test_defaults_of_the_papers_and_releases():
     m = METHODS["mcd"].hparam_defaults()
-    assert (m["num_k"], m["entropy_weight"], m["bottleneck_dim"], m["head_dropout"], m["generator_momentum"]) == \
-        (4, 0.01, 1024, 0.5, 0.0)
+    assert (m["num_k"], m["entropy_weight"], m["bottleneck_dim"], m["head_dropout"], m["generator_momentum"]) == (
+        4,
+        0.01,
+        1024,
+        0.5,
+        0.0,
+    )
     g = METHODS["gvb"].hparam_defaults()
-    assert (g["gvbg_weight"], g["gvbd_weight"], g["grl_max_steps"], g["disc_batch_norm"], g["disc_dropout"]) == \
-        (1.0, 1.0, 10000, False, 0.5)
+    assert (g["gvbg_weight"], g["gvbd_weight"], g["grl_max_steps"], g["disc_batch_norm"], g["disc_dropout"]) == (
+        1.0,
+        1.0,
+        10000,
+        False,
+        0.5,
+    )
     d = METHODS["dwl"].hparam_defaults()
-    assert (d["num_k1"], d["num_k2"], d["num_k3"], d["num_k4"], d["disc_weight"], d["adv_weight"],
-            d["stats_window"], d["domain_loss"]) == (8, 1, 8, 1, 0.1, 0.2, 100, "authors")
+    assert (
+        d["num_k1"],
+        d["num_k2"],
+        d["num_k3"],
+        d["num_k4"],
+        d["disc_weight"],
+        d["adv_weight"],
+        d["stats_window"],
+        d["domain_loss"],
+    ) == (8, 1, 8, 1, 0.1, 0.2, 100, "authors")
 
 
 @pytest.mark.parametrize("name", MULTI)
@@ -234,9 +255,15 @@ def test_mcd_update_order_and_what_moves():
     rec = Recorder(method, optimizers, harmonizer)
     x_s, y_s, x_t = batch()
     method.update(Batch(x_s, y_s, x_t), StepContext(0, optimizers, harmonizer, 1.0))
-    assert rec.names() == ["generator", "classifiers",  # A
-                           "gh", "classifiers",          # B
-                           "generator", "generator", "generator"]  # C x num_k
+    assert rec.names() == [
+        "generator",
+        "classifiers",  # A
+        "gh",
+        "classifiers",  # B
+        "generator",
+        "generator",
+        "generator",
+    ]  # C x num_k
     generator, classifiers = {"backbone", "bottleneck"}, {"classifier", "classifier2"}
     for name, changed in rec.events:
         if name == "generator":
@@ -258,7 +285,7 @@ def test_mcd_step_b_fixes_the_generator_and_step_c_fixes_the_classifiers():
     b_and_c = moved(at_gh, after)
     assert b_and_c == {"backbone", "bottleneck", "classifier", "classifier2"}
     names = rec.names()
-    c_moves = set().union(*(m for n, m in rec.events[names.index("gh") + 2:]))
+    c_moves = set().union(*(m for n, m in rec.events[names.index("gh") + 2 :]))
     assert c_moves == {"backbone", "bottleneck"}
     b_moves = rec.events[names.index("gh") + 1][1]
     assert b_moves == {"classifier", "classifier2"}
@@ -310,8 +337,11 @@ def test_mcd_update_equals_the_authors_step_by_hand(strategy):
         f = ref.features(x)
         y1, y2 = ref.classifier(f), ref.classifier2(f)
         p1, p2 = F.softmax(y1[n:], 1), F.softmax(y2[n:], 1)
-        loss = F.cross_entropy(y1[:n], y_s) + F.cross_entropy(y2[:n], y_s) + 0.01 * (
-            mean_prediction_entropy(p1) + mean_prediction_entropy(p2))
+        loss = (
+            F.cross_entropy(y1[:n], y_s)
+            + F.cross_entropy(y2[:n], y_s)
+            + 0.01 * (mean_prediction_entropy(p1) + mean_prediction_entropy(p2))
+        )
         return loss, classifier_discrepancy(p1, p2)
 
     def step(params, loss):
@@ -468,10 +498,16 @@ def test_dwl_update_order_and_what_moves():
     optimizers, harmonizer = sgd(method), harmonizer_for(method)
     rec = Recorder(method, optimizers, harmonizer)
     result = method.update(Batch(*batch()), StepContext(0, optimizers, harmonizer, 1.0))
-    assert rec.names() == ["generator", "classifier"] * 2 + ["discriminator", "aux_classifiers", "classifier"] \
-        + ["gh", "generator"] * 2 + ["generator", "classifier"]
-    owners = {"generator": {"backbone", "bottleneck"}, "classifier": {"classifier"},
-              "aux_classifiers": {"classifier1", "classifier2"}, "discriminator": {"discriminator"}}
+    assert rec.names() == ["generator", "classifier"] * 2 + ["discriminator", "aux_classifiers", "classifier"] + [
+        "gh",
+        "generator",
+    ] * 2 + ["generator", "classifier"]
+    owners = {
+        "generator": {"backbone", "bottleneck"},
+        "classifier": {"classifier"},
+        "aux_classifiers": {"classifier1", "classifier2"},
+        "discriminator": {"discriminator"},
+    }
     for name, changed in rec.events:
         if name != "gh":
             assert changed == owners[name], name
@@ -534,6 +570,7 @@ def test_dwl_domain_losses():
     q = torch.sigmoid(d_t)
     expected = -(q * torch.log(torch.sigmoid(d_s)) + (1 - q) * torch.log(1 - torch.sigmoid(d_s))).mean()
     from gradharmony.uda.methods.dwl import authors_domain_loss
+
     assert authors_domain_loss(d_s, d_t).item() == pytest.approx(expected.item(), rel=1e-5)
     with pytest.raises(ValueError, match="batch sizes"):
         method.compute_losses(*batch(n_s=6, n_t=3), step=0)

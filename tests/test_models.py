@@ -6,8 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from gradharmony.uda.models import (DTN, Bottleneck, ClassifierHead, DomainDiscriminator, LeNet,
-                                build_backbone)
+from gradharmony.uda.models import DTN, Bottleneck, ClassifierHead, DomainDiscriminator, LeNet, build_backbone
 
 
 @pytest.mark.parametrize("name", ["lenet", "dtn"])

@@ -23,7 +23,7 @@ def write_features(root: Path, n: int = 40, dim: int = 20, seed: int = 0) -> Pat
     decaf = root / "office_caltech10" / "decaf6_partial"
     surf.mkdir(parents=True)
     decaf.mkdir(parents=True)
-    for domain, file in [("amazon", "amazon_SURF_L10.mat"), ("webcam", "webcam_SURF_L10.mat")]:
+    for _domain, file in [("amazon", "amazon_SURF_L10.mat"), ("webcam", "webcam_SURF_L10.mat")]:
         counts = rng.integers(0, 5, (n, dim)).astype(np.uint8)
         counts[np.arange(n), labels.ravel() - 1] += 20  # class-specific words
         scipy.io.savemat(surf / file, {"fts": counts, "labels": labels})
@@ -42,20 +42,31 @@ def test_surf_and_decaf_domains_load_and_are_standardised(tmp_path):
 
 
 def test_missing_and_corrupt_feature_files_are_reported(tmp_path):
-    with pytest.raises(DatasetNotFoundError, match="amazon_SURF_L10.mat"):
+    with pytest.raises(DatasetNotFoundError, match=r"amazon_SURF_L10\.mat"):
         load_domain("oc10-surf-amazon", "train", data_root=tmp_path)
     root = write_features(tmp_path)
     (root / "office_caltech10" / "surf" / "webcam_SURF_L10.mat").write_bytes(b"\x00" * 64)
-    with pytest.raises(DatasetFormatError, match="webcam_SURF_L10.mat"):
+    with pytest.raises(DatasetFormatError, match=r"webcam_SURF_L10\.mat"):
         load_domain("oc10-surf-webcam", "train", data_root=root)
 
 
 def test_mlp_trains_on_features_and_rejects_images(tmp_path):
     root = write_features(tmp_path)
-    cfg = TrainConfig(method="dann", harmonizer="gh", source="oc10-surf-amazon", target="oc10-surf-webcam",
-                      backbone="mlp", bottleneck_dim=16, steps=30, eval_every=15, batch_size=8,
-                      data_root=str(root), out=str(tmp_path / "run"), progress=False,
-                      method_params={"disc_hidden": 16})
+    cfg = TrainConfig(
+        method="dann",
+        harmonizer="gh",
+        source="oc10-surf-amazon",
+        target="oc10-surf-webcam",
+        backbone="mlp",
+        bottleneck_dim=16,
+        steps=30,
+        eval_every=15,
+        batch_size=8,
+        data_root=str(root),
+        out=str(tmp_path / "run"),
+        progress=False,
+        method_params={"disc_hidden": 16},
+    )
     result = train(cfg)
     assert result["last_target_acc"] > 0.3  # class-specific words make this easy; chance is 0.1
     with pytest.raises(ConfigError, match="feature vectors"):

@@ -38,8 +38,7 @@ torchjd_aggregation = pytest.importorskip("torchjd.aggregation")
 PCGrad = torchjd_aggregation.PCGrad
 PCGradWeighting = torchjd_aggregation.PCGradWeighting
 
-KINDS = ("random", "near_parallel", "near_antiparallel", "antiparallel", "orthogonal", "non_conflicting",
-         "tiny")
+KINDS = ("random", "near_parallel", "near_antiparallel", "antiparallel", "orthogonal", "non_conflicting", "tiny")
 
 unit = st.floats(min_value=-1.0, max_value=1.0, allow_nan=False, allow_infinity=False)
 
@@ -62,9 +61,14 @@ def gradient_pairs(draw):
         assume(perp.norm() > 1e-3)
         perp = perp / perp.norm()
         eps = 10.0 ** draw(st.floats(min_value=-7.0, max_value=-1.0))
-        c = {"near_parallel": a + eps * perp, "near_antiparallel": -a + eps * perp, "antiparallel": -a,
-             "orthogonal": perp, "non_conflicting": a * draw(st.floats(0.01, 1.0)) + perp,
-             "tiny": -a + perp}.get(kind)
+        c = {
+            "near_parallel": a + eps * perp,
+            "near_antiparallel": -a + eps * perp,
+            "antiparallel": -a,
+            "orthogonal": perp,
+            "non_conflicting": a * draw(st.floats(0.01, 1.0)) + perp,
+            "tiny": -a + perp,
+        }.get(kind)
         c = c / c.norm()
     # Norm ratio 1e-6 .. 1e6 and overall scale: far inside the guard (squared ratio > 1e-16).
     a = a * 10.0 ** draw(st.floats(min_value=-3.0, max_value=3.0))
@@ -103,13 +107,16 @@ def test_gh_update_equals_pcgrad_aggregate(pair):
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.floats(min_value=-12.0, max_value=12.0), st.floats(min_value=-12.0, max_value=12.0),
-       st.floats(min_value=-1.0, max_value=1.0))
+@given(
+    st.floats(min_value=-12.0, max_value=12.0),
+    st.floats(min_value=-12.0, max_value=12.0),
+    st.floats(min_value=-1.0, max_value=1.0),
+)
 def test_gh_weights_equal_pcgrad_weights_of_the_gramian(log_aa, log_cc, cos):
     # Any 2x2 Gramian of two non-zero gradients: aa, cc > 0 and d = cos * sqrt(aa * cc), |cos| <= 1.
     # |log10(aa / cc)| >= 16 would cross the tiny-norm guard (a squared ratio below 1e-16): kept out.
     assume(abs(log_aa - log_cc) < 15.0)
-    aa, cc = 10.0 ** log_aa, 10.0 ** log_cc
+    aa, cc = 10.0**log_aa, 10.0**log_cc
     d = cos * math.sqrt(aa * cc)
     ours = harmonize_weights(aa, cc, d, mode="gh")
     G = torch.tensor([[aa, d], [d, cc]], dtype=torch.float64)
@@ -124,7 +131,7 @@ def test_below_the_tiny_norm_guard_gh_leaves_the_sum_where_pcgrad_explodes(ratio
     PCGrad divides by its squared norm and returns a weight ~1/ratio for it; our guard keeps
     weights (1, 1), i.e. the plain sum, and says so.
     """
-    a = torch.tensor([ratio, 0.0], dtype=torch.float64)          # the tiny alignment gradient
+    a = torch.tensor([ratio, 0.0], dtype=torch.float64)  # the tiny alignment gradient
     c = torch.tensor([-math.cos(0.3), math.sin(0.3)], dtype=torch.float64)  # conflicting, unit norm
     aa, cc, d = gramian(a, c)
     assert d < 0 and aa < 1e-16 * cc

@@ -17,9 +17,20 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 IMAGE_BENCHMARKS = ("office31", "officehome", "visda2017", "domainnet")
 RECIPES = sorted(p for benchmark in IMAGE_BENCHMARKS for p in (CONFIGS / benchmark).glob("*.yaml"))
 # CI-sized: a small random-init backbone on 32x32 crops of generated images, two steps.
-TINY = {"backbone": "resnet18", "pretrained": None, "resize": 36, "crop": 32, "batch_size": 4, "steps": 2,
-        "eval_every": 2, "loader_workers": 0, "device": "cpu", "source_eval_size": 4, "bottleneck_dim": 16,
-        "progress": False}
+TINY = {
+    "backbone": "resnet18",
+    "pretrained": None,
+    "resize": 36,
+    "crop": 32,
+    "batch_size": 4,
+    "steps": 2,
+    "eval_every": 2,
+    "loader_workers": 0,
+    "device": "cpu",
+    "source_eval_size": 4,
+    "bottleneck_dim": 16,
+    "progress": False,
+}
 
 
 def test_there_is_a_recipe_per_method_and_benchmark():
@@ -35,8 +46,9 @@ def test_there_is_a_recipe_per_method_and_benchmark():
 def data_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("benchmarks")
     for benchmark in IMAGE_BENCHMARKS:
-        write_benchmark_tree(root, benchmark, per_class=1 if benchmark != "domainnet" else 2, size=36,
-                             lists=benchmark == "domainnet")
+        write_benchmark_tree(
+            root, benchmark, per_class=1 if benchmark != "domainnet" else 2, size=36, lists=benchmark == "domainnet"
+        )
     return root
 
 
@@ -46,8 +58,14 @@ def test_recipe_runs_end_to_end_on_generated_images(recipe, data_root, tmp_path)
     runs = expand({**grid, "out": str(tmp_path / "runs")})
     assert len(runs) == len(grid["tasks"]) * len(grid["variants"]) * len(grid["seeds"])
     last = runs[len(grid["variants"]) - 1]  # the first task, the last variant (GH++ where there is one)
-    cfg = last.config.with_overrides({**TINY, "data_root": str(data_root), "out": str(tmp_path / "run"),
-                                      "method_params": {**last.config.method_params, **_tiny_heads(last.method)}})
+    cfg = last.config.with_overrides(
+        {
+            **TINY,
+            "data_root": str(data_root),
+            "out": str(tmp_path / "run"),
+            "method_params": {**last.config.method_params, **_tiny_heads(last.method)},
+        }
+    )
     result = train(cfg)
     assert result["steps"] == 2 and 0.0 <= result["last_target_acc"] <= 1.0
 

@@ -58,8 +58,9 @@ def batch(n_s: int = 4, n_t: int = 4, seed: int = 1):
 
 
 def sgd(method: nn.Module, lr: float = 0.05, momentum: float = 0.9) -> dict[str, torch.optim.Optimizer]:
-    return {name: torch.optim.SGD(groups, lr=lr, momentum=momentum)
-            for name, groups in method.optimizer_groups(lr).items()}
+    return {
+        name: torch.optim.SGD(groups, lr=lr, momentum=momentum) for name, groups in method.optimizer_groups(lr).items()
+    }
 
 
 def snapshot(method: nn.Module) -> dict[str, torch.Tensor]:
@@ -86,12 +87,27 @@ def test_registry_lead_scope_and_defaults():
     assert METHODS["ssrt"] is SSRT and SSRT.multi_step and SSRT.default_lead == "cls"
     assert SSRT.__doc__ and "Example" in SSRT.__doc__
     d = SSRT.hparam_defaults()
-    assert (d["sr_loss_weight"], d["sr_alpha"], d["sr_layers"], d["sr_epsilon"], d["sr_loss_p"]) == \
-        (0.2, 0.3, (0, 4, 8), 0.4, 0.5)
-    assert (d["safe_training"], d["safe_period"], d["safe_levels"], d["safe_drop"], d["safe_min_r"],
-            d["safe_restore_optimizer"]) == (True, 1000, 4, 1.0, 0.1, False)
-    assert (d["bottleneck_dim"], d["backbone_lr_mult"], d["bottleneck_dropout"], d["head_dropout"]) == \
-        (1024, 0.1, 0.5, 0.5)
+    assert (d["sr_loss_weight"], d["sr_alpha"], d["sr_layers"], d["sr_epsilon"], d["sr_loss_p"]) == (
+        0.2,
+        0.3,
+        (0, 4, 8),
+        0.4,
+        0.5,
+    )
+    assert (
+        d["safe_training"],
+        d["safe_period"],
+        d["safe_levels"],
+        d["safe_drop"],
+        d["safe_min_r"],
+        d["safe_restore_optimizer"],
+    ) == (True, 1000, 4, 1.0, 0.1, False)
+    assert (d["bottleneck_dim"], d["backbone_lr_mult"], d["bottleneck_dropout"], d["head_dropout"]) == (
+        1024,
+        0.1,
+        0.5,
+        0.5,
+    )
     assert (d["grl_alpha"], d["grl_low"], d["grl_high"], d["grl_max_steps"]) == (1.0, 0.0, 0.1, 1000)
 
     torch.manual_seed(0)
@@ -135,8 +151,18 @@ def test_losses_are_finite_and_the_batch_layout():
     assert losses.features.shape == (4 + 2 * 3, DIM)  # source, target, perturbed target
     assert losses.cut.shape == (4 + 2 * 3, method.backbone.out_features)  # the ViT output they come from
     assert torch.autograd.grad(losses.cls, losses.cut, retain_graph=True)[0].abs().sum() > 0
-    assert {"cls_loss", "transfer_loss", "domain_loss", "sr_loss", "sr_r", "sr_weight", "sr_layer",
-            "domain_acc", "grl_coeff", "source_acc"} <= set(losses.logs)
+    assert {
+        "cls_loss",
+        "transfer_loss",
+        "domain_loss",
+        "sr_loss",
+        "sr_r",
+        "sr_weight",
+        "sr_layer",
+        "domain_acc",
+        "grl_coeff",
+        "source_acc",
+    } <= set(losses.logs)
     assert all(math.isfinite(v) for v in losses.logs.values())
     # evaluation mode: no perturbation, no refinement loss
     method.eval()
@@ -186,7 +212,9 @@ def test_the_domain_gradient_is_reversed_and_scaled_below_the_discriminator():
         method.grl.constant = constant
         torch.manual_seed(5)  # same layer, direction and dropout masks
         t = method.terms(x_s, y_s, x_t, step=700, r=1.0)
-        return flat_grad(t.extra["domain"], params), flat_grad(t.extra["domain"], list(method.discriminator.parameters()))
+        return flat_grad(t.extra["domain"], params), flat_grad(
+            t.extra["domain"], list(method.discriminator.parameters())
+        )
 
     method.grl.set_step(700)
     coeff = method.grl.coefficient  # the authors' ramp to 0.1 over 1000 steps with alpha = 1
@@ -232,11 +260,14 @@ def test_token_perturbation_applies_to_target_rows_only(layer):
     x_s, y_s, x_t = batch(n_s=4, n_t=3)
     n_s, n = 4, 7
     seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    hooks = [blk.register_forward_hook(lambda m, args, out, i=i: seen.__setitem__(i, (args[0].detach(), out.detach())))
-             for i, blk in enumerate(method.backbone.blocks)]
+    hooks = [
+        blk.register_forward_hook(lambda m, args, out, i=i: seen.__setitem__(i, (args[0].detach(), out.detach())))
+        for i, blk in enumerate(method.backbone.blocks)
+    ]
     clean_in: list[torch.Tensor] = []
-    hooks.append(method.backbone.blocks[layer].register_forward_pre_hook(
-        lambda m, args: clean_in.append(args[0].detach())))  # registered before the method's own hook
+    hooks.append(
+        method.backbone.blocks[layer].register_forward_pre_hook(lambda m, args: clean_in.append(args[0].detach()))
+    )  # registered before the method's own hook
     t = method.terms(x_s, y_s, x_t, step=900, r=0.5)
     for h in hooks:
         h.remove()
@@ -298,7 +329,7 @@ def authors_check(divs, last, levels):
     """The release's check_div_drop loop, with numpy (reference)."""
     flag = False
     for level in range(levels + 1):
-        chunk = 2 ** level
+        chunk = 2**level
         parts = [d.mean() if len(d) else float("nan") for d in np.array_split(np.array(divs), chunk)]
         if last is not None:
             prev = [d.mean() if len(d) else float("nan") for d in np.array_split(np.array(last), chunk)]
@@ -320,8 +351,15 @@ def test_the_drop_test_matches_the_release_on_random_records():
 
 def collapse_run(restore_weights: bool = True, restore_optimizer: bool = False, lr: float = 0.0):
     """T = 4, L = 1.  Steps 0-5 healthy, steps 6-7 collapsed (classifier bias), restart at step 8."""
-    method = make(safe_period=4, safe_levels=1, sr_layers=(2,), head_dropout=0.0, bottleneck_dropout=0.0,
-                  safe_restore_weights=restore_weights, safe_restore_optimizer=restore_optimizer)
+    method = make(
+        safe_period=4,
+        safe_levels=1,
+        sr_layers=(2,),
+        head_dropout=0.0,
+        bottleneck_dropout=0.0,
+        safe_restore_weights=restore_weights,
+        safe_restore_optimizer=restore_optimizer,
+    )
     with torch.no_grad():  # clearly different classes for different target images
         method.classifier[0].weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(4))
         last = method.classifier[-1].weight
@@ -330,7 +368,11 @@ def collapse_run(restore_weights: bool = True, restore_optimizer: bool = False, 
     optimizers = sgd(method, lr=lr, momentum=0.9 if lr else 0.0)
     harmonizer = Harmonizer(mode="gh++", scope=method.scope_modules(), lead="cls")
     g = torch.Generator().manual_seed(7)
-    x_s, y_s, x_t = torch.rand(6, 3, 32, 32, generator=g), torch.arange(6) % NUM_CLASSES, torch.rand(8, 3, 32, 32, generator=g)
+    x_s, y_s, x_t = (
+        torch.rand(6, 3, 32, 32, generator=g),
+        torch.arange(6) % NUM_CLASSES,
+        torch.rand(8, 3, 32, 32, generator=g),
+    )
     logs, kept = [], {}
     for step in range(9):
         if step == 4:
@@ -371,10 +413,14 @@ def test_safe_training_restarts_on_a_forced_collapse():
 
 
 def test_a_second_collapse_soon_after_doubles_the_period():
-    method, optimizers, logs, _ = collapse_run(lr=0.0)
+    method, optimizers, _logs, _ = collapse_run(lr=0.0)
     harmonizer = Harmonizer(mode="gh++", scope=method.scope_modules(), lead="cls")
     g = torch.Generator().manual_seed(7)
-    x_s, y_s, x_t = torch.rand(6, 3, 32, 32, generator=g), torch.arange(6) % NUM_CLASSES, torch.rand(8, 3, 32, 32, generator=g)
+    x_s, y_s, x_t = (
+        torch.rand(6, 3, 32, 32, generator=g),
+        torch.arange(6) % NUM_CLASSES,
+        torch.rand(8, 3, 32, 32, generator=g),
+    )
     for step in range(9, 12):
         if step == 10:
             with torch.no_grad():
@@ -488,8 +534,17 @@ def test_state_dict_round_trip_keeps_the_safe_training_state_and_resumes_exactly
     other_optimizers = sgd(other)
     other_optimizers["all"].load_state_dict(saved["opt"])
     a, b = method.safe, other.safe
-    for key in ("phase", "period", "r", "restore_pending", "last_restore_step", "divs", "divs_last_period",
-                "restores", "collapses"):
+    for key in (
+        "phase",
+        "period",
+        "r",
+        "restore_pending",
+        "last_restore_step",
+        "divs",
+        "divs_last_period",
+        "restores",
+        "collapses",
+    ):
         assert getattr(a, key) == getattr(b, key), key
     assert a.snapshot.keys() == b.snapshot.keys() and all(torch.equal(a.snapshot[k], b.snapshot[k]) for k in a.snapshot)
     assert a.optimizer_snapshot.keys() == b.optimizer_snapshot.keys()
@@ -521,17 +576,32 @@ def test_trains_and_resumes_exactly_through_the_engine(tmp_path):
     def domain(n: int, shift: float, seed: int) -> Domain:
         g = torch.Generator().manual_seed(seed)
         labels = torch.arange(n) % 4
-        images = (torch.rand(n, 1, 16, 16, generator=g) * 60 + shift + labels.view(-1, 1, 1, 1) * 40)
+        images = torch.rand(n, 1, 16, 16, generator=g) * 60 + shift + labels.view(-1, 1, 1, 1) * 40
         return Domain("d", "train", images.clamp(0, 255).to(torch.uint8), labels, num_classes=4)
 
     def domains():
-        return {"source": domain(24, 0, 0), "target": domain(24, 60, 1), "source_test": domain(8, 0, 2),
-                "target_test": domain(8, 60, 3)}
+        return {
+            "source": domain(24, 0, 0),
+            "target": domain(24, 60, 1),
+            "source_test": domain(8, 0, 2),
+            "target_test": domain(8, 60, 3),
+        }
 
     def cfg(path):
-        return TrainConfig(method="ssrt", harmonizer="gh++", backbone="lenet", image_size=16, channels=1,
-                           bottleneck_dim=16, steps=6, batch_size=8, eval_every=3, out=str(path), progress=False,
-                           method_params={"safe_period": 2, "sr_epsilon": 0.0})
+        return TrainConfig(
+            method="ssrt",
+            harmonizer="gh++",
+            backbone="lenet",
+            image_size=16,
+            channels=1,
+            bottleneck_dim=16,
+            steps=6,
+            batch_size=8,
+            eval_every=3,
+            out=str(path),
+            progress=False,
+            method_params={"safe_period": 2, "sr_epsilon": 0.0},
+        )
 
     result = train(cfg(tmp_path / "a"), domains())
     assert result["steps"] == 6

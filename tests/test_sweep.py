@@ -29,8 +29,15 @@ def tiny_grid(tmp_path):
     root = write_fake_data_root(tmp_path / "data", count=24)
     return {
         "out": str(tmp_path / "runs"),
-        "base": {"steps": 2, "eval_every": 2, "batch_size": 8, "image_size": 16, "channels": 1,
-                 "bottleneck_dim": 8, "data_root": str(root)},
+        "base": {
+            "steps": 2,
+            "eval_every": 2,
+            "batch_size": 8,
+            "image_size": 16,
+            "channels": 1,
+            "bottleneck_dim": 8,
+            "data_root": str(root),
+        },
         "tasks": {"usps->mnistm": {"source": "usps", "target": "mnistm"}},
         "methods": ["mcc"],
         "variants": {"none": {"harmonizer": "none"}, "gh": {"harmonizer": "gh"}},
@@ -83,8 +90,12 @@ def test_sweep_runs_once_then_skips_and_reports(tmp_path):
 
 
 def _finished_record(step: int, acc: float) -> str:
-    return json.dumps({"step": step, "target_acc": acc, "best_target_acc": acc, "config": {"steps": step},
-                       "harmonizer": {}}) + "\n"
+    return (
+        json.dumps(
+            {"step": step, "target_acc": acc, "best_target_acc": acc, "config": {"steps": step}, "harmonizer": {}}
+        )
+        + "\n"
+    )
 
 
 def test_run_status_and_labels_are_read_from_the_folder(tmp_path):
@@ -119,8 +130,10 @@ def test_a_reused_worker_trains_the_same_runs_as_fresh_ones(tmp_path):
     run_grid(reused, workers=1, runs_per_process=4)  # one process trains all four, one after another
     for a, b in zip(expand(fresh), expand(reused)):
         records = [(r.out / "metrics.jsonl").read_text().splitlines() for r in (a, b)]
-        drop_paths = [[{k: v for k, v in json.loads(line).items() if k not in ("config", "seconds_per_step")}
-                       for line in lines] for lines in records]
+        drop_paths = [
+            [{k: v for k, v in json.loads(line).items() if k not in ("config", "seconds_per_step")} for line in lines]
+            for lines in records
+        ]
         assert drop_paths[0] == drop_paths[1]
     with pytest.raises(ConfigError, match="runs_per_process"):
         run_grid(fresh, runs_per_process=0)
@@ -133,8 +146,10 @@ def test_sweep_and_report_commands(tmp_path, capsys):
     assert main(["sweep", str(path), "--workers", "1", "--dry-run"]) == 0
     assert "pending" in capsys.readouterr().out
     assert main(["sweep", str(path), "--workers", "1"]) == 0
-    assert main(["report", grid["out"], "--plots", "--tsne", "--tsne-samples", "12",
-                 "--out", str(tmp_path / "report")]) == 0
+    assert (
+        main(["report", grid["out"], "--plots", "--tsne", "--tsne-samples", "12", "--out", str(tmp_path / "report")])
+        == 0
+    )
     text = capsys.readouterr().out
     assert "| mcc | gh | 2 |" in text and "(" in text
     assert (tmp_path / "report" / "usps_to_mnistm_mcc.png").stat().st_size > 10_000
@@ -147,14 +162,17 @@ def test_sweep_and_report_commands(tmp_path, capsys):
 
 
 def test_two_variants_are_paired_seed_by_seed():
-    cells = {("t", "mdd", "gh++/align"): Cell("t", "mdd", "gh++/align", last={0: 60.0, 1: 62.0, 2: 61.0}),
-             ("t", "mdd", "gh++/cls"): Cell("t", "mdd", "gh++/cls", last={0: 57.0, 1: 58.0}),
-             ("t", "dann", "gh++/align"): Cell("t", "dann", "gh++/align", last={0: 70.0})}
+    cells = {
+        ("t", "mdd", "gh++/align"): Cell("t", "mdd", "gh++/align", last={0: 60.0, 1: 62.0, 2: 61.0}),
+        ("t", "mdd", "gh++/cls"): Cell("t", "mdd", "gh++/cls", last={0: 57.0, 1: 58.0}),
+        ("t", "dann", "gh++/align"): Cell("t", "dann", "gh++/align", last={0: 70.0}),
+    }
     table = variant_comparison_markdown(cells, "gh++/align", "gh++/cls")
     assert "| t | mdd | +3.50 +- 0.71 (2/2 up) |" in table
     assert "dann" not in table  # no classification-leading runs to pair with
-    reverse = variant_comparison_markdown({**cells, ("t", "mdd", "none"): Cell("t", "mdd", "none", last={0: 50.0})},
-                                          "none", "gh++/align")
+    reverse = variant_comparison_markdown(
+        {**cells, ("t", "mdd", "none"): Cell("t", "mdd", "none", last={0: 50.0})}, "none", "gh++/align"
+    )
     assert "| t | mdd | -10.00 (0/1 up) | - |" in reverse  # the baseline may be the first variant too
 
 
@@ -169,8 +187,11 @@ def test_paired_delta_uses_common_seeds_only():
 
 
 def test_unfinished_runs_are_listed_not_averaged():
-    cells = {("t", "dann", "none"): Cell("t", "dann", "none", last={0: 70.0}, best={0: 71.0},
-                                         unfinished={2: (0, 3000), 1: (500, 3000), 3: (0, 3000)})}
+    cells = {
+        ("t", "dann", "none"): Cell(
+            "t", "dann", "none", last={0: 70.0}, best={0: 71.0}, unfinished={2: (0, 3000), 1: (500, 3000), 3: (0, 3000)}
+        )
+    }
     row = table_rows(cells)[0]
     assert row["seeds"] == 1 and row["last"] == "70.00"
     assert row["unfinished"] == "not started: seeds 2, 3; seed 1 at step 500/3000"
@@ -194,6 +215,8 @@ def test_average_over_tasks_pairs_each_task_then_tests_across_tasks():
 
 
 def test_task_families_split_on_the_first_word():
-    assert task_families(["surf A->W", "decaf D->W", "surf C->A"]) == {"decaf": ["decaf D->W"],
-                                                                      "surf": ["surf A->W", "surf C->A"]}
+    assert task_families(["surf A->W", "decaf D->W", "surf C->A"]) == {
+        "decaf": ["decaf D->W"],
+        "surf": ["surf A->W", "surf C->A"],
+    }
     assert task_families(["mnist->usps", "mnist->mnistm"]) == {"all": ["mnist->mnistm", "mnist->usps"]}

@@ -57,12 +57,15 @@ def _harmonizer_grads(mode: str, lead: str, k: float) -> list[torch.Tensor]:
     return [p.grad.clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("weighting, mode, lead", [
-    (GHWeighting(), "gh", "align"),
-    (GHPlusPlusWeighting(k=0.3, lead=0), "gh++", "align"),
-    (GHPlusPlusWeighting(k=0.3, lead=1), "gh++", "cls"),
-    (GHPlusPlusWeighting(k=0.3, lead=1, exact=True), "gh++exact", "cls"),
-])
+@pytest.mark.parametrize(
+    "weighting, mode, lead",
+    [
+        (GHWeighting(), "gh", "align"),
+        (GHPlusPlusWeighting(k=0.3, lead=0), "gh++", "align"),
+        (GHPlusPlusWeighting(k=0.3, lead=1), "gh++", "cls"),
+        (GHPlusPlusWeighting(k=0.3, lead=1, exact=True), "gh++exact", "cls"),
+    ],
+)
 def test_the_autogram_update_equals_the_harmonizers(weighting, mode, lead):
     expected = _harmonizer_grads(mode, lead, k=0.3)
     model, losses = _model_and_losses()

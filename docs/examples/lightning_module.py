@@ -17,13 +17,12 @@ import argparse
 
 import lightning as L
 import torch
+from plain_loop import make_domains  # the same synthetic two-domain data
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from gradharmony import GradientReversal, Harmonizer
-
-from plain_loop import make_domains  # the same synthetic two-domain data
 
 
 class HarmonizedDANN(L.LightningModule):
@@ -48,8 +47,16 @@ class HarmonizedDANN(L.LightningModule):
         optimizer.zero_grad()
         stats = self.harmonizer.backward(cls=cls_loss, align=transfer_loss, trade_off=self.trade_off)
         optimizer.step()
-        self.log_dict({"cls": cls_loss, "transfer": transfer_loss, "angle": stats.angle,
-                       "w_align": stats.w_align, "w_cls": stats.w_cls}, prog_bar=True)
+        self.log_dict(
+            {
+                "cls": cls_loss,
+                "transfer": transfer_loss,
+                "angle": stats.angle,
+                "w_align": stats.w_align,
+                "w_cls": stats.w_cls,
+            },
+            prog_bar=True,
+        )
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
@@ -64,14 +71,23 @@ def main() -> None:
     xs, ys, xt, yt = make_domains()
     loader = DataLoader(TensorDataset(xs, ys, xt), batch_size=64, shuffle=True)
     model = HarmonizedDANN(args.mode, args.steps)
-    trainer = L.Trainer(max_steps=args.steps, accelerator="cpu", devices=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        max_steps=args.steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(model, loader)
     with torch.no_grad():
         accuracy = (model.head(model.backbone(xt)).argmax(1) == yt).float().mean().item()
     summary = model.harmonizer.summary()
-    print(f"target accuracy {100 * accuracy:.1f}%, conflict rate {summary['conflict_rate']:.2f}, "
-          f"mean angle {summary['mean_angle']:.1f}, w_align {summary['mean_w_align']:.3f}")
+    print(
+        f"target accuracy {100 * accuracy:.1f}%, conflict rate {summary['conflict_rate']:.2f}, "
+        f"mean angle {summary['mean_angle']:.1f}, w_align {summary['mean_w_align']:.3f}"
+    )
 
 
 if __name__ == "__main__":

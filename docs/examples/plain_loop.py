@@ -39,8 +39,9 @@ def main() -> None:
     head = nn.Linear(32, 2)
     grl = GradientReversal(max_steps=args.steps)
     discriminator = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 1))
-    optimizer = torch.optim.SGD([*backbone.parameters(), *head.parameters(), *discriminator.parameters()],
-                                lr=0.05, momentum=0.9)
+    optimizer = torch.optim.SGD(
+        [*backbone.parameters(), *head.parameters(), *discriminator.parameters()], lr=0.05, momentum=0.9
+    )
     # (1) the harmonizer: the Gramian is measured over the shared feature extractor and the head.
     harmonizer = Harmonizer(mode=args.mode, scope=[backbone, head])
 
@@ -59,9 +60,11 @@ def main() -> None:
             with torch.no_grad():
                 accuracy = (head(backbone(xt)).argmax(1) == yt).float().mean().item()
             summary = harmonizer.summary()
-            print(f"step {step + 1}: target accuracy {100 * accuracy:.1f}%, angle {stats.angle:.1f}, "
-                  f"conflict rate {summary['conflict_rate']:.2f}, w_align {summary['mean_w_align']:.3f}, "
-                  f"w_cls {summary['mean_w_cls']:.3f}")
+            print(
+                f"step {step + 1}: target accuracy {100 * accuracy:.1f}%, angle {stats.angle:.1f}, "
+                f"conflict rate {summary['conflict_rate']:.2f}, w_align {summary['mean_w_align']:.3f}, "
+                f"w_cls {summary['mean_w_cls']:.3f}"
+            )
             harmonizer.reset_summary()
 
 

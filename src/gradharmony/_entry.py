@@ -22,9 +22,11 @@ def missing_toolkit_modules() -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     missing = missing_toolkit_modules()
     if missing:
-        print(f"gradharmony: the command line is part of the toolkit, whose dependencies are not installed "
-              f"(missing: {', '.join(missing)}); install it with: pip install 'gradharmony[uda]'",
-              file=sys.stderr)
+        print(
+            f"gradharmony: the command line is part of the toolkit, whose dependencies are not installed "
+            f"(missing: {', '.join(missing)}); install it with: pip install 'gradharmony[uda]'",
+            file=sys.stderr,
+        )
         return 2
     from gradharmony.uda.cli import main as toolkit_main
 

@@ -15,8 +15,21 @@ import importlib.util
 import sys
 import warnings
 
-_TOOLKIT_MODULES = ("batches", "cli", "config", "data", "demo", "engine", "methods", "models", "plots",
-                    "report", "runlog", "sampler", "sweep")
+_TOOLKIT_MODULES = (
+    "batches",
+    "cli",
+    "config",
+    "data",
+    "demo",
+    "engine",
+    "methods",
+    "models",
+    "plots",
+    "report",
+    "runlog",
+    "sampler",
+    "sweep",
+)
 _RENAMED = {"gradharmony.models.grl": "gradharmony.reversal", "gradharmony.runlog": "gradharmony.uda.runs"}
 
 
@@ -48,8 +61,11 @@ class LegacyFinder(importlib.abc.MetaPathFinder):
         target_name = new_name(fullname)
         if target_name is None:
             return None
-        warnings.warn(f"{fullname} is deprecated and will be removed in the next release; "
-                      f"import {target_name} instead", DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            f"{fullname} is deprecated and will be removed in the next release; import {target_name} instead",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return importlib.util.spec_from_loader(fullname, _AliasLoader(target_name))
 
 

@@ -38,8 +38,10 @@ def resolve_world(mode: str, group: dist.ProcessGroup | None = None) -> World | 
     active = dist.is_available() and dist.is_initialized()
     if not active:
         if mode == "exact":
-            raise RuntimeError("distributed='exact' needs torch.distributed to be initialised "
-                               "(e.g. under torchrun, after init_process_group)")
+            raise RuntimeError(
+                "distributed='exact' needs torch.distributed to be initialised "
+                "(e.g. under torchrun, after init_process_group)"
+            )
         return None
     size = dist.get_world_size(group)
     return World(group, size) if size > 1 else None
@@ -73,7 +75,7 @@ def _all_reduce_(tensors: Sequence[torch.Tensor], world: World, average: bool) -
             flat.div_(world.size)
         offset = 0
         for t in same:
-            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
 
 

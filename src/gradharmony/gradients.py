@@ -80,8 +80,7 @@ def feature_list(features: torch.Tensor | Sequence[torch.Tensor] | None) -> list
     return feats
 
 
-def combine(ga: torch.Tensor | None, coef_a: float, gc: torch.Tensor | None,
-             coef_c: float) -> torch.Tensor | None:
+def combine(ga: torch.Tensor | None, coef_a: float, gc: torch.Tensor | None, coef_c: float) -> torch.Tensor | None:
     if ga is None and gc is None:
         return None
     if ga is None:
@@ -90,8 +89,9 @@ def combine(ga: torch.Tensor | None, coef_a: float, gc: torch.Tensor | None,
     return out.add_(gc, alpha=coef_c) if gc is not None else out
 
 
-def accumulate(tensor: torch.Tensor, ga: torch.Tensor | None, coef_a: float,
-                gc: torch.Tensor | None, coef_c: float) -> None:
+def accumulate(
+    tensor: torch.Tensor, ga: torch.Tensor | None, coef_a: float, gc: torch.Tensor | None, coef_c: float
+) -> None:
     """``tensor.grad += coef_a * ga + coef_c * gc`` (``None`` terms skipped), like AccumulateGrad."""
     if ga is None and gc is None:
         return

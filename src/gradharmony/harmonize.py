@@ -108,8 +108,13 @@ def _as_float(x: float | torch.Tensor, name: str) -> float:
 
 def check_mode(mode: str) -> str:
     """Return ``mode`` normalised (``ghpp`` -> ``gh++``), or raise a clear ``ValueError``."""
-    aliases = {"ghpp": "gh++", "gh++exact": "gh++exact", "ghpp-exact": "gh++exact",
-               "ghppexact": "gh++exact", "gh++-exact": "gh++exact"}
+    aliases = {
+        "ghpp": "gh++",
+        "gh++exact": "gh++exact",
+        "ghpp-exact": "gh++exact",
+        "ghppexact": "gh++exact",
+        "gh++-exact": "gh++exact",
+    }
     normalised = aliases.get(mode, mode)
     if normalised not in MODES:
         raise ValueError(f"unknown harmonizer mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -151,10 +156,17 @@ def _exact_turns(theta: float, k: float) -> tuple[float, float]:
     return k * excess, (1.0 - k) * excess
 
 
-def harmonize(aa: float | torch.Tensor, cc: float | torch.Tensor, d: float | torch.Tensor,
-              mode: str = "gh", k: float = 0.5, lead: str = "align",
-              max_weight: float | None = None,
-              abs_eps: float = ABS_EPS, rel_eps: float = REL_EPS) -> HarmonizeResult:
+def harmonize(
+    aa: float | torch.Tensor,
+    cc: float | torch.Tensor,
+    d: float | torch.Tensor,
+    mode: str = "gh",
+    k: float = 0.5,
+    lead: str = "align",
+    max_weight: float | None = None,
+    abs_eps: float = ABS_EPS,
+    rel_eps: float = REL_EPS,
+) -> HarmonizeResult:
     """Weights of ``mode`` for the Gramian ``(aa, cc, d)``, with the geometry and guard events.
 
     Args:
@@ -217,9 +229,15 @@ def harmonize(aa: float | torch.Tensor, cc: float | torch.Tensor, d: float | tor
     return HarmonizeResult(w_a, w_c, cos, angle, conflict, tuple(guards))
 
 
-def harmonize_weights(aa: float | torch.Tensor, cc: float | torch.Tensor, d: float | torch.Tensor,
-                      mode: str = "gh", k: float = 0.5, lead: str = "align",
-                      max_weight: float | None = None) -> tuple[float, float]:
+def harmonize_weights(
+    aa: float | torch.Tensor,
+    cc: float | torch.Tensor,
+    d: float | torch.Tensor,
+    mode: str = "gh",
+    k: float = 0.5,
+    lead: str = "align",
+    max_weight: float | None = None,
+) -> tuple[float, float]:
     """The two weights ``(w_align, w_cls)`` of :func:`harmonize`, as floats.
 
     Example:
@@ -237,8 +255,9 @@ def gramian(g_align: torch.Tensor, g_cls: torch.Tensor) -> tuple[float, float, f
     return float(a @ a), float(c @ c), float(a @ c)
 
 
-def harmonize_vectors(g_align: torch.Tensor, g_cls: torch.Tensor, mode: str = "gh",
-                      k: float = 0.5, lead: str = "align") -> tuple[torch.Tensor, torch.Tensor]:
+def harmonize_vectors(
+    g_align: torch.Tensor, g_cls: torch.Tensor, mode: str = "gh", k: float = 0.5, lead: str = "align"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The two harmonized gradients themselves (for tests and diagnostics).
 
     ``gh`` returns the projections :math:`g_a - (d/cc) g_c` and :math:`g_c - (d/aa) g_a`;

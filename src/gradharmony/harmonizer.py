@@ -84,6 +84,7 @@ from gradharmony.stats import RunningStats, StepStats
 STRATEGIES: tuple[str, ...] = ("reweight", "recombine", "features")
 NONFINITE_POLICIES: tuple[str, ...] = ("plain", "raise")
 
+
 def _scope_parameters(scope: nn.Module | nn.Parameter | Iterable | None) -> list[torch.Tensor] | None:
     """Flatten modules/parameters into a de-duplicated, ordered list of tensors requiring grad."""
     if scope is None:
@@ -129,12 +130,21 @@ class Harmonizer:
         process_group: the group to average over (default: the world).
     """
 
-    def __init__(self, mode: str = "gh", scope: nn.Module | Iterable | None = None,
-                 strategy: str = "recombine", k: float = 0.5, lead: str = "align",
-                 refresh_every: int = 1, max_weight: float | None = None,
-                 on_nonfinite: str = "plain", probe_trade_off: bool = False,
-                 parameters: Iterable[torch.Tensor] | None = None, distributed: str = "auto",
-                 process_group: Any = None):
+    def __init__(
+        self,
+        mode: str = "gh",
+        scope: nn.Module | Iterable | None = None,
+        strategy: str = "recombine",
+        k: float = 0.5,
+        lead: str = "align",
+        refresh_every: int = 1,
+        max_weight: float | None = None,
+        on_nonfinite: str = "plain",
+        probe_trade_off: bool = False,
+        parameters: Iterable[torch.Tensor] | None = None,
+        distributed: str = "auto",
+        process_group: Any = None,
+    ):
         self.mode = check_mode(mode)
         check_k_lead(k, lead)
         if strategy not in STRATEGIES:
@@ -160,14 +170,22 @@ class Harmonizer:
 
     def __repr__(self) -> str:
         n = "all" if self.scope is None else str(len(self.scope))
-        return (f"Harmonizer(mode={self.mode!r}, strategy={self.strategy!r}, k={self.k}, "
-                f"lead={self.lead!r}, refresh_every={self.refresh_every}, scope_tensors={n})")
+        return (
+            f"Harmonizer(mode={self.mode!r}, strategy={self.strategy!r}, k={self.k}, "
+            f"lead={self.lead!r}, refresh_every={self.refresh_every}, scope_tensors={n})"
+        )
 
     # ---------------------------------------------------------------- public API
-    def backward(self, *, cls: torch.Tensor, align: torch.Tensor, trade_off: float = 1.0,
-                 features: torch.Tensor | Sequence[torch.Tensor] | None = None,
-                 scaler: torch.amp.GradScaler | None = None,
-                 retain_graph: bool = False) -> StepStats:
+    def backward(
+        self,
+        *,
+        cls: torch.Tensor,
+        align: torch.Tensor,
+        trade_off: float = 1.0,
+        features: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        retain_graph: bool = False,
+    ) -> StepStats:
         """Accumulate the harmonized gradient into ``.grad``, as ``loss.backward()`` would.
 
         Args:
@@ -223,8 +241,11 @@ class Harmonizer:
 
     def state_dict(self) -> dict[str, Any]:
         """What an exact resume needs: call count, cached weights, running statistics."""
-        return {"calls": self.calls, "last": asdict(self.last) if self.last else None,
-                "running": self.running.state_dict()}
+        return {
+            "calls": self.calls,
+            "last": asdict(self.last) if self.last else None,
+            "running": self.running.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.calls = int(state["calls"])
@@ -233,8 +254,15 @@ class Harmonizer:
         self.running.load_state_dict(state["running"])
 
     # ---------------------------------------------------------------- internals
-    def _measure(self, step: int, g_align: Grads, g_cls: Grads, trade_off: float,
-                 scale: float, extra_guards: tuple[str, ...] = ()) -> tuple[HarmonizeResult, StepStats]:
+    def _measure(
+        self,
+        step: int,
+        g_align: Grads,
+        g_cls: Grads,
+        trade_off: float,
+        scale: float,
+        extra_guards: tuple[str, ...] = (),
+    ) -> tuple[HarmonizeResult, StepStats]:
         aa, cc, d = gramian_of(g_align, g_cls)
         if self.world is not None and self.strategy == "features":
             # Per-sample feature gradients: the global vector concatenates the processes' blocks.
@@ -244,13 +272,13 @@ class Harmonizer:
         aa, cc, d = aa * unscale, cc * unscale, d * unscale
         if self.probe_trade_off:
             aa, d = aa * trade_off * trade_off, d * trade_off
-        result = harmonize(aa, cc, d, mode=self.mode, k=self.k, lead=self.lead,
-                           max_weight=self.max_weight)
+        result = harmonize(aa, cc, d, mode=self.mode, k=self.k, lead=self.lead, max_weight=self.max_weight)
         if "nonfinite" in result.guards and self.on_nonfinite == "raise":
             which = [name for name, v in (("alignment", aa), ("classification", cc)) if not math.isfinite(v)]
             raise FloatingPointError(
                 f"non-finite gradient of the {' and '.join(which) or 'combined'} loss at harmonizer "
-                f"step {step}; pass on_nonfinite='plain' to skip harmonization on such steps")
+                f"step {step}; pass on_nonfinite='plain' to skip harmonization on such steps"
+            )
         if "nonfinite" not in result.guards and "tiny_norm" not in result.guards:
             self.last = result  # a degenerate step never becomes the cached weights
         elif self.last is None:
@@ -261,18 +289,41 @@ class Harmonizer:
         stats = self._stats(step, True, result, aa, cc, trade_off, guards, unreached_a, unreached_c)
         return result, stats
 
-    def _stats(self, step: int, measured: bool, r: HarmonizeResult, aa: float, cc: float,
-               trade_off: float, guards: tuple[str, ...], unreached_a: int, unreached_c: int) -> StepStats:
+    def _stats(
+        self,
+        step: int,
+        measured: bool,
+        r: HarmonizeResult,
+        aa: float,
+        cc: float,
+        trade_off: float,
+        guards: tuple[str, ...],
+        unreached_a: int,
+        unreached_c: int,
+    ) -> StepStats:
         if not measured:
             guards = ("reused",)
-        return StepStats(step=step, mode=self.mode, strategy=self.strategy, measured=measured,
-                         cos=r.cos, angle=r.angle, norm_align=math.sqrt(aa) if aa >= 0 else math.nan,
-                         norm_cls=math.sqrt(cc) if cc >= 0 else math.nan, w_align=r.w_align,
-                         w_cls=r.w_cls, conflict=r.conflict, trade_off=trade_off, guards=guards,
-                         unreached_align=unreached_a, unreached_cls=unreached_c)
+        return StepStats(
+            step=step,
+            mode=self.mode,
+            strategy=self.strategy,
+            measured=measured,
+            cos=r.cos,
+            angle=r.angle,
+            norm_align=math.sqrt(aa) if aa >= 0 else math.nan,
+            norm_cls=math.sqrt(cc) if cc >= 0 else math.nan,
+            w_align=r.w_align,
+            w_cls=r.w_cls,
+            conflict=r.conflict,
+            trade_off=trade_off,
+            guards=guards,
+            unreached_align=unreached_a,
+            unreached_cls=unreached_c,
+        )
 
-    def _weighted_backward(self, cls: torch.Tensor, align: torch.Tensor, trade_off: float,
-                           r: HarmonizeResult, retain_graph: bool) -> None:
+    def _weighted_backward(
+        self, cls: torch.Tensor, align: torch.Tensor, trade_off: float, r: HarmonizeResult, retain_graph: bool
+    ) -> None:
         total = align * (trade_off * r.w_align) + cls * r.w_cls
         with averaged_new_gradients(self._leaves(cls, align), self.world):
             total.backward(retain_graph=retain_graph)
@@ -287,8 +338,16 @@ class Harmonizer:
         if self.world is not None:
             average_([g for grads in grad_lists for g in grads if g is not None], self.world)
 
-    def _recombine(self, step: int, cls: torch.Tensor, align: torch.Tensor, trade_off: float,
-                   scale: float, retain_graph: bool, feats: list[torch.Tensor]) -> StepStats:
+    def _recombine(
+        self,
+        step: int,
+        cls: torch.Tensor,
+        align: torch.Tensor,
+        trade_off: float,
+        scale: float,
+        retain_graph: bool,
+        feats: list[torch.Tensor],
+    ) -> StepStats:
         """Two probe passes, then every ``.grad`` rebuilt from them: no third pass.
 
         With feature tensors given and every parameter of the scope above them, the probes stop
@@ -338,8 +397,9 @@ class Harmonizer:
                 torch.autograd.backward(cut, grad_tensors=cut_grads, retain_graph=retain_graph)
         return stats
 
-    def _upper_leaves(self, cls: torch.Tensor, align: torch.Tensor,
-                      feats: list[torch.Tensor]) -> list[torch.Tensor] | None:
+    def _upper_leaves(
+        self, cls: torch.Tensor, align: torch.Tensor, feats: list[torch.Tensor]
+    ) -> list[torch.Tensor] | None:
         """Leaves above the cut at ``feats``, or ``None`` if the probes cannot stop there.
 
         They cannot when a parameter below the features also reaches a loss around them (its
@@ -355,5 +415,3 @@ class Harmonizer:
         if any(id(t) in upper_ids for t in graph_leaves(*feats)):
             return None
         return upper
-
-

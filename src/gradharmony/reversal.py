@@ -48,8 +48,9 @@ def reverse_gradient(x: torch.Tensor, coefficient: float = 1.0) -> torch.Tensor:
     return _ReverseGrad.apply(x, float(coefficient))
 
 
-def warm_start_coefficient(step: int, max_steps: int, alpha: float = 10.0,
-                           low: float = 0.0, high: float = 1.0) -> float:
+def warm_start_coefficient(
+    step: int, max_steps: int, alpha: float = 10.0, low: float = 0.0, high: float = 1.0
+) -> float:
     """The DANN ramp from ``low`` (step 0) towards ``high`` (step ``max_steps`` and beyond)."""
     if max_steps <= 0:
         raise ValueError(f"max_steps must be positive, got {max_steps}")
@@ -69,8 +70,14 @@ class GradientReversal(nn.Module):
     the model's ``state_dict`` and an interrupted run resumes on the same schedule.
     """
 
-    def __init__(self, max_steps: int = 1000, alpha: float = 10.0, low: float = 0.0,
-                 high: float = 1.0, constant: float | None = None):
+    def __init__(
+        self,
+        max_steps: int = 1000,
+        alpha: float = 10.0,
+        low: float = 0.0,
+        high: float = 1.0,
+        constant: float | None = None,
+    ):
         super().__init__()
         if max_steps <= 0:
             raise ValueError(f"max_steps must be positive, got {max_steps}")

@@ -43,8 +43,7 @@ def write_idx(path: Path, array: np.ndarray, compress: bool = True) -> Path:
     return path
 
 
-def write_mnist_idx(root: Path, split: str, images: np.ndarray, labels: np.ndarray,
-                    compress: bool = True) -> None:
+def write_mnist_idx(root: Path, split: str, images: np.ndarray, labels: np.ndarray, compress: bool = True) -> None:
     """``<root>/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]`` (torchvision's layout)."""
     prefix = {"train": "train", "test": "t10k"}[split]
     raw = Path(root) / "MNIST" / "raw"
@@ -55,8 +54,9 @@ def write_mnist_idx(root: Path, split: str, images: np.ndarray, labels: np.ndarr
 def write_usps_libsvm(root: Path, split: str, images: np.ndarray, labels: np.ndarray) -> Path:
     """``<root>/usps.bz2`` or ``usps.t.bz2``: LIBSVM lines, label + 1, pixels mapped to [-1, 1]."""
     values = images.reshape(len(images), -1).astype(np.float64) / 255.0 * 2.0 - 1.0
-    lines = [" ".join([str(int(y) + 1)] + [f"{j + 1}:{v:.6f}" for j, v in enumerate(row)])
-             for row, y in zip(values, labels)]
+    lines = [
+        " ".join([str(int(y) + 1)] + [f"{j + 1}:{v:.6f}" for j, v in enumerate(row)]) for row, y in zip(values, labels)
+    ]
     path = Path(root) / ("usps.bz2" if split == "train" else "usps.t.bz2")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(bz2.compress(("\n".join(lines) + "\n").encode()))
@@ -79,8 +79,7 @@ def write_usps_h5(root: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]]) 
 def _write_mnistm_labels(folder: Path, split: str, labels: np.ndarray) -> list[str]:
     names = [f"{i:08d}.png" for i in range(len(labels))]
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"mnist_m_{split}_labels.txt").write_text(
-        "".join(f"{n} {int(y)}\n" for n, y in zip(names, labels)))
+    (folder / f"mnist_m_{split}_labels.txt").write_text("".join(f"{n} {int(y)}\n" for n, y in zip(names, labels)))
     return names
 
 

@@ -32,8 +32,9 @@ def write_jpeg(path: str | Path, label: int, size: int = 40, seed: int = 0) -> P
     return path
 
 
-def write_class_tree(folder: str | Path, classes: Sequence[str], per_class: int = 3, size: int = 40,
-                     seed: int = 0) -> list[tuple[Path, int]]:
+def write_class_tree(
+    folder: str | Path, classes: Sequence[str], per_class: int = 3, size: int = 40, seed: int = 0
+) -> list[tuple[Path, int]]:
     """``<folder>/<class>/<i>.jpg`` for every class; returns ``(path, label)`` in label order."""
     entries = []
     for label, name in enumerate(classes):
@@ -43,8 +44,9 @@ def write_class_tree(folder: str | Path, classes: Sequence[str], per_class: int 
     return entries
 
 
-def write_image_list(list_file: str | Path, entries: Iterable[tuple[Path, int]], relative_to: str | Path,
-                     prefix: str = "") -> Path:
+def write_image_list(
+    list_file: str | Path, entries: Iterable[tuple[Path, int]], relative_to: str | Path, prefix: str = ""
+) -> Path:
     """Write ``<prefix><path relative to relative_to> <label>`` lines (``prefix`` mimics foreign lists)."""
     list_file = Path(list_file)
     list_file.parent.mkdir(parents=True, exist_ok=True)
@@ -53,9 +55,17 @@ def write_image_list(list_file: str | Path, entries: Iterable[tuple[Path, int]],
     return list_file
 
 
-def write_benchmark_tree(data_root: str | Path, benchmark: str, *, domains: Sequence[str] | None = None,
-                         classes: Sequence[str] | None = None, per_class: int = 3, size: int = 40,
-                         lists: bool = False, seed: int = 0) -> Path:
+def write_benchmark_tree(
+    data_root: str | Path,
+    benchmark: str,
+    *,
+    domains: Sequence[str] | None = None,
+    classes: Sequence[str] | None = None,
+    per_class: int = 3,
+    size: int = 40,
+    lists: bool = False,
+    seed: int = 0,
+) -> Path:
     """Generated images for ``benchmark`` under ``<data_root>/<its canonical folder>``; returns that folder.
 
     Images go in each domain's first accepted folder (e.g. ``office31/amazon/images/<class>/``).
@@ -74,8 +84,10 @@ def write_benchmark_tree(data_root: str | Path, benchmark: str, *, domains: Sequ
             continue
         if bench.split_lists:
             cut = (per_class + 1) // 2
-            parts = {"train": [e for i, e in enumerate(entries) if i % per_class < cut],
-                     "test": [e for i, e in enumerate(entries) if i % per_class >= cut]}
+            parts = {
+                "train": [e for i, e in enumerate(entries) if i % per_class < cut],
+                "test": [e for i, e in enumerate(entries) if i % per_class >= cut],
+            }
         else:
             parts = {"all": entries}
         for split, chosen in parts.items():

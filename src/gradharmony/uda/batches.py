@@ -44,8 +44,9 @@ class _Shard:
 class TensorBatches:
     """Batches of a domain held as tensors (images ``[N, C, H, W]`` or features ``[N, D]``)."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int,
-                 rank: int = 0, world: int = 1):
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int, rank: int = 0, world: int = 1
+    ):
         self.images, self.labels = images, labels
         self.shard = _Shard(len(labels), batch_size, seed, rank, world)
         self.sampler = self.shard.sampler
@@ -75,9 +76,18 @@ class _IndexStream:
 class LoaderBatches:
     """Batches of a Dataset through a DataLoader with ``workers`` processes."""
 
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int, workers: int = 0,
-                 device: torch.device = torch.device("cpu"), rank: int = 0, world: int = 1):
-        self.dataset, self.workers, self.device = dataset, workers, device
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        seed: int,
+        workers: int = 0,
+        device: torch.device | None = None,
+        rank: int = 0,
+        world: int = 1,
+    ):
+        self.dataset, self.workers = dataset, workers
+        self.device = device if device is not None else torch.device("cpu")
         self.shard = _Shard(len(dataset), batch_size, seed, rank, world)
         self.sampler = self.shard.sampler
         self._restart()
@@ -86,8 +96,13 @@ class LoaderBatches:
         # The loader reads ahead, so the position is "where the iterator started + consumed".
         self.start = self.sampler.state_dict()
         self.consumed = 0
-        loader = DataLoader(self.dataset, batch_sampler=_IndexStream(self.shard), num_workers=self.workers,
-                            pin_memory=self.device.type == "cuda", persistent_workers=False)
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=_IndexStream(self.shard),
+            num_workers=self.workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+        )
         self.iterator = iter(loader)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:

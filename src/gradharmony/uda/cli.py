@@ -85,8 +85,10 @@ def domain_help() -> str:
     from gradharmony.uda.data.benchmarks import BENCHMARKS
 
     images = ", ".join(f"{name} ({', '.join(b.domains)})" for name, b in BENCHMARKS.items())
-    return (f"a digit or feature domain: {', '.join(DOMAIN_NAMES)}; or an image-benchmark domain, written "
-            f"benchmark:domain (e.g. office31:amazon): {images}")
+    return (
+        f"a digit or feature domain: {', '.join(DOMAIN_NAMES)}; or an image-benchmark domain, written "
+        f"benchmark:domain (e.g. office31:amazon): {images}"
+    )
 
 
 def _help_text(field: dataclasses.Field, default: Any) -> str:
@@ -101,9 +103,13 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field, in its section, with its help, choices and default."""
     choices = field_choices()
     recipe = parser.add_argument_group("recipe")
-    recipe.add_argument("--config", type=Path, metavar="RECIPE.yaml",
-                        help="a YAML recipe (field: value per line, as in <out>/config.yaml); flags given on the "
-                             "command line override it")
+    recipe.add_argument(
+        "--config",
+        type=Path,
+        metavar="RECIPE.yaml",
+        help="a YAML recipe (field: value per line, as in <out>/config.yaml); flags given on the "
+        "command line override it",
+    )
     groups: dict[str, Any] = {}
     for field in dataclasses.fields(TrainConfig):
         title = field.metadata.get("group", "other")
@@ -111,26 +117,48 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         flag = "--" + field.name.replace("_", "-")
         default = field.default if field.default is not dataclasses.MISSING else None
         if field.name == "method_params":
-            group.add_argument("--method-param", action="append", default=[], metavar="KEY=VALUE",
-                               help=field.metadata["help"] + ", one KEY=VALUE per flag, e.g. --method-param "
-                                    "disc_hidden=512 (a wrong key lists the method's hyper-parameters)")
+            group.add_argument(
+                "--method-param",
+                action="append",
+                default=[],
+                metavar="KEY=VALUE",
+                help=field.metadata["help"] + ", one KEY=VALUE per flag, e.g. --method-param "
+                "disc_hidden=512 (a wrong key lists the method's hyper-parameters)",
+            )
         elif field.name == "progress":
-            group.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
-                               help="no progress bar")
+            group.add_argument(
+                "--no-progress",
+                dest="progress",
+                action="store_false",
+                default=argparse.SUPPRESS,
+                help="no progress bar",
+            )
         elif isinstance(default, bool):
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                               help=_help_text(field, default))
+            group.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=_help_text(field, default)
+            )
         elif field.name in choices:
             valid = choices[field.name]
             text = _help_text(field, default)
             if not set(valid) <= set(re.findall(r"[\w+-]+", field.metadata.get("help", ""))):  # not all named yet
                 text = text.replace(" (default:", "; one of: %(choices)s (default:")
             kind = "harmonizer mode" if field.name == "harmonizer" else field.name
-            group.add_argument(flag, type=_name_type(kind, valid, check_mode if field.name == "harmonizer" else None),
-                               choices=valid, default=argparse.SUPPRESS, metavar=field.name.upper(), help=text)
+            group.add_argument(
+                flag,
+                type=_name_type(kind, valid, check_mode if field.name == "harmonizer" else None),
+                choices=valid,
+                default=argparse.SUPPRESS,
+                metavar=field.name.upper(),
+                help=text,
+            )
         else:
-            group.add_argument(flag, type=_flag_type(field), default=argparse.SUPPRESS, metavar=field.name.upper(),
-                               help=_help_text(field, default))
+            group.add_argument(
+                flag,
+                type=_flag_type(field),
+                default=argparse.SUPPRESS,
+                metavar=field.name.upper(),
+                help=_help_text(field, default),
+            )
 
 
 def _method_params(items: list[str]) -> dict[str, Any]:
@@ -166,8 +194,11 @@ def device_line(name: str, threads: int | None = None) -> str:
 
     device = resolve_device(name)  # a ConfigError for an unknown or unavailable device
     if name == "auto":
-        why = (f"auto: CUDA available, {torch.cuda.get_device_name(device)}" if device.type == "cuda"
-               else "auto: CUDA not available")
+        why = (
+            f"auto: CUDA available, {torch.cuda.get_device_name(device)}"
+            if device.type == "cuda"
+            else "auto: CUDA not available"
+        )
     else:
         why = "as requested"
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -191,9 +222,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     except TrainingDiverged as e:
         print(f"gradharmony: training diverged: {e}", file=sys.stderr)
         return 1
-    print(f"finished {result['steps']} steps: target accuracy last {100 * result['last_target_acc']:.2f}%, "
-          f"best {100 * result['best_target_acc']:.2f}% (step {result['best_step']}, selected on target "
-          f"test labels as in the literature); log: {Path(cfg.out) / 'metrics.jsonl'}")
+    print(
+        f"finished {result['steps']} steps: target accuracy last {100 * result['last_target_acc']:.2f}%, "
+        f"best {100 * result['best_target_acc']:.2f}% (step {result['best_step']}, selected on target "
+        f"test labels as in the literature); log: {Path(cfg.out) / 'metrics.jsonl'}"
+    )
     return 0
 
 
@@ -214,11 +247,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     try:
         cfg = TrainConfig.from_dict(state["config"])
     except (KeyError, TypeError, AttributeError):
-        raise CheckpointError(f"checkpoint {args.checkpoint} is not a gradharmony run checkpoint "
-                              f"(it holds no run configuration)") from None
+        raise CheckpointError(
+            f"checkpoint {args.checkpoint} is not a gradharmony run checkpoint (it holds no run configuration)"
+        ) from None
     except ConfigError as e:
-        raise CheckpointError(f"checkpoint {args.checkpoint} holds a configuration this version cannot "
-                              f"use: {e}") from None
+        raise CheckpointError(
+            f"checkpoint {args.checkpoint} holds a configuration this version cannot use: {e}"
+        ) from None
     del state
     target = args.target or cfg.target
     domain = load_eval_domain(cfg, target, args.split, args.data_root or cfg.data_root)
@@ -227,8 +262,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     run = load_run(args.checkpoint, domain.num_classes, input_shape, device)
     with torch.no_grad():
         result = evaluate(run.model, domain, device)
-    print(f"{cfg.method}+{cfg.harmonizer} (trained {cfg.source}->{cfg.target}, step {run.step}) "
-          f"on {target}/{args.split} ({len(domain)} images, {device})")
+    print(
+        f"{cfg.method}+{cfg.harmonizer} (trained {cfg.source}->{cfg.target}, step {run.step}) "
+        f"on {target}/{args.split} ({len(domain)} images, {device})"
+    )
     print(f"accuracy {100 * result.accuracy:.2f}%   mean per-class accuracy {100 * result.mean_class_accuracy:.2f}%")
     print("per class: " + "  ".join(f"{i}:{100 * a:.1f}" for i, a in enumerate(result.per_class)))
     return 0
@@ -254,7 +291,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise ConfigError(f"grid file {args.grid} is not valid YAML: {yaml_error_line(e)}") from None
     if args.dry_run:
         for run in expand(grid):
-            print(f"{run_status(run.out, run.config.steps):8s} {run.task} {run.method} {run.variant} seed {run.seed} -> {run.out}")
+            print(
+                f"{run_status(run.out, run.config.steps):8s} {run.task} {run.method} {run.variant} seed {run.seed} -> {run.out}"
+            )
         return 0
     counts = run_grid(grid, workers=args.workers, retry_failed=args.retry_failed)
     md, _ = write_report(grid["out"])
@@ -316,79 +355,133 @@ def _domain_name(value: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``gradharmony`` parser: one subcommand per job, every flag with its help."""
-    parser = Parser(prog="gradharmony", description="Gradient Harmonization (GH, GH++) for unsupervised domain "
-                                                    "adaptation: train, evaluate, sweep, report, demo.")
+    parser = Parser(
+        prog="gradharmony",
+        description="Gradient Harmonization (GH, GH++) for unsupervised domain "
+        "adaptation: train, evaluate, sweep, report, demo.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = sub.add_parser(
-        "train", help="train one configuration (resumes if its --out holds a checkpoint)",
+        "train",
+        help="train one configuration (resumes if its --out holds a checkpoint)",
         usage="gradharmony train [-h] [--config RECIPE.yaml] [--FIELD VALUE ...] [--method-param KEY=VALUE ...]",
         description="Train one configuration: a UDA method, optionally with gradient harmonization, from a "
-                    "source domain to a target domain. Each flag sets one field of the run's config (the same "
-                    "keys as a YAML recipe, with - for _); the resolved config is saved as <out>/config.yaml. "
-                    "A run whose --out holds a checkpoint of the same config resumes.",
+        "source domain to a target domain. Each flag sets one field of the run's config (the same "
+        "keys as a YAML recipe, with - for _); the resolved config is saved as <out>/config.yaml. "
+        "A run whose --out holds a checkpoint of the same config resumes.",
         epilog="example: gradharmony train --method dann --harmonizer gh++ --source mnist --target mnistm-synth "
-               "--steps 3000 --out runs/dann_ghpp")
+        "--steps 3000 --out runs/dann_ghpp",
+    )
     _add_config_flags(train)
     train.set_defaults(func=cmd_train, parser=train)
 
-    ev = sub.add_parser("eval", help="evaluate a checkpoint on a domain's test split",
-                        description="Evaluate a run's checkpoint: accuracy, mean per-class accuracy and "
-                                    "per-class accuracy on a domain.")
-    ev.add_argument("--checkpoint", type=Path, required=True,
-                    help="a run's checkpoint (<out>/last.pt); read safely: tensors and plain values only")
-    ev.add_argument("--target", type=_domain_name, metavar="DOMAIN",
-                    help=f"domain to evaluate on (default: the run's target): {domain_help()}")
-    ev.add_argument("--split", default="test", choices=SPLITS,
-                    help="which split of the domain: %(choices)s (default: %(default)s)")
-    ev.add_argument("--data-root", type=Path,
-                    help="folder holding the datasets (default: the run's data root)")
-    ev.add_argument("--device", default="auto",
-                    help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps (default: %(default)s)")
+    ev = sub.add_parser(
+        "eval",
+        help="evaluate a checkpoint on a domain's test split",
+        description="Evaluate a run's checkpoint: accuracy, mean per-class accuracy and "
+        "per-class accuracy on a domain.",
+    )
+    ev.add_argument(
+        "--checkpoint",
+        type=Path,
+        required=True,
+        help="a run's checkpoint (<out>/last.pt); read safely: tensors and plain values only",
+    )
+    ev.add_argument(
+        "--target",
+        type=_domain_name,
+        metavar="DOMAIN",
+        help=f"domain to evaluate on (default: the run's target): {domain_help()}",
+    )
+    ev.add_argument(
+        "--split", default="test", choices=SPLITS, help="which split of the domain: %(choices)s (default: %(default)s)"
+    )
+    ev.add_argument("--data-root", type=Path, help="folder holding the datasets (default: the run's data root)")
+    ev.add_argument(
+        "--device",
+        default="auto",
+        help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps (default: %(default)s)",
+    )
     ev.set_defaults(func=cmd_eval, parser=ev)
 
-    sweep = sub.add_parser("sweep", help="run a grid of tasks x methods x variants x seeds (resumable)",
-                           description="Run every run of a grid (tasks x methods x harmonizer variants x seeds), "
-                                       "each in <out>/<config hash>/, skipping finished runs and resuming "
-                                       "interrupted ones; then write the report.")
-    sweep.add_argument("grid", type=Path, help="grid YAML: out, base, tasks, methods, variants, seeds "
-                                               "(see gradharmony.uda.sweep)")
-    sweep.add_argument("--workers", type=int, default=None,
-                       help="runs in parallel, one CPU thread each (default: the grid's workers, else 1)")
+    sweep = sub.add_parser(
+        "sweep",
+        help="run a grid of tasks x methods x variants x seeds (resumable)",
+        description="Run every run of a grid (tasks x methods x harmonizer variants x seeds), "
+        "each in <out>/<config hash>/, skipping finished runs and resuming "
+        "interrupted ones; then write the report.",
+    )
+    sweep.add_argument(
+        "grid", type=Path, help="grid YAML: out, base, tasks, methods, variants, seeds (see gradharmony.uda.sweep)"
+    )
+    sweep.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="runs in parallel, one CPU thread each (default: the grid's workers, else 1)",
+    )
     sweep.add_argument("--dry-run", action="store_true", help="list the runs and their status only")
-    sweep.add_argument("--retry-failed", action="store_true",
-                       help="also run again the runs that failed (those with an error.txt)")
+    sweep.add_argument(
+        "--retry-failed", action="store_true", help="also run again the runs that failed (those with an error.txt)"
+    )
     sweep.set_defaults(func=cmd_sweep, parser=sweep)
 
-    report = sub.add_parser("report", help="tables (mean +- std, paired deltas) from a folder of sweep runs",
-                            description="Tables from a folder of sweep runs: target accuracy per task, method "
-                                        "and variant (mean +- std over seeds, paired deltas); report.md and "
-                                        "report.csv.")
+    report = sub.add_parser(
+        "report",
+        help="tables (mean +- std, paired deltas) from a folder of sweep runs",
+        description="Tables from a folder of sweep runs: target accuracy per task, method "
+        "and variant (mean +- std over seeds, paired deltas); report.md and "
+        "report.csv.",
+    )
     report.add_argument("runs", type=Path, help="the sweep's runs folder (its out)")
     report.add_argument("--out", type=Path, default=None, help="folder for report.md/csv (default: RUNS)")
-    report.add_argument("--plots", action="store_true",
-                        help="also PNGs per task and method: angle, conflict rate, weights, accuracy")
-    report.add_argument("--compare", nargs=2, metavar=("A", "B"), default=None,
-                        help="also pair variant A with variant B seed by seed (e.g. gh++/align gh++/cls)")
+    report.add_argument(
+        "--plots", action="store_true", help="also PNGs per task and method: angle, conflict rate, weights, accuracy"
+    )
+    report.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("A", "B"),
+        default=None,
+        help="also pair variant A with variant B seed by seed (e.g. gh++/align gh++/cls)",
+    )
     report.add_argument("--tsne", action="store_true", help="also a t-SNE of source/target features per cell")
-    report.add_argument("--tsne-samples", type=int, default=500,
-                        help="test images per domain in each t-SNE (default: %(default)s)")
+    report.add_argument(
+        "--tsne-samples", type=int, default=500, help="test images per domain in each t-SNE (default: %(default)s)"
+    )
     report.set_defaults(func=cmd_report, parser=report)
 
-    demo = sub.add_parser("demo", help="DANN vs DANN+GH vs DANN+GH++ on MNIST -> MNIST-M (offline recipe)",
-                          description="Train DANN, DANN+GH and DANN+GH++ on MNIST -> MNIST-M (built offline "
-                                      "from real photos), side by side on the CPU, showing their progress; "
-                                      "then print their target accuracies and plot the gradient geometry. "
-                                      "About 10 minutes on 2 CPU cores; interrupted, it resumes.")
-    demo.add_argument("--out", type=Path, default=Path("runs/demo"),
-                      help="folder for the three runs and geometry.png (default: %(default)s)")
-    demo.add_argument("--steps", type=int, default=None,
-                      help="training steps per run (default: the demo's budget, 3000; e.g. 60 for a quick look)")
+    demo = sub.add_parser(
+        "demo",
+        help="DANN vs DANN+GH vs DANN+GH++ on MNIST -> MNIST-M (offline recipe)",
+        description="Train DANN, DANN+GH and DANN+GH++ on MNIST -> MNIST-M (built offline "
+        "from real photos), side by side on the CPU, showing their progress; "
+        "then print their target accuracies and plot the gradient geometry. "
+        "About 10 minutes on 2 CPU cores; interrupted, it resumes.",
+    )
+    demo.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/demo"),
+        help="folder for the three runs and geometry.png (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="training steps per run (default: the demo's budget, 3000; e.g. 60 for a quick look)",
+    )
     demo.add_argument("--seed", type=int, default=0, help="random seed, shared by the three runs (default: 0)")
-    demo.add_argument("--workers", type=int, default=None,
-                      help="runs in parallel (default: all three, one CPU thread each)")
-    demo.add_argument("--data-root", type=Path, default=None,
-                      help="folder for the dataset cache (default: $GRADHARMONY_DATA_ROOT, else ./data)")
+    demo.add_argument(
+        "--workers", type=int, default=None, help="runs in parallel (default: all three, one CPU thread each)"
+    )
+    demo.add_argument(
+        "--data-root",
+        type=Path,
+        default=None,
+        help="folder for the dataset cache (default: $GRADHARMONY_DATA_ROOT, else ./data)",
+    )
     demo.set_defaults(func=cmd_demo, parser=demo)
     return parser
 

@@ -38,12 +38,26 @@ SCOPES = ("default", "bottleneck", "backbone", "all")
 LEAD_CHOICES = (*LEADS, "default")
 AMP_MODES = ("none", "bf16", "fp16")
 # Fields that do not change the outcome of a run: excluded from its hash.
-NON_OUTCOME_FIELDS = ("out", "data_root", "progress", "threads", "device", "checkpoint_every", "loader_workers",
-                      "tensorboard")
+NON_OUTCOME_FIELDS = (
+    "out",
+    "data_root",
+    "progress",
+    "threads",
+    "device",
+    "checkpoint_every",
+    "loader_workers",
+    "tensorboard",
+)
 # Fields added after runs were first keyed by their hash: left out of the hash while at these
 # defaults, so that run folders named by earlier versions keep their names (and resume).
-ADDED_FIELD_DEFAULTS: dict[str, Any] = {"pretrained": None, "amp": "none", "resize": 256, "crop": 224,
-                                        "sync_batchnorm": False, "measure_every": 0}
+ADDED_FIELD_DEFAULTS: dict[str, Any] = {
+    "pretrained": None,
+    "amp": "none",
+    "resize": 256,
+    "crop": 224,
+    "sync_batchnorm": False,
+    "measure_every": 0,
+}
 
 
 class ConfigError(ValueError):
@@ -68,8 +82,15 @@ def field_choices() -> dict[str, tuple[str, ...]]:
     from gradharmony.uda.models import BACKBONES, FEATURE_BACKBONES
     from gradharmony.uda.models.backbones import IMAGE_BACKBONE_NAMES
 
-    return {"method": tuple(METHODS), "backbone": (*BACKBONES, *FEATURE_BACKBONES, *IMAGE_BACKBONE_NAMES),
-            "harmonizer": MODES, "strategy": STRATEGIES, "scope": SCOPES, "lead": LEAD_CHOICES, "amp": AMP_MODES}
+    return {
+        "method": tuple(METHODS),
+        "backbone": (*BACKBONES, *FEATURE_BACKBONES, *IMAGE_BACKBONE_NAMES),
+        "harmonizer": MODES,
+        "strategy": STRATEGIES,
+        "scope": SCOPES,
+        "lead": LEAD_CHOICES,
+        "amp": AMP_MODES,
+    }
 
 
 @functools.cache
@@ -144,83 +165,121 @@ class TrainConfig:
     # what to train
     method: str = _option("dann", "the UDA method", group=WHAT)
     source: str = _option("mnist", "labelled source domain", group=WHAT)
-    target: str = _option("mnistm-synth", "unlabelled target domain, evaluated on its test split; the same "
-                                          "kinds as source", group=WHAT)
-    backbone: str = _option("lenet", "feature extractor: digit CNNs, an MLP for feature-vector domains, or an "
-                                     "image backbone for the image benchmarks", group=WHAT)
-    pretrained: str | None = _option(None, "image backbones: 'imagenet' (the standard weights) or a weights "
-                                           "file; none: random initialisation", group=WHAT)
+    target: str = _option(
+        "mnistm-synth", "unlabelled target domain, evaluated on its test split; the same kinds as source", group=WHAT
+    )
+    backbone: str = _option(
+        "lenet",
+        "feature extractor: digit CNNs, an MLP for feature-vector domains, or an "
+        "image backbone for the image benchmarks",
+        group=WHAT,
+    )
+    pretrained: str | None = _option(
+        None,
+        "image backbones: 'imagenet' (the standard weights) or a weights file; none: random initialisation",
+        group=WHAT,
+    )
     image_size: int = _option(32, "digit domains: images are resized to this many pixels a side", group=WHAT)
     channels: int = _option(3, "digit domains: 1 (grey) or 3 (RGB)", group=WHAT)
     resize: int = _option(256, "image benchmarks: resize to this square size, then crop", group=WHAT)
-    crop: int = _option(224, "image benchmarks: crop size (random for training, centre for evaluation)",
-                        group=WHAT)
-    bottleneck_dim: int = _option(256, "width of the bottleneck layer between backbone and classifier",
-                                  group=WHAT)
-    method_params: dict[str, Any] = field(default_factory=dict, metadata={
-        "help": "the method's own hyper-parameters (name: value)", "group": WHAT})
+    crop: int = _option(224, "image benchmarks: crop size (random for training, centre for evaluation)", group=WHAT)
+    bottleneck_dim: int = _option(256, "width of the bottleneck layer between backbone and classifier", group=WHAT)
+    method_params: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "the method's own hyper-parameters (name: value)", "group": WHAT}
+    )
     # gradient harmonization
-    harmonizer: str = _option("none", "how the classification and alignment gradients are combined: none "
-                                      "(plain sum), gh (remove each one's conflicting component), gh++ (the "
-                                      "authors' rotation rule), gh++exact (exact rotation to 90 degrees)",
-                              group=HARMONIZATION)
-    strategy: str = _option("recombine", "how the two per-loss gradients are obtained: reweight (the authors' "
-                                         "three backward passes), recombine (two passes, same update), features "
-                                         "(measured on shared features: cheaper, approximate)",
-                            group=HARMONIZATION)
-    scope: str = _option("default", "parameters whose gradients are harmonized: default (the method's own: "
-                                    "backbone, bottleneck, classifier), bottleneck, backbone, or all",
-                         group=HARMONIZATION)
-    k: float = _option(0.5, "gh++ and gh++exact: share of the rotation given to the lead gradient, in [0, 1]",
-                       group=HARMONIZATION)
-    lead: str = _option("default", "gh++ and gh++exact: the gradient that leads: align, cls, or default "
-                                   "(the method's own choice)", group=HARMONIZATION)
-    refresh_every: int = _option(1, "measure the harmonizer weights every this many steps and reuse them in "
-                                    "between (1: every step)", group=HARMONIZATION)
+    harmonizer: str = _option(
+        "none",
+        "how the classification and alignment gradients are combined: none "
+        "(plain sum), gh (remove each one's conflicting component), gh++ (the "
+        "authors' rotation rule), gh++exact (exact rotation to 90 degrees)",
+        group=HARMONIZATION,
+    )
+    strategy: str = _option(
+        "recombine",
+        "how the two per-loss gradients are obtained: reweight (the authors' "
+        "three backward passes), recombine (two passes, same update), features "
+        "(measured on shared features: cheaper, approximate)",
+        group=HARMONIZATION,
+    )
+    scope: str = _option(
+        "default",
+        "parameters whose gradients are harmonized: default (the method's own: "
+        "backbone, bottleneck, classifier), bottleneck, backbone, or all",
+        group=HARMONIZATION,
+    )
+    k: float = _option(
+        0.5, "gh++ and gh++exact: share of the rotation given to the lead gradient, in [0, 1]", group=HARMONIZATION
+    )
+    lead: str = _option(
+        "default",
+        "gh++ and gh++exact: the gradient that leads: align, cls, or default (the method's own choice)",
+        group=HARMONIZATION,
+    )
+    refresh_every: int = _option(
+        1,
+        "measure the harmonizer weights every this many steps and reuse them in between (1: every step)",
+        group=HARMONIZATION,
+    )
     max_weight: float | None = _option(None, "cap on each harmonizer weight; none: no cap", group=HARMONIZATION)
-    trade_off: float = _option(1.0, "weight of the alignment loss: the update is trade_off * align + cls",
-                               group=HARMONIZATION)
-    measure_every: int = _option(0, "harmonizer none only: measure the gradient geometry (angle, norms, "
-                                    "conflicts) every this many steps, for the logs; 0: never (plain training "
-                                    "at full speed)", group=HARMONIZATION)
+    trade_off: float = _option(
+        1.0, "weight of the alignment loss: the update is trade_off * align + cls", group=HARMONIZATION
+    )
+    measure_every: int = _option(
+        0,
+        "harmonizer none only: measure the gradient geometry (angle, norms, "
+        "conflicts) every this many steps, for the logs; 0: never (plain training "
+        "at full speed)",
+        group=HARMONIZATION,
+    )
     # optimisation (TLlib's digit recipe: SGD, nesterov, inverse decay)
     steps: int = _option(3000, "training steps (one source batch and one target batch each)", group=OPTIMISATION)
     batch_size: int = _option(32, "images per batch, in each domain", group=OPTIMISATION)
     lr: float = _option(0.01, "initial learning rate of SGD", group=OPTIMISATION)
-    lr_gamma: float = _option(0.001, "learning-rate decay: lr * (1 + lr_gamma * step) ** -lr_decay",
-                              group=OPTIMISATION)
+    lr_gamma: float = _option(0.001, "learning-rate decay: lr * (1 + lr_gamma * step) ** -lr_decay", group=OPTIMISATION)
     lr_decay: float = _option(0.75, "learning-rate decay exponent (see --lr-gamma)", group=OPTIMISATION)
     momentum: float = _option(0.9, "SGD momentum", group=OPTIMISATION)
     weight_decay: float = _option(1e-3, "SGD weight decay", group=OPTIMISATION)
     nesterov: bool = _option(True, "Nesterov momentum", group=OPTIMISATION)
     # data
-    data_root: str | None = _option(None, "folder holding the datasets; none: $GRADHARMONY_DATA_ROOT, else ./data",
-                                    group=DATA)
-    source_limit: int | None = _option(None, "use only the first N source training images (shuffled by seed); "
-                                             "none: all", group=DATA)
-    target_limit: int | None = _option(None, "use only the first N target training images (shuffled by seed); "
-                                             "none: all", group=DATA)
+    data_root: str | None = _option(
+        None, "folder holding the datasets; none: $GRADHARMONY_DATA_ROOT, else ./data", group=DATA
+    )
+    source_limit: int | None = _option(
+        None, "use only the first N source training images (shuffled by seed); none: all", group=DATA
+    )
+    target_limit: int | None = _option(
+        None, "use only the first N target training images (shuffled by seed); none: all", group=DATA
+    )
     # evaluation, logging, reproducibility
-    eval_every: int = _option(500, "evaluate on the target test split every this many steps (and at the end)",
-                              group=RUN)
-    source_eval_size: int = _option(2000, "source test images evaluated at each evaluation (a cheap "
-                                          "diagnostic); 0: none", group=RUN)
-    checkpoint_every: int | None = _option(None, "save a checkpoint every this many steps; none: at every "
-                                                 "evaluation", group=RUN)
+    eval_every: int = _option(
+        500, "evaluate on the target test split every this many steps (and at the end)", group=RUN
+    )
+    source_eval_size: int = _option(
+        2000, "source test images evaluated at each evaluation (a cheap diagnostic); 0: none", group=RUN
+    )
+    checkpoint_every: int | None = _option(
+        None, "save a checkpoint every this many steps; none: at every evaluation", group=RUN
+    )
     seed: int = _option(0, "random seed of weights, batches and data subsets", group=RUN)
-    out: str = _option("runs/default", "run folder: config.yaml, metrics.jsonl, steps.csv, last.pt; a run whose "
-                                       "folder holds a checkpoint resumes", group=RUN)
+    out: str = _option(
+        "runs/default",
+        "run folder: config.yaml, metrics.jsonl, steps.csv, last.pt; a run whose folder holds a checkpoint resumes",
+        group=RUN,
+    )
     device: str = _option("auto", "auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps", group=RUN)
-    amp: str = _option("none", "mixed precision: none, bf16 (autocast), fp16 (autocast and gradient scaler; "
-                               "CUDA)", group=RUN)
-    sync_batchnorm: bool = _option(False, "several processes (torchrun): batch-norm statistics of the global "
-                                          "batch (CUDA)", group=RUN)
+    amp: str = _option(
+        "none", "mixed precision: none, bf16 (autocast), fp16 (autocast and gradient scaler; CUDA)", group=RUN
+    )
+    sync_batchnorm: bool = _option(
+        False, "several processes (torchrun): batch-norm statistics of the global batch (CUDA)", group=RUN
+    )
     threads: int | None = _option(None, "CPU threads of this run; none: PyTorch's default", group=RUN)
     progress: bool = _option(True, "show a progress bar", group=RUN)
-    tensorboard: str | None = _option(None, "also log the scalars as TensorBoard events in this folder",
-                                      group=RUN)
-    loader_workers: int = _option(0, "image benchmarks: DataLoader worker processes (0: load in the training "
-                                     "process)", group=RUN)
+    tensorboard: str | None = _option(None, "also log the scalars as TensorBoard events in this folder", group=RUN)
+    loader_workers: int = _option(
+        0, "image benchmarks: DataLoader worker processes (0: load in the training process)", group=RUN
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -243,8 +302,7 @@ class TrainConfig:
             raise ConfigError(f"lead must be 'align', 'cls' or 'default', got {self.lead!r}")
         if not 0.0 <= self.k <= 1.0:
             raise ConfigError(f"k must lie in [0, 1], got {self.k}")
-        for name in ("steps", "batch_size", "eval_every", "refresh_every", "image_size", "channels",
-                     "bottleneck_dim"):
+        for name in ("steps", "batch_size", "eval_every", "refresh_every", "image_size", "channels", "bottleneck_dim"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.channels not in (1, 3):
@@ -254,8 +312,9 @@ class TrainConfig:
         if self.amp not in AMP_MODES:
             raise ConfigError(f"amp must be none, bf16 or fp16, got {self.amp!r}")
         if self.measure_every < 0:
-            raise ConfigError(f"measure_every must be >= 0 (0: never measure under harmonizer none), "
-                              f"got {self.measure_every}")
+            raise ConfigError(
+                f"measure_every must be >= 0 (0: never measure under harmonizer none), got {self.measure_every}"
+            )
         if self.source_eval_size < 0:
             raise ConfigError(f"source_eval_size must be >= 0, got {self.source_eval_size}")
         self._validate_names()
@@ -274,16 +333,20 @@ class TrainConfig:
         check("method", self.method, choices["method"])
         check("backbone", self.backbone, choices["backbone"])
         if self.pretrained is not None and self.backbone not in IMAGE_BACKBONE_NAMES:
-            raise ConfigError(f"pretrained weights apply to the image backbones ({', '.join(IMAGE_BACKBONE_NAMES)}), "
-                              f"not to {self.backbone!r}")
+            raise ConfigError(
+                f"pretrained weights apply to the image backbones ({', '.join(IMAGE_BACKBONE_NAMES)}), "
+                f"not to {self.backbone!r}"
+            )
         for role, name in (("source", self.source), ("target", self.target)):
             if ":" in name:  # an image benchmark's domain, e.g. office31:amazon
                 _check_image_domain(role, name)
             else:
                 check(f"{role} domain", name, DOMAIN_NAMES)
         if (":" in self.source) != (":" in self.target):
-            raise ConfigError(f"source {self.source!r} and target {self.target!r} must both be image-benchmark "
-                              f"domains (benchmark:domain) or both not")
+            raise ConfigError(
+                f"source {self.source!r} and target {self.target!r} must both be image-benchmark "
+                f"domains (benchmark:domain) or both not"
+            )
         accepted = METHODS[self.method].hparam_defaults()
         accepted.pop("bottleneck_dim", None)  # a config field of its own
         for key in self.method_params:
@@ -334,8 +397,11 @@ class TrainConfig:
 
     def outcome_hash(self) -> str:
         """Hash of every field that changes the result (not paths, devices or logging)."""
-        values = {k: v for k, v in self.to_dict().items() if k not in NON_OUTCOME_FIELDS
-                  and not (k in ADDED_FIELD_DEFAULTS and v == ADDED_FIELD_DEFAULTS[k])}
+        values = {
+            k: v
+            for k, v in self.to_dict().items()
+            if k not in NON_OUTCOME_FIELDS and not (k in ADDED_FIELD_DEFAULTS and v == ADDED_FIELD_DEFAULTS[k])
+        }
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
     def save(self, path: str | Path) -> None:

@@ -29,8 +29,13 @@ DEMO_RUNS = (("DANN", "none"), ("DANN+GH", "gh"), ("DANN+GH++", "gh++"))
 
 # The shared progress board: per run, [state, step, last target accuracy, best target accuracy].
 WAITING, RUNNING, EVALUATING, DONE, INTERRUPTED = range(5)
-STATE_NAMES = {WAITING: "waiting", RUNNING: "running", EVALUATING: "evaluating", DONE: "done",
-               INTERRUPTED: "interrupted"}
+STATE_NAMES = {
+    WAITING: "waiting",
+    RUNNING: "running",
+    EVALUATING: "evaluating",
+    DONE: "done",
+    INTERRUPTED: "interrupted",
+}
 _FIELDS = 4
 _NO_ACCURACY = -1.0
 # How long an interrupted demo waits for its running runs to finish their step and save.
@@ -43,11 +48,24 @@ def demo_config(harmonizer: str, out: Path, steps: int, seed: int, data_root: Pa
     The baseline measures the gradient geometry on every step (weights 1: it trains as plain DANN up to
     rounding), so that the plot shows the conflict GH removes.
     """
-    return TrainConfig(method="dann", harmonizer=harmonizer, source="mnist", target="mnistm-synth",
-                       measure_every=1 if harmonizer == "none" else 0,
-                       backbone="lenet", image_size=32, channels=3, steps=steps, eval_every=max(1, steps // 5),
-                       seed=seed, out=str(out / harmonizer.replace("+", "p")), threads=1, progress=False,
-                       device="cpu", data_root=str(data_root) if data_root else None)
+    return TrainConfig(
+        method="dann",
+        harmonizer=harmonizer,
+        source="mnist",
+        target="mnistm-synth",
+        measure_every=1 if harmonizer == "none" else 0,
+        backbone="lenet",
+        image_size=32,
+        channels=3,
+        steps=steps,
+        eval_every=max(1, steps // 5),
+        seed=seed,
+        out=str(out / harmonizer.replace("+", "p")),
+        threads=1,
+        progress=False,
+        device="cpu",
+        data_root=str(data_root) if data_root else None,
+    )
 
 
 # ---------------------------------------------------------------------------------------- worker side
@@ -121,16 +139,23 @@ class _Display:
         if live:
             from tqdm import tqdm
 
-            self.bars = [tqdm(total=steps, position=i, desc=label.ljust(self.width), leave=True,
-                              dynamic_ncols=True, file=sys.stderr,
-                              bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
-                                         "[{elapsed}<{remaining}{postfix}]")
-                         for i, label in enumerate(labels)]
+            self.bars = [
+                tqdm(
+                    total=steps,
+                    position=i,
+                    desc=label.ljust(self.width),
+                    leave=True,
+                    dynamic_ncols=True,
+                    file=sys.stderr,
+                    bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]",
+                )
+                for i, label in enumerate(labels)
+            ]
             for bar in self.bars:
                 bar.set_postfix_str("waiting", refresh=True)
 
     def _row(self, i: int) -> tuple[int, int, float, float]:
-        state, step, acc, best = self.board[_FIELDS * i:_FIELDS * (i + 1)]
+        state, step, acc, best = self.board[_FIELDS * i : _FIELDS * (i + 1)]
         return int(state), int(step), acc, best
 
     @staticmethod
@@ -149,8 +174,9 @@ class _Display:
                 continue
             if not self.live:  # a log: a line when a run starts or ends, and after each evaluation
                 logged = (RUNNING if state == EVALUATING else state, acc)
-                if state != WAITING and (not previous or logged != (
-                        RUNNING if previous[0] == EVALUATING else previous[0], previous[2])):
+                if state != WAITING and (
+                    not previous or logged != (RUNNING if previous[0] == EVALUATING else previous[0], previous[2])
+                ):
                     print(f"[{label}] step {step}/{self.steps}: {self._status(logged[0], acc, best)}", flush=True)
                 continue
             bar = self.bars[i]
@@ -169,8 +195,13 @@ class _Display:
 
 
 # ---------------------------------------------------------------------------------------- main side
-def run_demo(out: Path = Path("runs/demo"), steps: int | None = None, seed: int = 0,
-             workers: int | None = None, data_root: Path | None = None) -> list[dict]:
+def run_demo(
+    out: Path = Path("runs/demo"),
+    steps: int | None = None,
+    seed: int = 0,
+    workers: int | None = None,
+    data_root: Path | None = None,
+) -> list[dict]:
     """Train the three runs (resuming any that a previous demo left unfinished), print the table
     of target accuracies and write ``<out>/geometry.png``; returns the runs' summaries."""
     from gradharmony.uda.engine import load_domains
@@ -183,8 +214,10 @@ def run_demo(out: Path = Path("runs/demo"), steps: int | None = None, seed: int 
     print("preparing data: real MNIST, and MNIST-M from real photos (cached after the first run)", flush=True)
     load_domains(configs[0])  # build and cache once, before the workers read the cache
     workers = min(workers or len(configs), len(configs))  # 3 single-thread runs share the cores
-    print(f"training {len(configs)} runs x {steps} steps, {workers} in parallel, 1 CPU thread each "
-          f"(logs under {out}/)", flush=True)
+    print(
+        f"training {len(configs)} runs x {steps} steps, {workers} in parallel, 1 CPU thread each (logs under {out}/)",
+        flush=True,
+    )
     results = _train_all(configs, [label for label, _ in DEMO_RUNS], steps, workers)
     minutes = (time.perf_counter() - started) / 60
     print(f"\nMNIST -> MNIST-M (offline recipe), LeNet, {steps} steps, seed {seed}; {minutes:.1f} min\n")
@@ -229,8 +262,9 @@ def _train_all(configs: list[TrainConfig], labels: list[str], steps: int, worker
                 if board[_FIELDS * slot] in (RUNNING, EVALUATING):
                     r.wait(max(0.0, deadline - time.monotonic()))
             display.close()
-            raise KeyboardInterrupt("demo interrupted: the running runs saved a checkpoint; run the same "
-                                    "command again to continue") from None
+            raise KeyboardInterrupt(
+                "demo interrupted: the running runs saved a checkpoint; run the same command again to continue"
+            ) from None
         display.close()
         results = [r.get() for r in pending]
         pool.close()

@@ -117,14 +117,22 @@ def plot_sweep(root: str | Path, out_dir: str | Path, smooth: int = 100) -> list
                 length = min(len(r) for r in records)
                 steps = [r["step"] for r in records[0][:length]]
                 acc = np.mean([[100 * e["target_acc"] for e in r[:length]] for r in records], axis=0)
-                rate = np.mean([[100 * (e["harmonizer"].get("conflict_rate") or math.nan) for e in r[:length]]
-                                for r in records], axis=0)
+                rate = np.mean(
+                    [[100 * (e["harmonizer"].get("conflict_rate") or math.nan) for e in r[:length]] for r in records],
+                    axis=0,
+                )
                 accuracy.plot(steps, acc, marker="o", label=variant)
                 conflict.plot(steps, rate, marker="o", label=variant)
         hist.axvline(90, color="grey", linestyle=":")
         angle.axhline(90, color="grey", linestyle=":")
-        titles = ["angle histogram (degrees)", f"angle ({smooth}-step mean)", "conflict rate per interval (%)",
-                  "weight of the alignment loss", "weight of the classification loss", "target accuracy (%)"]
+        titles = [
+            "angle histogram (degrees)",
+            f"angle ({smooth}-step mean)",
+            "conflict rate per interval (%)",
+            "weight of the alignment loss",
+            "weight of the classification loss",
+            "target accuracy (%)",
+        ]
         for ax, title in zip(axes.flat, titles):
             ax.set_title(title)
             ax.grid(alpha=0.3)
@@ -159,8 +167,13 @@ def plot_tsne(run_dir: str | Path, path: str | Path, samples: int = 500, seed: i
         data = load_eval_domain(cfg, name, "test", cfg.data_root)
         chosen = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:samples].tolist()
         items = [data[i] for i in chosen]
-        batches.append((torch.stack([torch.as_tensor(item[0]) for item in items]),
-                        torch.as_tensor([int(item[1]) for item in items]), num_classes_of(data)))
+        batches.append(
+            (
+                torch.stack([torch.as_tensor(item[0]) for item in items]),
+                torch.as_tensor([int(item[1]) for item in items]),
+                num_classes_of(data),
+            )
+        )
     x, _, num_classes = batches[0]
     loaded = load_run(run_dir / CHECKPOINT_FILE, num_classes, tuple(x.shape[1:]))
     cfg, model = loaded.cfg, loaded.model
@@ -170,14 +183,25 @@ def plot_tsne(run_dir: str | Path, path: str | Path, samples: int = 500, seed: i
             features.append(model.features(to_input(x)).numpy())
         labels.append(y.numpy())
         domains.append(np.full(len(y), d))
-    points = TSNE(n_components=2, init="pca", random_state=seed,
-                  perplexity=min(30.0, max(2.0, (sum(map(len, labels)) - 1) / 3))).fit_transform(np.concatenate(features))
+    points = TSNE(
+        n_components=2, init="pca", random_state=seed, perplexity=min(30.0, max(2.0, (sum(map(len, labels)) - 1) / 3))
+    ).fit_transform(np.concatenate(features))
     labels_all, domains_all = np.concatenate(labels), np.concatenate(domains)
     fig, ax = plt.subplots(figsize=(7, 7))
     for d, (marker, name) in enumerate((("o", f"source {cfg.source}"), ("x", f"target {cfg.target}"))):
         mask = domains_all == d
-        ax.scatter(points[mask, 0], points[mask, 1], c=labels_all[mask], cmap="tab10", marker=marker, s=12,
-                   alpha=0.7, label=name, vmin=0, vmax=max(9, labels_all.max()))
+        ax.scatter(
+            points[mask, 0],
+            points[mask, 1],
+            c=labels_all[mask],
+            cmap="tab10",
+            marker=marker,
+            s=12,
+            alpha=0.7,
+            label=name,
+            vmin=0,
+            vmax=max(9, labels_all.max()),
+        )
     ax.legend()
     ax.set_title(f"t-SNE of shared features: {cfg.method}+{cfg.harmonizer}, seed {cfg.seed}")
     ax.set_xticks([])

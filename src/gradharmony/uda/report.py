@@ -64,8 +64,11 @@ def collect(root: str | Path) -> dict[tuple[str, str, str], Cell]:
         cell = cells.setdefault(key, Cell(*key))
         seed = int(labels["seed"])
         if (*key, seed) in seen:
-            warnings.warn(f"{seen[(*key, seed)]} and {folder} are both labelled {key} seed {seed}; "
-                          f"reading {folder.name} only: move the other out of {root}", stacklevel=2)
+            warnings.warn(
+                f"{seen[(*key, seed)]} and {folder} are both labelled {key} seed {seed}; "
+                f"reading {folder.name} only: move the other out of {root}",
+                stacklevel=2,
+            )
             for values in (cell.last, cell.best, cell.conflict_rate, cell.mean_angle, cell.unfinished):
                 values.pop(seed, None)
         seen[(*key, seed)] = folder
@@ -113,18 +116,28 @@ def paired(cell: Cell, baseline: Cell | None, which: str = "last") -> Paired:
 
 def table_rows(cells: dict[tuple[str, str, str], Cell]) -> list[dict[str, Any]]:
     rows = []
-    for (task, method, variant), cell in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] != BASELINE, kv[0][2])):
+    for (task, method, variant), cell in sorted(
+        cells.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] != BASELINE, kv[0][2])
+    ):
         baseline = cells.get((task, method, BASELINE))
         p_last, p_best = paired(cell, baseline, "last"), paired(cell, baseline, "best")
-        rows.append({
-            "task": task, "method": method, "variant": variant, "seeds": len(cell.last),
-            "last": _mean_std(list(cell.last.values())), "best": _mean_std(list(cell.best.values())),
-            "delta_last": p_last.summary, "p_last": p_last.p_value,
-            "delta_best": p_best.summary, "p_best": p_best.p_value,
-            "conflict_rate": _mean_std([v for v in cell.conflict_rate.values() if math.isfinite(v)]),
-            "mean_angle": _mean_std([v for v in cell.mean_angle.values() if math.isfinite(v)]),
-            "unfinished": _unfinished(cell),
-        })
+        rows.append(
+            {
+                "task": task,
+                "method": method,
+                "variant": variant,
+                "seeds": len(cell.last),
+                "last": _mean_std(list(cell.last.values())),
+                "best": _mean_std(list(cell.best.values())),
+                "delta_last": p_last.summary,
+                "p_last": p_last.p_value,
+                "delta_best": p_best.summary,
+                "p_best": p_best.p_value,
+                "conflict_rate": _mean_std([v for v in cell.conflict_rate.values() if math.isfinite(v)]),
+                "mean_angle": _mean_std([v for v in cell.mean_angle.values() if math.isfinite(v)]),
+                "unfinished": _unfinished(cell),
+            }
+        )
     return rows
 
 
@@ -137,8 +150,9 @@ def summary_rows(cells: dict[tuple[str, str, str], Cell], which: str = "last") -
     not independent evidence about the others).
     """
     rows = []
-    pairs = sorted({(method, variant) for _, method, variant in cells},
-                   key=lambda mv: (mv[0], mv[1] != BASELINE, mv[1]))
+    pairs = sorted(
+        {(method, variant) for _, method, variant in cells}, key=lambda mv: (mv[0], mv[1] != BASELINE, mv[1])
+    )
     for method, variant in pairs:
         accuracy, baseline_accuracy, deltas = [], [], []
         for (task, m, v), cell in sorted(cells.items()):
@@ -161,12 +175,19 @@ def summary_rows(cells: dict[tuple[str, str, str], Cell], which: str = "last") -
         p_value = math.nan
         if len(deltas) >= 6 and any(d != 0 for d in deltas):
             p_value = float(scipy_stats.wilcoxon(deltas).pvalue)
-        rows.append({
-            "method": method, "variant": variant, "tasks": len(accuracy), "mean_acc": statistics.mean(accuracy),
-            "baseline_mean_acc": statistics.mean(baseline_accuracy) if baseline_accuracy else math.nan,
-            "mean_delta": statistics.mean(deltas) if deltas else math.nan,
-            "tasks_up": sum(d > 0 for d in deltas), "tasks_down": sum(d < 0 for d in deltas), "p": p_value,
-        })
+        rows.append(
+            {
+                "method": method,
+                "variant": variant,
+                "tasks": len(accuracy),
+                "mean_acc": statistics.mean(accuracy),
+                "baseline_mean_acc": statistics.mean(baseline_accuracy) if baseline_accuracy else math.nan,
+                "mean_delta": statistics.mean(deltas) if deltas else math.nan,
+                "tasks_up": sum(d > 0 for d in deltas),
+                "tasks_down": sum(d < 0 for d in deltas),
+                "p": p_value,
+            }
+        )
     return rows
 
 
@@ -179,23 +200,33 @@ def task_families(tasks) -> dict[str, list[str]]:
 
 
 def summary_markdown(rows: list[dict[str, Any]], which: str = "last", title: str = "all tasks") -> str:
-    lines = [f"### Average over {title} ({which})", "",
-             "| method | variant | tasks | mean acc (%) | same tasks, none (%) | mean paired delta | tasks up / down | p (Wilcoxon) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"### Average over {title} ({which})",
+        "",
+        "| method | variant | tasks | mean acc (%) | same tasks, none (%) | mean paired delta | tasks up / down | p (Wilcoxon) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         delta = "-" if math.isnan(r["mean_delta"]) else f"{r['mean_delta']:+.2f}"
         base = "-" if math.isnan(r["baseline_mean_acc"]) else f"{r['baseline_mean_acc']:.2f}"
         updown = "-" if r["variant"] == BASELINE else f"{r['tasks_up']} / {r['tasks_down']}"
-        lines.append(f"| {r['method']} | {r['variant']} | {r['tasks']} | {r['mean_acc']:.2f} | {base} | {delta} | "
-                     f"{updown} | {_p(r['p'])} |")
-    lines += ["", "Per task: the mean over the seeds shared with the method's `none` row; mean paired "
-              "delta = mean over tasks of each task's mean paired delta; p: two-sided Wilcoxon signed-rank "
-              "test over the tasks' deltas (from 6 tasks on).", ""]
+        lines.append(
+            f"| {r['method']} | {r['variant']} | {r['tasks']} | {r['mean_acc']:.2f} | {base} | {delta} | "
+            f"{updown} | {_p(r['p'])} |"
+        )
+    lines += [
+        "",
+        "Per task: the mean over the seeds shared with the method's `none` row; mean paired "
+        "delta = mean over tasks of each task's mean paired delta; p: two-sided Wilcoxon signed-rank "
+        "test over the tasks' deltas (from 6 tasks on).",
+        "",
+    ]
     return "\n".join(lines)
 
 
-def variant_comparison_markdown(cells: dict[tuple[str, str, str], Cell], first: str, second: str,
-                                which: str = "last") -> str:
+def variant_comparison_markdown(
+    cells: dict[tuple[str, str, str], Cell], first: str, second: str, which: str = "last"
+) -> str:
     """``first`` minus ``second`` per task and method, paired seed by seed (e.g. GH++'s two leads).
 
     The main tables pair every variant with ``none``; this pairs any two variants over the seeds
@@ -217,8 +248,9 @@ def _unfinished(cell: Cell) -> str:
     """``not started: seeds 1, 2; seed 0 at step 1500/3000`` (steps of the last evaluation)."""
     waiting = sorted(seed for seed, (step, _) in cell.unfinished.items() if step == 0)
     parts = [f"not started: seed{'s' if len(waiting) > 1 else ''} {', '.join(map(str, waiting))}"] if waiting else []
-    parts += [f"seed {seed} at step {step}/{steps}" for seed, (step, steps) in sorted(cell.unfinished.items())
-              if step > 0]
+    parts += [
+        f"seed {seed} at step {step}/{steps}" for seed, (step, steps) in sorted(cell.unfinished.items()) if step > 0
+    ]
     return "; ".join(parts)
 
 
@@ -229,24 +261,32 @@ def _p(value: float) -> str:
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = []
     for task in dict.fromkeys(r["task"] for r in rows):
-        lines += [f"### {task}", "",
-                  "| method | variant | seeds | last (%) | best* (%) | paired delta last | p | "
-                  "paired delta best* | p | conflict rate (%) | mean angle | unfinished |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        lines += [
+            f"### {task}",
+            "",
+            "| method | variant | seeds | last (%) | best* (%) | paired delta last | p | "
+            "paired delta best* | p | conflict rate (%) | mean angle | unfinished |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
         for r in (r for r in rows if r["task"] == task):
-            lines.append(f"| {r['method']} | {r['variant']} | {r['seeds']} | {r['last']} | {r['best']} | "
-                         f"{r['delta_last']} | {_p(r['p_last'])} | {r['delta_best']} | {_p(r['p_best'])} | "
-                         f"{r['conflict_rate']} | {r['mean_angle']} | {r['unfinished']} |")
+            lines.append(
+                f"| {r['method']} | {r['variant']} | {r['seeds']} | {r['last']} | {r['best']} | "
+                f"{r['delta_last']} | {_p(r['p_last'])} | {r['delta_best']} | {_p(r['p_best'])} | "
+                f"{r['conflict_rate']} | {r['mean_angle']} | {r['unfinished']} |"
+            )
         lines.append("")
-    lines.append("Mean +- std over seeds. *best = best over evaluations, selected on target test labels (what "
-                 "the literature reports). Paired delta = variant minus `none` of the same method on the same "
-                 "seeds, mean +- std (seeds where the variant is higher); p = two-sided paired t-test. "
-                 "Conflict rate and mean angle: the raw gradients' geometry, measured before harmonization.")
+    lines.append(
+        "Mean +- std over seeds. *best = best over evaluations, selected on target test labels (what "
+        "the literature reports). Paired delta = variant minus `none` of the same method on the same "
+        "seeds, mean +- std (seeds where the variant is higher); p = two-sided paired t-test. "
+        "Conflict rate and mean angle: the raw gradients' geometry, measured before harmonization."
+    )
     return "\n".join(lines) + "\n"
 
 
-def write_report(root: str | Path, out_dir: str | Path | None = None,
-                 cells: dict[tuple[str, str, str], Cell] | None = None) -> tuple[Path, Path]:
+def write_report(
+    root: str | Path, out_dir: str | Path | None = None, cells: dict[tuple[str, str, str], Cell] | None = None
+) -> tuple[Path, Path]:
     """Write ``report.md`` and ``report.csv`` for the runs under ``root``; returns their paths.
 
     ``cells``: what :func:`collect` already read from ``root``, so that it is not read twice.

@@ -38,8 +38,7 @@ LABEL_KEYS = ("task", "method", "variant", "seed")
 #: What :func:`run_status` answers.
 STATUSES = ("done", "partial", "failed", "pending")
 
-STEP_FIELDS = ("step", "loss_cls", "loss_align", "cos", "angle", "w_align", "w_cls", "conflict",
-               "measured", "guards")
+STEP_FIELDS = ("step", "loss_cls", "loss_align", "cos", "angle", "w_align", "w_cls", "conflict", "measured", "guards")
 
 
 def _clean(value: Any) -> Any:
@@ -71,8 +70,11 @@ class RunLog:
     def truncate_after(self, step: int) -> None:
         """Drop records of steps >= ``step`` (they will be produced again after a resume)."""
         if self.metrics_path.exists():
-            keep = [line for line in self.metrics_path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] < step]
+            keep = [
+                line
+                for line in self.metrics_path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] < step
+            ]
             atomic_write_bytes(self.metrics_path, "".join(line + "\n" for line in keep).encode())
         if self.steps_path.exists():
             with self.steps_path.open(newline="") as f:

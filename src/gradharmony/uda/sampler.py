@@ -38,13 +38,17 @@ class InfiniteBatches:
             self.permutation = torch.randperm(self.size, generator=self.generator)
             self.offset = 0
             self.passes += 1
-        batch = self.permutation[self.offset:self.offset + self.batch_size]
+        batch = self.permutation[self.offset : self.offset + self.batch_size]
         self.offset += self.batch_size
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state(), "permutation": self.permutation.clone(),
-                "offset": self.offset, "passes": self.passes}
+        return {
+            "generator": self.generator.get_state(),
+            "permutation": self.permutation.clone(),
+            "offset": self.offset,
+            "passes": self.passes,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if len(state["permutation"]) != self.size:

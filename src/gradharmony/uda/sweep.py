@@ -89,8 +89,15 @@ def expand(grid: dict[str, Any]) -> list[PlannedRun]:
         for task, task_overrides in grid["tasks"].items():
             for method, method_overrides in methods.items():
                 for variant, variant_overrides in variants.items():
-                    values = {**base, **(task_overrides or {}), **(method_overrides or {}), "method": method,
-                              **(variant_overrides or {}), "seed": int(seed), "progress": False}
+                    values = {
+                        **base,
+                        **(task_overrides or {}),
+                        **(method_overrides or {}),
+                        "method": method,
+                        **(variant_overrides or {}),
+                        "seed": int(seed),
+                        "progress": False,
+                    }
                     values.setdefault("threads", 1)
                     cfg = TrainConfig.from_dict(values)
                     cfg = cfg.with_overrides({"out": str(root / cfg.outcome_hash())})
@@ -120,8 +127,12 @@ def _execute(run: PlannedRun) -> tuple[str, str]:
 RUNS_PER_PROCESS = 25
 
 
-def run_grid(grid: dict[str, Any], workers: int | None = None, retry_failed: bool = False,
-             runs_per_process: int = RUNS_PER_PROCESS) -> dict[str, int]:
+def run_grid(
+    grid: dict[str, Any],
+    workers: int | None = None,
+    retry_failed: bool = False,
+    runs_per_process: int = RUNS_PER_PROCESS,
+) -> dict[str, int]:
     """Run every unfinished run of ``grid`` with ``workers`` processes; returns status counts.
 
     A worker process runs up to ``runs_per_process`` runs before a fresh one replaces it.  Reuse
@@ -133,12 +144,16 @@ def run_grid(grid: dict[str, Any], workers: int | None = None, retry_failed: boo
         raise ConfigError(f"runs_per_process must be at least 1, got {runs_per_process}")
     runs = expand(grid)
     statuses = {id(r): folder_status(r.out, r.config.steps) for r in runs}
-    todo = [r for r in runs if statuses[id(r)] in ("pending", "partial")
-            or (retry_failed and statuses[id(r)] == "failed")]
+    todo = [
+        r for r in runs if statuses[id(r)] in ("pending", "partial") or (retry_failed and statuses[id(r)] == "failed")
+    ]
     workers = workers or int(grid.get("workers") or 1)
     done = sum(s == "done" for s in statuses.values())
-    print(f"grid: {len(runs)} runs, {done} already done, {len(todo)} to run with {workers} process(es); "
-          f"results under {grid['out']}/", flush=True)
+    print(
+        f"grid: {len(runs)} runs, {done} already done, {len(todo)} to run with {workers} process(es); "
+        f"results under {grid['out']}/",
+        flush=True,
+    )
     for run in todo:
         _label_run(run)
     _prepare_data(todo)
@@ -149,8 +164,11 @@ def run_grid(grid: dict[str, Any], workers: int | None = None, retry_failed: boo
         for i, (run, (status, note)) in enumerate(zip(todo, pool.imap(_execute, todo)), 1):
             counts[status] = counts.get(status, 0) + 1
             elapsed = (time.perf_counter() - started) / 60
-            print(f"[{i}/{len(todo)} {elapsed:.1f} min] {run.task} {run.method} {run.variant} seed {run.seed}: "
-                  f"{status} {note}", flush=True)
+            print(
+                f"[{i}/{len(todo)} {elapsed:.1f} min] {run.task} {run.method} {run.variant} seed {run.seed}: "
+                f"{status} {note}",
+                flush=True,
+            )
         pool.close()
     except KeyboardInterrupt:
         # Workers got the signal too (or get SIGTERM now): each finishes its step, saves, exits.

@@ -20,19 +20,29 @@ from gradharmony.uda.data.load import default_data_root, load_domain
 from gradharmony.uda.data.registry import DOMAIN_NAMES, SPLITS
 
 __all__ = [
-    "DOMAIN_NAMES", "SPLITS", "DatasetFormatError", "DatasetNotFoundError", "Domain",
-    "default_data_root", "load_domain",
+    "DOMAIN_NAMES",
+    "SPLITS",
+    "DatasetFormatError",
+    "DatasetNotFoundError",
+    "Domain",
+    "default_data_root",
+    "load_domain",
 ]
 
 # Image benchmarks (Office-31, Office-Home, VisDA-2017, DomainNet): see gradharmony.uda.data.image_domains.
 # Imported on first use, so that digit-only runs do not pay for importing torchvision.
 _IMAGE_EXPORTS = {
-    "BENCHMARKS": "gradharmony.uda.data.benchmarks", "BENCHMARK_NAMES": "gradharmony.uda.data.benchmarks",
-    "ImageBenchmark": "gradharmony.uda.data.benchmarks", "get_benchmark": "gradharmony.uda.data.benchmarks",
+    "BENCHMARKS": "gradharmony.uda.data.benchmarks",
+    "BENCHMARK_NAMES": "gradharmony.uda.data.benchmarks",
+    "ImageBenchmark": "gradharmony.uda.data.benchmarks",
+    "get_benchmark": "gradharmony.uda.data.benchmarks",
     "load_image_domain": "gradharmony.uda.data.image_domains",
-    "ImageListDataset": "gradharmony.uda.data.images", "FolderDataset": "gradharmony.uda.data.images",
-    "CorruptImageError": "gradharmony.uda.data.images", "CorruptImageWarning": "gradharmony.uda.data.images",
-    "train_transform": "gradharmony.uda.data.image_transforms", "eval_transform": "gradharmony.uda.data.image_transforms",
+    "ImageListDataset": "gradharmony.uda.data.images",
+    "FolderDataset": "gradharmony.uda.data.images",
+    "CorruptImageError": "gradharmony.uda.data.images",
+    "CorruptImageWarning": "gradharmony.uda.data.images",
+    "train_transform": "gradharmony.uda.data.image_transforms",
+    "eval_transform": "gradharmony.uda.data.image_transforms",
 }
 __all__ += list(_IMAGE_EXPORTS)
 

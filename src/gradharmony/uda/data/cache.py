@@ -63,13 +63,21 @@ def load_cached(path: Path) -> tuple[torch.Tensor, torch.Tensor, str] | None:
     try:
         entry = torch.load(path, map_location="cpu", weights_only=True)
         images, labels, source = entry["images"], entry["labels"], entry["source"]
-        if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8
-                and isinstance(labels, torch.Tensor) and labels.dtype == torch.int64
-                and images.shape[0] == labels.shape[0] and isinstance(source, str)):
+        if not (
+            isinstance(images, torch.Tensor)
+            and images.dtype == torch.uint8
+            and isinstance(labels, torch.Tensor)
+            and labels.dtype == torch.int64
+            and images.shape[0] == labels.shape[0]
+            and isinstance(source, str)
+        ):
             raise ValueError("unexpected contents")
     except Exception as exc:  # any failure to read means the entry is rebuilt
-        warnings.warn(f"cache entry {path} is unreadable ({type(exc).__name__}: {exc}); rebuilding it",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"cache entry {path} is unreadable ({type(exc).__name__}: {exc}); rebuilding it",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return None
     return images, labels, source
 
@@ -89,8 +97,9 @@ def save_cached(path: Path, images: torch.Tensor, labels: torch.Tensor, source: 
         log.debug("cached %s", path)
         return True
     except OSError as exc:
-        warnings.warn(f"could not write cache entry {path} ({exc}); continuing without the cache",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"could not write cache entry {path} ({exc}); continuing without the cache", RuntimeWarning, stacklevel=3
+        )
         return False
     finally:
         if tmp_name is not None and os.path.exists(tmp_name):

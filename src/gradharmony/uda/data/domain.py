@@ -26,8 +26,10 @@ class DatasetFormatError(ValueError):
 
     def __init__(self, path: str | Path, expected: str, cause: BaseException | None = None) -> None:
         detail = f": {type(cause).__name__}: {cause}" if cause is not None else ""
-        super().__init__(f"cannot read {path} (expected {expected}){detail}. "
-                         "The file may be truncated or corrupt; download it again.")
+        super().__init__(
+            f"cannot read {path} (expected {expected}){detail}. "
+            "The file may be truncated or corrupt; download it again."
+        )
         self.path = Path(path)
 
 
@@ -57,11 +59,15 @@ class Domain:
         is_image = self.images.dtype == torch.uint8 and self.images.dim() == 4
         is_feature = self.images.dtype == torch.float32 and self.images.dim() == 2
         if not (is_image or is_feature):
-            raise ValueError(f"images must be uint8 [N, C, H, W] (or float32 [N, D] features), got "
-                             f"{self.images.dtype} {tuple(self.images.shape)}")
+            raise ValueError(
+                f"images must be uint8 [N, C, H, W] (or float32 [N, D] features), got "
+                f"{self.images.dtype} {tuple(self.images.shape)}"
+            )
         if self.labels.dtype != torch.int64 or self.labels.shape != (self.images.shape[0],):
-            raise ValueError(f"labels must be int64 [N] with N={self.images.shape[0]}, got "
-                             f"{self.labels.dtype} {tuple(self.labels.shape)}")
+            raise ValueError(
+                f"labels must be int64 [N] with N={self.images.shape[0]}, got "
+                f"{self.labels.dtype} {tuple(self.labels.shape)}"
+            )
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -71,5 +77,7 @@ class Domain:
 
     def __repr__(self) -> str:
         n, *shape = self.images.shape
-        return (f"Domain(name={self.name!r}, split={self.split!r}, n={n}, shape={shape}, "
-                f"num_classes={self.num_classes}, source={self.source!r})")
+        return (
+            f"Domain(name={self.name!r}, split={self.split!r}, n={n}, shape={shape}, "
+            f"num_classes={self.num_classes}, source={self.source!r})"
+        )

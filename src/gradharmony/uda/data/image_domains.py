@@ -57,26 +57,31 @@ def _check_classes(bench: ImageBenchmark, classes: Sequence[str] | None) -> tupl
     return names
 
 
-def _relabel(entries: list[tuple[Path, int]], bench: ImageBenchmark, names: tuple[str, ...],
-             lists: Sequence[Path]) -> list[tuple[Path, int]]:
+def _relabel(
+    entries: list[tuple[Path, int]], bench: ImageBenchmark, names: tuple[str, ...], lists: Sequence[Path]
+) -> list[tuple[Path, int]]:
     """Renumber list entries by their class folder in the order ``names`` (see the module doc)."""
     folders = [path.parent.name for path, _ in entries]
     if not all(f in bench.classes for f in folders):
         if names != bench.classes:
-            raise ValueError(f"classes=... selects classes by folder name, but the paths of "
-                             f"{', '.join(map(str, lists))} do not end in <class>/<image>")
+            raise ValueError(
+                f"classes=... selects classes by folder name, but the paths of "
+                f"{', '.join(map(str, lists))} do not end in <class>/<image>"
+            )
         return entries
     used: dict[int, str] = {}
     for (_, label), folder in zip(entries, folders):
         if used.setdefault(label, folder) != folder:
-            raise DatasetFormatError(lists[0], f"one label per class folder; label {label} is given to "
-                                               f"both {used[label]!r} and {folder!r}")
+            raise DatasetFormatError(
+                lists[0], f"one label per class folder; label {label} is given to both {used[label]!r} and {folder!r}"
+            )
     index = {name: i for i, name in enumerate(names)}
     return [(path, index[f]) for (path, _), f in zip(entries, folders) if f in index]
 
 
-def _from_lists(bench: ImageBenchmark, lists: Sequence[Path], bases: Sequence[Path],
-                names: tuple[str, ...], **dataset_kw: Any) -> ImageListDataset:
+def _from_lists(
+    bench: ImageBenchmark, lists: Sequence[Path], bases: Sequence[Path], names: tuple[str, ...], **dataset_kw: Any
+) -> ImageListDataset:
     entries: list[tuple[Path, int]] = []
     for list_file in lists:
         raw = read_image_list(list_file)
@@ -87,8 +92,9 @@ def _from_lists(bench: ImageBenchmark, lists: Sequence[Path], bases: Sequence[Pa
     absent = [name for i, name in enumerate(names) if i not in present]
     if absent:
         shown = ", ".join(absent[:10]) + (f" ... and {len(absent) - 10} more" if len(absent) > 10 else "")
-        raise DatasetNotFoundError(f"{len(absent)} of {len(names)} classes have no image in "
-                                   f"{', '.join(map(str, lists))}: {shown}")
+        raise DatasetNotFoundError(
+            f"{len(absent)} of {len(names)} classes have no image in {', '.join(map(str, lists))}: {shown}"
+        )
     dataset = ImageListDataset(bases[0], entries=entries, classes=names, **dataset_kw)
     dataset.source = f"image list {', '.join(map(str, lists))}"
     return dataset
@@ -105,8 +111,9 @@ def _find_lists(bench: ImageBenchmark, domain: str, split: str, root: Path) -> t
     return None
 
 
-def _looked_at(bench: ImageBenchmark, domain: str, split: str, roots: list[Path], data_root: Path,
-               layout: str) -> list[Path]:
+def _looked_at(
+    bench: ImageBenchmark, domain: str, split: str, roots: list[Path], data_root: Path, layout: str
+) -> list[Path]:
     # Benchmark folders that are absent, then every domain path under those present (data_root
     # itself is tried last, as the benchmark folder).
     paths = [data_root / name for name in bench.folders if not (data_root / name).is_dir()]
@@ -115,39 +122,62 @@ def _looked_at(bench: ImageBenchmark, domain: str, split: str, roots: list[Path]
             paths += [root / folder for folder in bench.domain_folders[domain]]
         if layout != "folder":
             lists: list[ListFile] = []
-            for s in (("train", "test") if bench.split_lists and split == "all" else (split,)):
+            for s in ("train", "test") if bench.split_lists and split == "all" else (split,):
                 lists += bench.lists(domain, s)
             paths += [root / lf.path for lf in lists]
     return paths
 
 
 def _context(bench: ImageBenchmark, domain: str, split: str) -> str:
-    return (f"Accepted layouts for {bench.title} domain {domain!r}:\n{bench.layouts(domain, split)}\n"
-            f"Where to get it: {bench.where}\n"
-            "Pass data_root=... to load_image_domain or set $GRADHARMONY_DATA_ROOT.")
+    return (
+        f"Accepted layouts for {bench.title} domain {domain!r}:\n{bench.layouts(domain, split)}\n"
+        f"Where to get it: {bench.where}\n"
+        "Pass data_root=... to load_image_domain or set $GRADHARMONY_DATA_ROOT."
+    )
 
 
-def _not_found(bench: ImageBenchmark, domain: str, split: str, roots: list[Path], data_root: Path,
-               layout: str) -> DatasetNotFoundError:
-    tried = "\n".join(f"  {p}  ({'present' if p.exists() else 'missing'})"
-                      for p in _looked_at(bench, domain, split, roots, data_root, layout))
+def _not_found(
+    bench: ImageBenchmark, domain: str, split: str, roots: list[Path], data_root: Path, layout: str
+) -> DatasetNotFoundError:
+    tried = "\n".join(
+        f"  {p}  ({'present' if p.exists() else 'missing'})"
+        for p in _looked_at(bench, domain, split, roots, data_root, layout)
+    )
     note = ""
-    if bench.split_lists and split != "all" and any(
-            (r / f).is_dir() for r in roots for f in bench.domain_folders[domain]):
-        note = (f"The {bench.title} {split} split is defined by its list files; the images are there "
-                f"but the lists are not (split='all' reads the whole folder).\n")
+    if (
+        bench.split_lists
+        and split != "all"
+        and any((r / f).is_dir() for r in roots for f in bench.domain_folders[domain])
+    ):
+        note = (
+            f"The {bench.title} {split} split is defined by its list files; the images are there "
+            f"but the lists are not (split='all' reads the whole folder).\n"
+        )
     what = f"{bench.title} domain {domain!r}" + (f" ({split} split)" if bench.split_lists else "")
-    return DatasetNotFoundError(f"{what} not found under {data_root}. Looked at:\n{tried}\n{note}"
-                                f"{_context(bench, domain, split)}")
+    return DatasetNotFoundError(
+        f"{what} not found under {data_root}. Looked at:\n{tried}\n{note}{_context(bench, domain, split)}"
+    )
 
 
-def load_image_domain(benchmark: str, domain: str, split: str = "train",
-                      data_root: str | Path | None = None, *, train: bool = True,
-                      transform: Callable | None = None, resize: int = 256, crop: int = 224,
-                      crop_mode: str = "random_resized", mean: Sequence[float] = IMAGENET_MEAN,
-                      std: Sequence[float] = IMAGENET_STD, classes: Sequence[str] | None = None,
-                      layout: str = "auto", list_file: str | Path | None = None,
-                      on_corrupt: str = "raise", verify: bool = False) -> ImageListDataset:
+def load_image_domain(
+    benchmark: str,
+    domain: str,
+    split: str = "train",
+    data_root: str | Path | None = None,
+    *,
+    train: bool = True,
+    transform: Callable | None = None,
+    resize: int = 256,
+    crop: int = 224,
+    crop_mode: str = "random_resized",
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    classes: Sequence[str] | None = None,
+    layout: str = "auto",
+    list_file: str | Path | None = None,
+    on_corrupt: str = "raise",
+    verify: bool = False,
+) -> ImageListDataset:
     """One domain (and split) of an image benchmark as a Dataset of ``(image tensor, label)``.
 
     Args:
@@ -191,16 +221,18 @@ def load_image_domain(benchmark: str, domain: str, split: str = "train",
     names = _check_classes(bench, classes)
     data_root = Path(data_root).expanduser() if data_root is not None else default_data_root()
     if transform is None:
-        transform = (train_transform(resize, crop, crop_mode=crop_mode, mean=mean, std=std) if train
-                     else eval_transform(resize, crop, mean=mean, std=std))
+        transform = (
+            train_transform(resize, crop, crop_mode=crop_mode, mean=mean, std=std)
+            if train
+            else eval_transform(resize, crop, mean=mean, std=std)
+        )
     dataset_kw = {"transform": transform, "on_corrupt": on_corrupt}
     roots = _benchmark_roots(bench, data_root)
     read = _locate(bench, domain, split, data_root, roots, layout, list_file)
     try:
         dataset = read(names, dataset_kw)
     except DatasetNotFoundError as exc:
-        raise DatasetNotFoundError(f"{bench.title} domain {domain!r}: {exc}\n"
-                                   f"{_context(bench, domain, split)}") from exc
+        raise DatasetNotFoundError(f"{bench.title} domain {domain!r}: {exc}\n{_context(bench, domain, split)}") from exc
     dataset.benchmark, dataset.domain, dataset.split, dataset.metric = bench.name, domain, split, bench.metric
     dataset.source = f"{bench.title} {domain} ({split}) from {dataset.source}"
     if verify:
@@ -208,16 +240,24 @@ def load_image_domain(benchmark: str, domain: str, split: str = "train",
     return dataset
 
 
-def _locate(bench: ImageBenchmark, domain: str, split: str, data_root: Path, roots: list[Path],
-            layout: str, list_file: str | Path | None) -> Callable[[tuple[str, ...], dict], ImageListDataset]:
+def _locate(
+    bench: ImageBenchmark,
+    domain: str,
+    split: str,
+    data_root: Path,
+    roots: list[Path],
+    layout: str,
+    list_file: str | Path | None,
+) -> Callable[[tuple[str, ...], dict], ImageListDataset]:
     """Find the domain's folder or list(s); return the function that reads them."""
     if list_file is not None:
         path = Path(list_file).expanduser()
         candidates = [path] if path.is_absolute() else [r / path for r in roots] or [data_root / path]
         found = next((p for p in candidates if p.is_file()), None)
         if found is None:
-            raise DatasetNotFoundError(f"image list {list_file} not found under {data_root}; looked at "
-                                       + ", ".join(map(str, candidates)))
+            raise DatasetNotFoundError(
+                f"image list {list_file} not found under {data_root}; looked at " + ", ".join(map(str, candidates))
+            )
         bases = [r for r in roots if found.is_relative_to(r)] + [found.parent]
         return lambda names, kw: _from_lists(bench, [found], bases, names, **kw)
     folders_allowed = layout != "list" and not (bench.split_lists and split != "all")

@@ -41,25 +41,35 @@ def _to_normalized_tensor(mean: Sequence[float], std: Sequence[float]) -> list:
     return [T.ToDtype(torch.float32, scale=True), T.Normalize(list(mean), list(std)), T.ToPureTensor()]
 
 
-def train_transform(resize: int = 256, crop: int = 224, *, crop_mode: str = "random_resized",
-                    flip: bool = True, mean: Sequence[float] = IMAGENET_MEAN,
-                    std: Sequence[float] = IMAGENET_STD) -> T.Compose:
+def train_transform(
+    resize: int = 256,
+    crop: int = 224,
+    *,
+    crop_mode: str = "random_resized",
+    flip: bool = True,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> T.Compose:
     """Square resize, random (resized) crop, horizontal flip, normalise: ``[3, crop, crop]`` float."""
     _check_sizes(resize, crop)
     if crop_mode not in CROP_MODES:
         raise ValueError(f"crop_mode must be one of {CROP_MODES}, got {crop_mode!r}")
-    cropper = {"random_resized": lambda: T.RandomResizedCrop(crop, antialias=True),
-               "random": lambda: T.RandomCrop(crop),
-               "center": lambda: T.CenterCrop(crop)}[crop_mode]()
+    cropper = {
+        "random_resized": lambda: T.RandomResizedCrop(crop, antialias=True),
+        "random": lambda: T.RandomCrop(crop),
+        "center": lambda: T.CenterCrop(crop),
+    }[crop_mode]()
     steps = [T.ToImage(), T.Resize((resize, resize), antialias=True), cropper]
     if flip:
         steps.append(T.RandomHorizontalFlip())
     return T.Compose(steps + _to_normalized_tensor(mean, std))
 
 
-def eval_transform(resize: int = 256, crop: int = 224, *, mean: Sequence[float] = IMAGENET_MEAN,
-                   std: Sequence[float] = IMAGENET_STD) -> T.Compose:
+def eval_transform(
+    resize: int = 256, crop: int = 224, *, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> T.Compose:
     """Square resize, centre crop, normalise: ``[3, crop, crop]`` float, deterministic."""
     _check_sizes(resize, crop)
-    return T.Compose([T.ToImage(), T.Resize((resize, resize), antialias=True), T.CenterCrop(crop)]
-                     + _to_normalized_tensor(mean, std))
+    return T.Compose(
+        [T.ToImage(), T.Resize((resize, resize), antialias=True), T.CenterCrop(crop), *_to_normalized_tensor(mean, std)]
+    )

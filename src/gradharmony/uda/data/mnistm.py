@@ -23,13 +23,17 @@ import numpy as np
 from gradharmony.uda.data.domain import DatasetFormatError
 from gradharmony.uda.data.sources import Found, not_found, take
 
-LAYOUTS = ("  - <data_root>/mnist_m/mnist_m_{train,test}/*.png\n"
-           "    + <data_root>/mnist_m/mnist_m_{train,test}_labels.txt\n"
-           "    (label lines '<file name> <digit>'; the DANN release)\n"
-           "  - <data_root>/mnist_m/mnist_m_{train,test}_x.npy.xz + the same label files\n"
-           "    (xz-compressed numpy.save of uint8 [N, 32, 32, 3])")
-WHERE = ("the MNIST-M release of Ganin & Lempitsky (DANN, http://yaroslav.ganin.net/), e.g. via "
-         "github.com/fungtion/DANN (mnist_m.tar.gz); unpack it into <data_root>/mnist_m/")
+LAYOUTS = (
+    "  - <data_root>/mnist_m/mnist_m_{train,test}/*.png\n"
+    "    + <data_root>/mnist_m/mnist_m_{train,test}_labels.txt\n"
+    "    (label lines '<file name> <digit>'; the DANN release)\n"
+    "  - <data_root>/mnist_m/mnist_m_{train,test}_x.npy.xz + the same label files\n"
+    "    (xz-compressed numpy.save of uint8 [N, 32, 32, 3])"
+)
+WHERE = (
+    "the MNIST-M release of Ganin & Lempitsky (DANN, http://yaroslav.ganin.net/), e.g. via "
+    "github.com/fungtion/DANN (mnist_m.tar.gz); unpack it into <data_root>/mnist_m/"
+)
 
 
 def locate(split: str, data_root: Path) -> Found:
@@ -38,8 +42,7 @@ def locate(split: str, data_root: Path) -> Found:
     png_dir = folder / f"mnist_m_{split}"
     packed = folder / f"mnist_m_{split}_x.npy.xz"
     if labels.is_file() and png_dir.is_dir():
-        return Found("mnistm-png", (labels, png_dir), f"MNIST-M {split} from PNGs in {png_dir}",
-                     (labels, png_dir))
+        return Found("mnistm-png", (labels, png_dir), f"MNIST-M {split} from PNGs in {png_dir}", (labels, png_dir))
     if labels.is_file() and packed.is_file():
         return Found("mnistm-npy-xz", (labels, packed), f"MNIST-M {split} from {packed}", (labels, packed))
     raise not_found("mnistm", [labels, png_dir, packed], LAYOUTS, WHERE)
@@ -88,8 +91,9 @@ def read_npy_xz(path: Path, count: int) -> np.ndarray:
     except (OSError, EOFError, ValueError, lzma.LZMAError) as exc:
         raise DatasetFormatError(path, "an xz-compressed .npy of uint8 [N, 32, 32, 3]", exc) from exc
     if images.dtype != np.uint8 or images.shape != (count, 32, 32, 3):
-        raise DatasetFormatError(path, f"uint8 [{count}, 32, 32, 3] (one image per label line), "
-                                       f"got {images.dtype} {images.shape}")
+        raise DatasetFormatError(
+            path, f"uint8 [{count}, 32, 32, 3] (one image per label line), got {images.dtype} {images.shape}"
+        )
     return images
 
 

@@ -35,12 +35,17 @@ SPLIT_STREAM = {"train": 0, "test": 1}
 def locate(split: str, data_root: Path) -> Found:
     digits = mnist.locate(split, data_root)
     photos = find_photos(split, data_root)
-    return Found("mnistm-synth", digits.files + photos.files,
-                 f"MNIST-M recipe: {digits.description}; photos: {photos.source}", (digits, photos))
+    return Found(
+        "mnistm-synth",
+        digits.files + photos.files,
+        f"MNIST-M recipe: {digits.description}; photos: {photos.source}",
+        (digits, photos),
+    )
 
 
-def blend(digits: np.ndarray, photos: list[np.ndarray], rng: np.random.Generator,
-          limit: int | None = None) -> np.ndarray:
+def blend(
+    digits: np.ndarray, photos: list[np.ndarray], rng: np.random.Generator, limit: int | None = None
+) -> np.ndarray:
     """``|patch - digit|`` as uint8 ``[n, 3, 32, 32]`` for gray digits ``[N, H, W]``.
 
     The random choices are drawn for all ``N`` digits, then only the first ``limit`` are made.
@@ -75,4 +80,4 @@ def read(found: Found, split: str, seed: int, limit: int | None) -> tuple[np.nda
     log.info("mnistm-synth %s: photos from %s", split, photo_set.source)
     rng = np.random.default_rng([seed, SPLIT_STREAM[split], 0x4D4D])
     images = blend(digits, photos, rng, limit)
-    return images, labels[:len(images)]
+    return images, labels[: len(images)]

@@ -29,14 +29,19 @@ import torch
 
 from gradharmony.uda.data.domain import DatasetFormatError, DatasetNotFoundError, Domain
 
-SURF_FILES = {"amazon": "amazon_SURF_L10.mat", "caltech": "Caltech10_SURF_L10.mat",
-              "dslr": "dslr_SURF_L10.mat", "webcam": "webcam_SURF_L10.mat"}
+SURF_FILES = {
+    "amazon": "amazon_SURF_L10.mat",
+    "caltech": "Caltech10_SURF_L10.mat",
+    "dslr": "dslr_SURF_L10.mat",
+    "webcam": "webcam_SURF_L10.mat",
+}
 DECAF_FOLDERS = ("decaf6", "decaf6_partial")
-FEATURE_DOMAINS: tuple[str, ...] = tuple(
-    f"oc10-{kind}-{domain}" for kind in ("surf", "decaf") for domain in SURF_FILES)
-WHERE = ("Office-Caltech10 features: the SURF_L10 .mat files of Gong et al. (CVPR 2012, GFK) and the "
-         "DeCAF6 .mat files redistributed with public domain-adaptation code (e.g. the 'transferlearning' "
-         "repository's TCA/BDA data folders)")
+FEATURE_DOMAINS: tuple[str, ...] = tuple(f"oc10-{kind}-{domain}" for kind in ("surf", "decaf") for domain in SURF_FILES)
+WHERE = (
+    "Office-Caltech10 features: the SURF_L10 .mat files of Gong et al. (CVPR 2012, GFK) and the "
+    "DeCAF6 .mat files redistributed with public domain-adaptation code (e.g. the 'transferlearning' "
+    "repository's TCA/BDA data folders)"
+)
 
 
 def _candidates(kind: str, domain: str, root: Path) -> list[Path]:
@@ -65,8 +70,10 @@ def load_feature_domain(name: str, split: str = "train", data_root: str | Path |
     path = next((p for p in candidates if p.is_file()), None)
     if path is None:
         looked = "\n".join(f"  {p} (missing)" for p in candidates)
-        raise DatasetNotFoundError(f"{name}: no feature file found. Looked at:\n{looked}\n"
-                                   f"Put {WHERE} there (see gradharmony.uda.data.office_caltech).")
+        raise DatasetNotFoundError(
+            f"{name}: no feature file found. Looked at:\n{looked}\n"
+            f"Put {WHERE} there (see gradharmony.uda.data.office_caltech)."
+        )
     try:
         mat = scipy.io.loadmat(path)
         features = mat["fts"] if "fts" in mat else mat["feas"]
@@ -74,7 +81,8 @@ def load_feature_domain(name: str, split: str = "train", data_root: str | Path |
     except Exception as e:  # truncated or foreign file
         raise DatasetFormatError(path, "a MATLAB file with 'fts' or 'feas' and 'labels'", e) from e
     if len(features) != len(labels) or labels.min() < 0 or labels.max() > 9:
-        raise DatasetFormatError(path, f"one label in 1..10 per feature row; got {len(features)} rows "
-                                       f"and {len(labels)} labels")
+        raise DatasetFormatError(
+            path, f"one label in 1..10 per feature row; got {len(features)} rows and {len(labels)} labels"
+        )
     images = torch.from_numpy(_preprocess(kind, np.asarray(features)).astype(np.float32))
     return Domain(name, split, images, torch.from_numpy(labels), 10, f"{path} ({kind})")

@@ -45,7 +45,7 @@ def package_dir(name: str) -> Path | None:
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
         return None
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def bundled_photo_files() -> list[Path]:
@@ -60,8 +60,9 @@ def bundled_photo_files() -> list[Path]:
 
 def region_split(files: list[Path], split: str, source: str) -> PhotoSet:
     columns = (0.0, TRAIN_FRACTION) if split == "train" else (TRAIN_FRACTION, 1.0)
-    return PhotoSet(f"{source}, {split} = columns {columns[0]:.0%}-{columns[1]:.0%} of each photo",
-                    tuple(files), columns)
+    return PhotoSet(
+        f"{source}, {split} = columns {columns[0]:.0%}-{columns[1]:.0%} of each photo", tuple(files), columns
+    )
 
 
 def find_photos(split: str, data_root: Path) -> PhotoSet:
@@ -72,13 +73,16 @@ def find_photos(split: str, data_root: Path) -> PhotoSet:
         train = [p for p in bsds if p not in frozenset(test)]
         if test and train:
             chosen = train if split == "train" else test
-            return PhotoSet(f"BSDS500 {split} photos ({len(chosen)}) from {data_root / 'BSDS500'}",
-                            tuple(chosen), (0.0, 1.0))
+            return PhotoSet(
+                f"BSDS500 {split} photos ({len(chosen)}) from {data_root / 'BSDS500'}", tuple(chosen), (0.0, 1.0)
+            )
         return region_split(bsds, split, f"BSDS500 ({len(bsds)} photos)")
     bundled = bundled_photo_files()
     if not bundled:
-        raise FileNotFoundError("no photographs for mnistm-synth: scikit-image and scikit-learn "
-                                f"bundled photos are missing and {data_root / 'BSDS500'} does not exist")
+        raise FileNotFoundError(
+            "no photographs for mnistm-synth: scikit-image and scikit-learn "
+            f"bundled photos are missing and {data_root / 'BSDS500'} does not exist"
+        )
     return region_split(bundled, split, f"{len(bundled)} photos bundled with scikit-image/scikit-learn")
 
 
@@ -95,10 +99,10 @@ def load_photos(photos: PhotoSet, min_size: int, scales: tuple[float, ...] = (1.
         except OSError as exc:
             raise DatasetFormatError(path, "a colour photograph readable by Pillow", exc) from exc
         width = rgb.width
-        start, stop = (int(round(f * width)) for f in photos.columns)
+        start, stop = (round(f * width) for f in photos.columns)
         region = rgb.crop((start, 0, stop, rgb.height))
         for scale in scales:
-            size = (int(round(region.width * scale)), int(round(region.height * scale)))
+            size = (round(region.width * scale), round(region.height * scale))
             if min(size) < min_size:
                 continue
             scaled = region if size == region.size else region.resize(size, Image.BILINEAR)

@@ -53,7 +53,8 @@ def not_found(domain: str, looked_at: list[Path], layouts: str, where: str) -> D
     return DatasetNotFoundError(
         f"dataset for domain {domain!r} not found. Looked at:\n{tried}\n"
         f"Accepted layouts:\n{layouts}\nWhere to get it: {where}\n"
-        "Pass data_root=... to load_domain or set $GRADHARMONY_DATA_ROOT.")
+        "Pass data_root=... to load_domain or set $GRADHARMONY_DATA_ROOT."
+    )
 
 
 def take(images: np.ndarray, labels: np.ndarray, limit: int | None) -> tuple[np.ndarray, np.ndarray]:

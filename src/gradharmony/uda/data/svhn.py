@@ -15,10 +15,14 @@ import numpy as np
 from gradharmony.uda.data.domain import DatasetFormatError
 from gradharmony.uda.data.sources import Found, not_found, take
 
-LAYOUTS = ("  - <data_root>/svhn/train_32x32.mat and <data_root>/svhn/test_32x32.mat\n"
-           "    (format 2, cropped digits: X uint8 [32, 32, 3, N], y [N, 1] with 10 meaning digit 0)")
-WHERE = ("http://ufldl.stanford.edu/housenumbers/ (train_32x32.mat, test_32x32.mat), or "
-         "torchvision.datasets.SVHN(<data_root>/svhn, split=..., download=True)")
+LAYOUTS = (
+    "  - <data_root>/svhn/train_32x32.mat and <data_root>/svhn/test_32x32.mat\n"
+    "    (format 2, cropped digits: X uint8 [32, 32, 3, N], y [N, 1] with 10 meaning digit 0)"
+)
+WHERE = (
+    "http://ufldl.stanford.edu/housenumbers/ (train_32x32.mat, test_32x32.mat), or "
+    "torchvision.datasets.SVHN(<data_root>/svhn, split=..., download=True)"
+)
 
 
 def locate(split: str, data_root: Path) -> Found:
@@ -38,8 +42,7 @@ def read(found: Found, split: str, seed: int, limit: int | None) -> tuple[np.nda
         x, y = mat["X"], np.asarray(mat["y"]).reshape(-1).astype(np.int64)
     except Exception as exc:  # scipy raises many types (ValueError, MatReadError, OSError, KeyError...)
         raise DatasetFormatError(path, expected, exc) from exc
-    if (x.ndim != 4 or x.shape[:3] != (32, 32, 3) or x.shape[3] != len(y) or y.size == 0
-            or y.min() < 1 or y.max() > 10):
+    if x.ndim != 4 or x.shape[:3] != (32, 32, 3) or x.shape[3] != len(y) or y.size == 0 or y.min() < 1 or y.max() > 10:
         raise DatasetFormatError(path, f"{expected}; got X {x.shape}, y {y.shape}")
     labels = np.where(y == 10, 0, y)
     images = np.ascontiguousarray(x.transpose(3, 2, 0, 1)).astype(np.uint8, copy=False)

@@ -42,8 +42,12 @@ def locate(split: str, data_root: Path) -> Found:
     files = candidate_font_files()
     if not files:
         looked = [matplotlib_font_dir() or Path("<matplotlib>/mpl-data/fonts/ttf"), *SYSTEM_FONT_DIRS]
-        raise not_found("syndigits", looked, "  - TrueType/OpenType fonts (.ttf, .otf) drawing digits",
-                        "pip install matplotlib (bundles DejaVu fonts) or apt-get install fonts-dejavu-core")
+        raise not_found(
+            "syndigits",
+            looked,
+            "  - TrueType/OpenType fonts (.ttf, .otf) drawing digits",
+            "pip install matplotlib (bundles DejaVu fonts) or apt-get install fonts-dejavu-core",
+        )
     description = f"SynDigits-like renderings from {len(files)} candidate fonts"
     return Found("syndigits-fonts", tuple(files), description, tuple(files))
 

@@ -25,8 +25,8 @@ def to_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
         weights = torch.tensor(LUMINANCE, dtype=torch.float32).view(1, 3, 1, 1)
         out = torch.empty((images.shape[0], 1, *images.shape[2:]), dtype=torch.uint8)
         for start in range(0, images.shape[0], _CHUNK):
-            chunk = images[start:start + _CHUNK].float()
-            out[start:start + _CHUNK] = (chunk * weights).sum(1, keepdim=True).round_().clamp_(0, 255)
+            chunk = images[start : start + _CHUNK].float()
+            out[start : start + _CHUNK] = (chunk * weights).sum(1, keepdim=True).round_().clamp_(0, 255)
         return out
     raise ValueError(f"cannot convert {c} channels to {channels}; channels must be 1 or 3")
 
@@ -41,8 +41,9 @@ def resize(images: torch.Tensor, size: int) -> torch.Tensor:
         return images
     out = torch.empty((*images.shape[:2], size, size), dtype=torch.uint8)
     for start in range(0, images.shape[0], _CHUNK):
-        out[start:start + _CHUNK] = F.interpolate(images[start:start + _CHUNK], size=(size, size),
-                                                  mode="bilinear", align_corners=False, antialias=True)
+        out[start : start + _CHUNK] = F.interpolate(
+            images[start : start + _CHUNK], size=(size, size), mode="bilinear", align_corners=False, antialias=True
+        )
     return out
 
 

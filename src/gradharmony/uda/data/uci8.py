@@ -29,14 +29,13 @@ def counts_to_bytes(counts: np.ndarray) -> np.ndarray:
     return np.rint(np.asarray(counts, dtype=np.float64) * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
 
 
-def stratified_test_mask(labels: np.ndarray, fraction: float = TEST_FRACTION,
-                         seed: int = SPLIT_SEED) -> np.ndarray:
+def stratified_test_mask(labels: np.ndarray, fraction: float = TEST_FRACTION, seed: int = SPLIT_SEED) -> np.ndarray:
     """Boolean mask selecting ``round(fraction * n_c)`` random images of every class ``c``."""
     rng = np.random.default_rng(seed)
     mask = np.zeros(len(labels), dtype=bool)
     for digit in np.unique(labels):
         members = np.flatnonzero(labels == digit)
-        mask[rng.permutation(members)[:int(round(fraction * len(members)))]] = True
+        mask[rng.permutation(members)[: round(fraction * len(members))]] = True
     return mask
 
 
@@ -44,9 +43,12 @@ def locate(split: str, data_root: Path) -> Found:
     sklearn_dir = package_dir("sklearn")
     csv = sklearn_dir / "datasets" / "data" / "digits.csv.gz" if sklearn_dir else None
     if csv is None or not csv.is_file():
-        raise not_found("uci8", [csv or Path("<site-packages>/sklearn/datasets/data/digits.csv.gz")],
-                        "  - scikit-learn's bundled digits (sklearn.datasets.load_digits)",
-                        "pip install scikit-learn")
+        raise not_found(
+            "uci8",
+            [csv or Path("<site-packages>/sklearn/datasets/data/digits.csv.gz")],
+            "  - scikit-learn's bundled digits (sklearn.datasets.load_digits)",
+            "pip install scikit-learn",
+        )
     return Found("sklearn-digits", (csv,), f"UCI digits {split} from sklearn.datasets.load_digits", csv)
 
 

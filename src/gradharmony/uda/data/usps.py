@@ -23,11 +23,15 @@ from gradharmony.uda.data.domain import DatasetFormatError
 from gradharmony.uda.data.sources import Found, not_found, take
 
 LIBSVM_NAME = {"train": "usps.bz2", "test": "usps.t.bz2"}
-LAYOUTS = ("  - <data_root>/usps.bz2 and <data_root>/usps.t.bz2  (LIBSVM format, torchvision.datasets.USPS)\n"
-           "  - <data_root>/usps/usps.h5  (HDF5 with train/data, train/target, test/data, test/target)")
-WHERE = ("torchvision.datasets.USPS(<data_root>, download=True), or "
-         "https://www.csie.ntu.edu.tw/~cjlin/libsvmtools/datasets/multiclass.html#usps, "
-         "or the Kaggle dataset bistaumanga/usps-dataset (usps.h5)")
+LAYOUTS = (
+    "  - <data_root>/usps.bz2 and <data_root>/usps.t.bz2  (LIBSVM format, torchvision.datasets.USPS)\n"
+    "  - <data_root>/usps/usps.h5  (HDF5 with train/data, train/target, test/data, test/target)"
+)
+WHERE = (
+    "torchvision.datasets.USPS(<data_root>, download=True), or "
+    "https://www.csie.ntu.edu.tw/~cjlin/libsvmtools/datasets/multiclass.html#usps, "
+    "or the Kaggle dataset bistaumanga/usps-dataset (usps.h5)"
+)
 
 
 def locate(split: str, data_root: Path) -> Found:
@@ -56,8 +60,7 @@ def read_libsvm(path: Path) -> tuple[np.ndarray, np.ndarray]:
                 labels.append(int(float(parts[0])) - 1)
                 rows.append(row)
     except (OSError, EOFError, ValueError, IndexError) as exc:
-        raise DatasetFormatError(path, "bzip2-compressed LIBSVM lines '<label> 1:<v> ... 256:<v>'",
-                                 exc) from exc
+        raise DatasetFormatError(path, "bzip2-compressed LIBSVM lines '<label> 1:<v> ... 256:<v>'", exc) from exc
     if not rows:
         raise DatasetFormatError(path, "at least one LIBSVM line")
     return np.stack(rows), np.asarray(labels, dtype=np.int64)
@@ -72,8 +75,7 @@ def read_h5(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
             data = np.asarray(f[f"{split}/data"][()], dtype=np.float32)
             target = np.asarray(f[f"{split}/target"][()]).astype(np.int64)
     except (OSError, KeyError, ValueError) as exc:
-        raise DatasetFormatError(path, f"HDF5 with datasets {split}/data [N, 256] and {split}/target [N]",
-                                 exc) from exc
+        raise DatasetFormatError(path, f"HDF5 with datasets {split}/data [N, 256] and {split}/target [N]", exc) from exc
     if data.ndim != 2 or data.shape[1] != 256 or len(data) != len(target):
         raise DatasetFormatError(path, f"{split}/data of shape [N, 256] and {split}/target of shape [N]")
     return data, target

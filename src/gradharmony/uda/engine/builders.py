@@ -32,27 +32,41 @@ def resolve_device(name: str) -> torch.device:
     except (RuntimeError, TypeError, ValueError):
         device = None
     if device is None or device.type not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"unknown device {name!r}; use auto (CUDA when available, else CPU), cpu, cuda, "
-                          f"cuda:N or mps")
+        raise ConfigError(
+            f"unknown device {name!r}; use auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps"
+        )
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"device {name!r} requested but CUDA is not available on this machine "
-                              f"(use --device auto or cpu)")
+            raise ConfigError(
+                f"device {name!r} requested but CUDA is not available on this machine (use --device auto or cpu)"
+            )
         count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:
-            raise ConfigError(f"device {name!r} requested but this machine has {count} CUDA device(s): "
-                              f"cuda:0 to cuda:{count - 1}")
+            raise ConfigError(
+                f"device {name!r} requested but this machine has {count} CUDA device(s): cuda:0 to cuda:{count - 1}"
+            )
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"device {name!r} requested but MPS (Apple GPU) is not available on this machine")
     return device
 
 
 def build_harmonizer(cfg: TrainConfig, method: Method) -> Harmonizer:
-    scopes = {"default": method.scope_modules(), "bottleneck": [method.bottleneck],
-              "backbone": [method.backbone], "all": None}
+    scopes = {
+        "default": method.scope_modules(),
+        "bottleneck": [method.bottleneck],
+        "backbone": [method.backbone],
+        "all": None,
+    }
     lead = method.default_lead if cfg.lead == "default" else cfg.lead
-    return Harmonizer(mode=cfg.harmonizer, scope=scopes[cfg.scope], strategy=cfg.strategy, k=cfg.k,
-                      lead=lead, refresh_every=cfg.refresh_every, max_weight=cfg.max_weight)
+    return Harmonizer(
+        mode=cfg.harmonizer,
+        scope=scopes[cfg.scope],
+        strategy=cfg.strategy,
+        k=cfg.k,
+        lead=lead,
+        refresh_every=cfg.refresh_every,
+        max_weight=cfg.max_weight,
+    )
 
 
 def build_model(cfg: TrainConfig, num_classes: int, input_shape: tuple[int, ...]) -> Method:
@@ -63,8 +77,9 @@ def build_model(cfg: TrainConfig, num_classes: int, input_shape: tuple[int, ...]
         backbone = FEATURE_BACKBONES[cfg.backbone](input_shape[0])
     else:
         if len(input_shape) != 3:
-            raise ConfigError(f"backbone {cfg.backbone!r} takes images; {cfg.source} holds feature vectors "
-                              f"(use --backbone mlp)")
+            raise ConfigError(
+                f"backbone {cfg.backbone!r} takes images; {cfg.source} holds feature vectors (use --backbone mlp)"
+            )
         if cfg.backbone in IMAGE_BACKBONE_NAMES:
             if cfg.channels != 3:
                 raise ConfigError(f"{cfg.backbone} takes RGB images: set channels: 3")
@@ -74,15 +89,18 @@ def build_model(cfg: TrainConfig, num_classes: int, input_shape: tuple[int, ...]
             backbone = build_image_backbone(cfg.backbone, pretrained=pretrained)
         else:
             backbone = build_backbone(cfg.backbone, in_channels=cfg.channels, image_size=cfg.image_size)
-    return build_method(cfg.method, backbone, num_classes, max_steps=cfg.steps,
-                        bottleneck_dim=cfg.bottleneck_dim, **cfg.method_params)
+    return build_method(
+        cfg.method, backbone, num_classes, max_steps=cfg.steps, bottleneck_dim=cfg.bottleneck_dim, **cfg.method_params
+    )
 
 
 def build_optimizers(cfg: TrainConfig, model: Method) -> dict[str, torch.optim.Optimizer]:
     """One SGD per named group set: a single one, or several for multi-step methods (MCD)."""
     groups = model.optimizer_groups(cfg.lr)
-    return {name: torch.optim.SGD(g, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                                  nesterov=cfg.nesterov) for name, g in groups.items()}
+    return {
+        name: torch.optim.SGD(g, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+        for name, g in groups.items()
+    }
 
 
 @dataclass
@@ -94,8 +112,9 @@ class LoadedRun:
     step: int
 
 
-def load_run(checkpoint: str | Path, num_classes: int, input_shape: tuple[int, ...],
-             device: torch.device | str = "cpu") -> LoadedRun:
+def load_run(
+    checkpoint: str | Path, num_classes: int, input_shape: tuple[int, ...], device: torch.device | str = "cpu"
+) -> LoadedRun:
     """Rebuild the model of ``checkpoint`` (read safely: tensors and plain types only), in eval mode.
 
     ``num_classes`` and ``input_shape`` (one example's shape) come from the data it will be

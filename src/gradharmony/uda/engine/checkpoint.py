@@ -41,8 +41,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     except pickle.UnpicklingError as e:
         code = _named_global(str(e))
         if code is not None:
-            raise CheckpointError(f"refusing to load checkpoint {path}: it asks to run {code}, and a checkpoint "
-                                  f"holds only tensors and plain values; load only checkpoints you trust") from None
+            raise CheckpointError(
+                f"refusing to load checkpoint {path}: it asks to run {code}, and a checkpoint "
+                f"holds only tensors and plain values; load only checkpoints you trust"
+            ) from None
         raise CheckpointError(f"cannot read checkpoint {path}: the file is truncated or not a checkpoint") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, IndexError, KeyError):
         raise CheckpointError(f"cannot read checkpoint {path}: the file is truncated or not a checkpoint") from None

@@ -16,8 +16,13 @@ def _limited(domain: Domain, limit: int | None, seed: int) -> Domain:
     if limit is None or limit >= len(domain):
         return domain
     keep = torch.randperm(len(domain), generator=torch.Generator().manual_seed(seed))[:limit]
-    return Domain(name=domain.name, split=domain.split, images=domain.images[keep],
-                  labels=domain.labels[keep], num_classes=domain.num_classes)
+    return Domain(
+        name=domain.name,
+        split=domain.split,
+        images=domain.images[keep],
+        labels=domain.labels[keep],
+        num_classes=domain.num_classes,
+    )
 
 
 def load_domains(cfg: TrainConfig) -> dict[str, Domain | Dataset]:
@@ -34,8 +39,10 @@ def load_domains(cfg: TrainConfig) -> dict[str, Domain | Dataset]:
             "target_test": load_domain(cfg.target, "test", **common),
         }
     if num_classes_of(domains["source"]) != num_classes_of(domains["target"]):
-        raise ConfigError(f"{cfg.source} has {num_classes_of(domains['source'])} classes but {cfg.target} has "
-                          f"{num_classes_of(domains['target'])}; closed-set UDA needs the same classes")
+        raise ConfigError(
+            f"{cfg.source} has {num_classes_of(domains['source'])} classes but {cfg.target} has "
+            f"{num_classes_of(domains['target'])}; closed-set UDA needs the same classes"
+        )
     return domains
 
 

@@ -34,7 +34,7 @@ def num_classes_of(data: Domain | Dataset) -> int:
 def _eval_batches(data: Domain | Dataset, workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     if isinstance(data, Domain):
         for start in range(0, len(data), EVAL_BATCH):
-            yield to_input(data.images[start:start + EVAL_BATCH]), data.labels[start:start + EVAL_BATCH]
+            yield to_input(data.images[start : start + EVAL_BATCH]), data.labels[start : start + EVAL_BATCH]
     else:
         for images, labels in DataLoader(data, batch_size=IMAGE_EVAL_BATCH, num_workers=workers):
             yield to_input(images), labels

@@ -26,6 +26,7 @@ reports, and it is labelled as such (``best_target_acc``), never silently mixed 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -77,10 +78,8 @@ class _DeferredInterrupt:
 
     def __enter__(self) -> _DeferredInterrupt:
         for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
+            with contextlib.suppress(ValueError):  # not the main thread: signals stay as they are
                 self._previous[sig] = signal.signal(sig, self._handler)
-            except ValueError:  # not the main thread: signals stay as they are
-                pass
         return self
 
     def __exit__(self, *exc) -> None:
@@ -109,16 +108,18 @@ class Trainer:
         for key in ("source", "target"):  # keep training tensors on the device: no loader overhead
             d = self.domains[key]
             if isinstance(d, Domain):
-                self.domains[key] = Domain(d.name, d.split, d.images.to(self.device), d.labels.to(self.device),
-                                           d.num_classes)
+                self.domains[key] = Domain(
+                    d.name, d.split, d.images.to(self.device), d.labels.to(self.device), d.num_classes
+                )
         source = self.domains["source"]
         input_shape = tuple(source.images.shape[1:]) if isinstance(source, Domain) else tuple(source[0][0].shape)
         self.model = build_model(cfg, num_classes_of(source), input_shape).to(self.device)
         if self.world > 1:
             blocker = getattr(self.model, "distributed_blocker", None)
             if blocker:
-                raise ConfigError(f"{cfg.method} cannot train in several processes: {blocker}; "
-                                  f"train it in a single process")
+                raise ConfigError(
+                    f"{cfg.method} cannot train in several processes: {blocker}; train it in a single process"
+                )
             if cfg.sync_batchnorm:
                 self.model = synchronised_batch_norm(self.model, self.device)
             torch.manual_seed(cfg.seed + 1_000_003 * self.rank)  # same initial weights, own dropout masks
@@ -142,12 +143,22 @@ class Trainer:
     # ------------------------------------------------------------------ state
     @staticmethod
     def _new_interval() -> dict[str, Any]:
-        return {"loss_cls": 0.0, "loss_align": 0.0, "steps": 0, "skipped_nonfinite": 0, "seconds": 0.0,
-                "method_sums": {}, "method_counts": {}, "method_last": {}}
+        return {
+            "loss_cls": 0.0,
+            "loss_align": 0.0,
+            "steps": 0,
+            "skipped_nonfinite": 0,
+            "seconds": 0.0,
+            "method_sums": {},
+            "method_counts": {},
+            "method_last": {},
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "step": self.step, "config": self.cfg.to_dict(), "config_hash": self.cfg.outcome_hash(),
+            "step": self.step,
+            "config": self.cfg.to_dict(),
+            "config_hash": self.cfg.outcome_hash(),
             "model": self.model.state_dict(),
             "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
             "scaler": self.scaler.state_dict() if self.scaler else None,
@@ -156,7 +167,8 @@ class Trainer:
             "target_batches": self.target_batches.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "best": dict(self.best), "interval": copy.deepcopy(self.interval),
+            "best": dict(self.best),
+            "interval": copy.deepcopy(self.interval),
             "consecutive_nonfinite": self.consecutive_nonfinite,
         }
 
@@ -189,8 +201,10 @@ class Trainer:
             return False
         state = load_checkpoint(path)
         if state["config_hash"] != self.cfg.outcome_hash():
-            raise ConfigError(f"{self.out} holds a run with a different configuration "
-                              f"(see {self.out / 'config.yaml'}); choose another --out or delete it")
+            raise ConfigError(
+                f"{self.out} holds a run with a different configuration "
+                f"(see {self.out / 'config.yaml'}); choose another --out or delete it"
+            )
         self.load_state_dict(state)
         if self.is_main:
             self.log.truncate_after(self.step)
@@ -228,13 +242,17 @@ class Trainer:
     def step_context(self) -> StepContext:
         """The :class:`StepContext` of the current step (see :meth:`measures`)."""
         return StepContext(
-            step=self.step, optimizers=self.optimizers,
+            step=self.step,
+            optimizers=self.optimizers,
             harmonizer=self.harmonizer if self.measures(self.step) else None,
-            trade_off=self.cfg.trade_off, autocast_dtype=self.autocast_dtype, device_type=self.device.type,
+            trade_off=self.cfg.trade_off,
+            autocast_dtype=self.autocast_dtype,
+            device_type=self.device.type,
             scaler=self.scaler,
             # Under a bottleneck scope the probes can stop at the backbone output (see Harmonizer).
             use_cut=self.cfg.scope == "bottleneck" and self.cfg.strategy == "recombine",
-            distributed="auto" if self.world > 1 else "off")
+            distributed="auto" if self.world > 1 else "off",
+        )
 
     def train_step(self) -> dict[str, Any]:
         self.mid_step = True
@@ -267,7 +285,8 @@ class Trainer:
                 f"{MAX_CONSECUTIVE_NONFINITE} consecutive steps with non-finite losses or gradients (the "
                 f"last at step {self.step - 1}); they were skipped, and the last good checkpoint is "
                 f"{self.out / 'last.pt'}. Lower --lr or --trade-off, or set --max-weight to cap the "
-                f"harmonizer's weights")
+                f"harmonizer's weights"
+            )
         return record
 
     def _add_method_logs(self, logs: dict[str, float]) -> None:
@@ -285,7 +304,11 @@ class Trainer:
     def evaluation_record(self) -> dict[str, Any]:
         workers = self.cfg.loader_workers
         target = evaluate(self.model, self.domains["target_test"], self.device, workers)
-        source = evaluate(self.model, self.domains["source_test"], self.device, workers) if self.cfg.source_eval_size else None
+        source = (
+            evaluate(self.model, self.domains["source_test"], self.device, workers)
+            if self.cfg.source_eval_size
+            else None
+        )
         # What the literature reports on this target: accuracy, or (VisDA-2017) mean per-class accuracy.
         metric = getattr(self.domains["target_test"], "metric", "accuracy")
         headline = target.mean_class_accuracy if metric == "mean_class_accuracy" else target.accuracy
@@ -293,21 +316,27 @@ class Trainer:
             self.best = {"best_target_acc": headline, "best_step": self.step}
         n = max(1, self.interval["steps"] - self.interval["skipped_nonfinite"])
         record = {
-            "step": self.step, "target_acc": headline, "target_metric": metric,
-            "target_overall_acc": target.accuracy, "target_mean_class_acc": target.mean_class_accuracy,
+            "step": self.step,
+            "target_acc": headline,
+            "target_metric": metric,
+            "target_overall_acc": target.accuracy,
+            "target_mean_class_acc": target.mean_class_accuracy,
             "target_per_class_acc": target.per_class,
             "source_test_acc": source.accuracy if source else None,
             "source_test_size": len(self.domains["source_test"]) if source else 0,
             **self.best,
-            "loss_cls": self.interval["loss_cls"] / n, "loss_align": self.interval["loss_align"] / n,
+            "loss_cls": self.interval["loss_cls"] / n,
+            "loss_align": self.interval["loss_align"] / n,
             "skipped_nonfinite": self.interval["skipped_nonfinite"],
             "seconds_per_step": self.interval["seconds"] / max(1, self.interval["steps"]),
             "harmonizer": self.harmonizer.summary(),
             # the method's scalars: mean over the interval's finite values, and the last value
-            "method_logs_mean": {k: v / self.interval["method_counts"][k]
-                                 for k, v in self.interval["method_sums"].items()},
+            "method_logs_mean": {
+                k: v / self.interval["method_counts"][k] for k, v in self.interval["method_sums"].items()
+            },
             "method_logs_last": dict(self.interval["method_last"]),
-            "config_hash": self.cfg.outcome_hash(), "config": self.cfg.to_dict(),
+            "config_hash": self.cfg.outcome_hash(),
+            "config": self.cfg.to_dict(),
         }
         self.harmonizer.reset_summary()
         self.interval = self._new_interval()
@@ -333,10 +362,14 @@ class Trainer:
             self.cfg.save(self.out / "config.yaml")
         checkpoint_every = self.cfg.checkpoint_every or self.cfg.eval_every
         last_eval: dict[str, Any] = {}
-        bar = tqdm(total=self.cfg.steps, initial=self.step, disable=not (self.cfg.progress and self.is_main),
-                   dynamic_ncols=True,
-                   desc=f"{self.cfg.method}+{self.cfg.harmonizer} {self.cfg.source}->{self.cfg.target}"
-                        + (" (resumed)" if resumed else ""))
+        bar = tqdm(
+            total=self.cfg.steps,
+            initial=self.step,
+            disable=not (self.cfg.progress and self.is_main),
+            dynamic_ncols=True,
+            desc=f"{self.cfg.method}+{self.cfg.harmonizer} {self.cfg.source}->{self.cfg.target}"
+            + (" (resumed)" if resumed else ""),
+        )
         recent_angles: list[float] = []
         try:
             with _DeferredInterrupt() as interrupt:
@@ -345,14 +378,18 @@ class Trainer:
                     record = self.train_step()
                     self.interval["seconds"] += time.perf_counter() - started
                     if record.get("measured") and record.get("angle") is not None and math.isfinite(record["angle"]):
-                        recent_angles = (recent_angles + [record["angle"]])[-50:]
+                        recent_angles = ([*recent_angles, record["angle"]])[-50:]
                     bar.update(1)
                     if self.step % 10 == 0 or self.step == self.cfg.steps:
                         summary = self.harmonizer.summary()
-                        bar.set_postfix(cls=f"{record['loss_cls']:.3f}", align=f"{record['loss_align']:.3f}",
-                                        acc=f"{last_eval.get('target_acc', math.nan):.3f}",
-                                        angle=f"{np.mean(recent_angles) if recent_angles else math.nan:.1f}",
-                                        conflict=f"{summary['conflict_rate']:.2f}", refresh=False)
+                        bar.set_postfix(
+                            cls=f"{record['loss_cls']:.3f}",
+                            align=f"{record['loss_align']:.3f}",
+                            acc=f"{last_eval.get('target_acc', math.nan):.3f}",
+                            angle=f"{np.mean(recent_angles) if recent_angles else math.nan:.1f}",
+                            conflict=f"{summary['conflict_rate']:.2f}",
+                            refresh=False,
+                        )
                     if self.is_main and (self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps):
                         last_eval = self.evaluation_record()
                         self.log.add_evaluation(last_eval)
@@ -364,11 +401,15 @@ class Trainer:
         except KeyboardInterrupt:
             bar.close()
             if self.mid_step:  # a second signal stopped a step half-way: keep the last consistent checkpoint
-                raise KeyboardInterrupt(f"stopped during step {self.step}; the last checkpoint "
-                                        f"{self.out / 'last.pt'} is kept: run the same command again to resume") from None
+                raise KeyboardInterrupt(
+                    f"stopped during step {self.step}; the last checkpoint "
+                    f"{self.out / 'last.pt'} is kept: run the same command again to resume"
+                ) from None
             self.save()
-            raise KeyboardInterrupt(f"interrupted at step {self.step}; checkpoint saved to "
-                                    f"{self.out / 'last.pt'}: run the same command again to resume") from None
+            raise KeyboardInterrupt(
+                f"interrupted at step {self.step}; checkpoint saved to "
+                f"{self.out / 'last.pt'}: run the same command again to resume"
+            ) from None
         bar.close()
         if self.world > 1:
             dist.barrier()  # the other processes wait for the last checkpoint and log
@@ -390,18 +431,28 @@ class Trainer:
     def final_summary(self) -> dict[str, Any]:
         records = read_metrics(self.out)
         last = records[-1]
-        return {"out": str(self.out), "method": self.cfg.method, "harmonizer": self.cfg.harmonizer,
-                "seed": self.cfg.seed, "steps": self.step, "last_target_acc": last["target_acc"],
-                "best_target_acc": last["best_target_acc"], "best_step": last["best_step"],
-                "config_hash": self.cfg.outcome_hash()}
+        return {
+            "out": str(self.out),
+            "method": self.cfg.method,
+            "harmonizer": self.cfg.harmonizer,
+            "seed": self.cfg.seed,
+            "steps": self.step,
+            "last_target_acc": last["target_acc"],
+            "best_target_acc": last["best_target_acc"],
+            "best_step": last["best_step"],
+            "config_hash": self.cfg.outcome_hash(),
+        }
 
 
 def _step_record(result: UpdateResult) -> dict[str, Any]:
     """The per-step CSV fields of a step: the harmonizer's statistics, or weights 1 and empty geometry."""
     if result.stats is None:  # plain training, or nothing to harmonize
         return {"w_align": 1.0, "w_cls": 1.0, "guards": "|".join(result.guards)}
-    record = {k: v for k, v in result.stats.as_dict().items()
-              if k in ("cos", "angle", "w_align", "w_cls", "conflict", "measured")}
+    record = {
+        k: v
+        for k, v in result.stats.as_dict().items()
+        if k in ("cos", "angle", "w_align", "w_cls", "conflict", "measured")
+    }
     record["guards"] = "|".join(result.stats.guards)
     return record
 

@@ -15,7 +15,9 @@ def summary_writer(folder: str):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # the package is an optional extra
-        raise ConfigError("--tensorboard needs the tensorboard package: pip install 'gradharmony[tensorboard]'") from None
+        raise ConfigError(
+            "--tensorboard needs the tensorboard package: pip install 'gradharmony[tensorboard]'"
+        ) from None
     return SummaryWriter(folder)
 
 
@@ -28,8 +30,10 @@ def synchronised_batch_norm(model: Method, device: torch.device) -> Method:
     exercised by the CPU test suite).
     """
     if device.type != "cuda":
-        raise ConfigError("sync_batchnorm needs CUDA devices: PyTorch's SyncBatchNorm does not run on "
-                          f"{device.type}; drop --sync-batchnorm (each process then keeps its own statistics)")
+        raise ConfigError(
+            "sync_batchnorm needs CUDA devices: PyTorch's SyncBatchNorm does not run on "
+            f"{device.type}; drop --sync-batchnorm (each process then keeps its own statistics)"
+        )
     return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 

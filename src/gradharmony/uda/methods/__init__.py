@@ -36,8 +36,7 @@ METHODS.update({cls.name: cls for cls in (MCD, GVB, DWL)})
 METHODS.update({SSRT.name: SSRT})
 
 
-def build_method(name: str, backbone: nn.Module, num_classes: int, max_steps: int,
-                 **hparams: Any) -> Method:
+def build_method(name: str, backbone: nn.Module, num_classes: int, max_steps: int, **hparams: Any) -> Method:
     """The method registered as ``name``, built with ``hparams`` (checked against its defaults)."""
     key = name.lower()
     if key not in METHODS:
@@ -46,8 +45,10 @@ def build_method(name: str, backbone: nn.Module, num_classes: int, max_steps: in
     accepted = cls.hparam_defaults()
     unknown = sorted(set(hparams) - set(accepted))
     if unknown:
-        raise TypeError(f"unknown hyper-parameter(s) {', '.join(unknown)} for method {key!r}; "
-                        f"accepted: {', '.join(sorted(accepted))}")
+        raise TypeError(
+            f"unknown hyper-parameter(s) {', '.join(unknown)} for method {key!r}; "
+            f"accepted: {', '.join(sorted(accepted))}"
+        )
     return cls(backbone, num_classes, max_steps, **hparams)
 
 

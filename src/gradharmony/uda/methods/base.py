@@ -120,8 +120,7 @@ class StepContext:
 
     def __post_init__(self) -> None:
         if self.distributed not in DISTRIBUTED_MODES:
-            raise ValueError(f"distributed must be one of {', '.join(DISTRIBUTED_MODES)}, "
-                             f"got {self.distributed!r}")
+            raise ValueError(f"distributed must be one of {', '.join(DISTRIBUTED_MODES)}, got {self.distributed!r}")
 
     @property
     def world(self) -> World | None:
@@ -130,8 +129,7 @@ class StepContext:
 
     def autocast(self) -> AbstractContextManager:
         """The forward's autocast context (disabled when ``autocast_dtype`` is ``None``)."""
-        return torch.autocast(self.device_type, dtype=self.autocast_dtype,
-                              enabled=self.autocast_dtype is not None)
+        return torch.autocast(self.device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
 
 
 @dataclass
@@ -203,9 +201,16 @@ class Method(nn.Module):
     #: the global batch (DWL sums its window statistics, SSRT gathers its target predictions).
     distributed_blocker: ClassVar[str | None] = None
 
-    def __init__(self, backbone: nn.Module, num_classes: int, max_steps: int,
-                 bottleneck_dim: int = 256, *, backbone_lr_mult: float = 1.0,
-                 bottleneck_dropout: float = 0.0):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        max_steps: int,
+        bottleneck_dim: int = 256,
+        *,
+        backbone_lr_mult: float = 1.0,
+        bottleneck_dropout: float = 0.0,
+    ):
         super().__init__()
         in_features = getattr(backbone, "out_features", None)
         if not isinstance(in_features, int):
@@ -261,8 +266,7 @@ class Method(nn.Module):
                 module.set_step(step)
 
     # ------------------------------------------------------------------ losses
-    def compute_losses(self, x_s: torch.Tensor, y_s: torch.Tensor, x_t: torch.Tensor,
-                       step: int) -> Losses:
+    def compute_losses(self, x_s: torch.Tensor, y_s: torch.Tensor, x_t: torch.Tensor, step: int) -> Losses:
         """One forward of ``cat(x_s, x_t)`` at training step ``step``; see :class:`Losses`."""
         self.set_step(step)
         n_source = x_s.shape[0]
@@ -274,8 +278,9 @@ class Method(nn.Module):
         logs = scalars(cls_loss=cls, transfer_loss=align, source_acc=source_acc, **logs)
         return Losses(cls=cls, align=align, features=features, cut=cut, logs=logs)
 
-    def alignment(self, features: torch.Tensor, logits: torch.Tensor,
-                  n_source: int) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+    def alignment(
+        self, features: torch.Tensor, logits: torch.Tensor, n_source: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         """The alignment loss and extra log scalars, from the concatenated batch's outputs."""
         raise NotImplementedError
 
@@ -294,10 +299,12 @@ class Method(nn.Module):
         heads = [p for m in (self.bottleneck, self.classifier) for p in m.parameters() if p.requires_grad]
         taken = {id(p) for p in backbone + heads}
         adversary = [p for p in self.parameters() if p.requires_grad and id(p) not in taken]
-        groups = [("backbone", backbone, self.backbone_lr_mult), ("heads", heads, 1.0),
-                  ("adversary", adversary, 1.0)]
-        return [{"params": params, "lr": lr * mult, "lr_mult": mult, "name": name}
-                for name, params, mult in groups if params]
+        groups = [("backbone", backbone, self.backbone_lr_mult), ("heads", heads, 1.0), ("adversary", adversary, 1.0)]
+        return [
+            {"params": params, "lr": lr * mult, "lr_mult": mult, "name": name}
+            for name, params, mult in groups
+            if params
+        ]
 
     def optimizer_groups(self, lr: float) -> dict[str, list[dict]]:
         """Named optimizers -> their SGD parameter groups (each with ``lr``, ``lr_mult``, ``name``).
@@ -355,8 +362,14 @@ class Method(nn.Module):
         stats, guards = None, ()
         if harmonizer is not None:
             features = losses.cut if context.use_cut and losses.cut is not None else losses.features
-            stats = pair_backward(harmonizer, cls=losses.cls, align=losses.align, trade_off=context.trade_off,
-                                  features=features, scaler=context.scaler)
+            stats = pair_backward(
+                harmonizer,
+                cls=losses.cls,
+                align=losses.align,
+                trade_off=context.trade_off,
+                features=features,
+                scaler=context.scaler,
+            )
         else:
             world = context.world
             leaves = [p for p in self.parameters() if p.requires_grad] if world is not None else []
@@ -365,8 +378,9 @@ class Method(nn.Module):
                     cls = losses.cls
                     (context.scaler.scale(cls) if context.scaler is not None else cls).backward()
                 else:
-                    pair_backward(None, cls=losses.cls, align=losses.align, trade_off=context.trade_off,
-                                  scaler=context.scaler)
+                    pair_backward(
+                        None, cls=losses.cls, align=losses.align, trade_off=context.trade_off, scaler=context.scaler
+                    )
             guards = ("no_align",) if no_align else ("plain",)
         logs = dict(losses.logs)
         loss_cls = logs["cls_loss"] if "cls_loss" in logs else float(losses.cls.detach())
@@ -377,8 +391,11 @@ class Method(nn.Module):
             context.scaler.update()
             return UpdateResult(stats, loss_cls, loss_align, logs, guards)
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        finite = math.isfinite(loss_cls) and math.isfinite(loss_align) and bool(
-            torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+        finite = (
+            math.isfinite(loss_cls)
+            and math.isfinite(loss_align)
+            and bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+        )
         if finite:
             for optimizer in every:
                 optimizer.step()

@@ -101,9 +101,18 @@ class CDAN(AdversarialMethod):
     name = "cdan"
     default_lead = "align"
 
-    def __init__(self, backbone: nn.Module, num_classes: int, max_steps: int,
-                 bottleneck_dim: int = 256, *, randomized: bool = False, randomized_dim: int = 1024,
-                 detach_predictions: bool = True, **hparams):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        max_steps: int,
+        bottleneck_dim: int = 256,
+        *,
+        randomized: bool = False,
+        randomized_dim: int = 1024,
+        detach_predictions: bool = True,
+        **hparams,
+    ):
         super().__init__(backbone, num_classes, max_steps, bottleneck_dim, **hparams)
         self.randomized, self.randomized_dim = randomized, randomized_dim
         self.detach_predictions = detach_predictions
@@ -116,8 +125,9 @@ class CDAN(AdversarialMethod):
     def sample_weights(self, logits: torch.Tensor, n_source: int) -> torch.Tensor | None:
         return None
 
-    def alignment(self, features: torch.Tensor, logits: torch.Tensor,
-                  n_source: int) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+    def alignment(
+        self, features: torch.Tensor, logits: torch.Tensor, n_source: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         g = F.softmax(logits, dim=1)
         if self.detach_predictions:
             g = g.detach()
@@ -152,8 +162,16 @@ class CDANE(CDAN):
     name = "cdan+e"
     default_lead = "align"
 
-    def __init__(self, backbone: nn.Module, num_classes: int, max_steps: int,
-                 bottleneck_dim: int = 256, *, entropy_grad: bool = True, **hparams):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        max_steps: int,
+        bottleneck_dim: int = 256,
+        *,
+        entropy_grad: bool = True,
+        **hparams,
+    ):
         super().__init__(backbone, num_classes, max_steps, bottleneck_dim, **hparams)
         self.entropy_grad = entropy_grad
 

@@ -26,8 +26,9 @@ from gradharmony.uda.methods.base import Method
 from gradharmony.uda.models.heads import DomainDiscriminator
 
 
-def domain_adversarial_loss(domain_logits: torch.Tensor, n_source: int,
-                            weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def domain_adversarial_loss(
+    domain_logits: torch.Tensor, n_source: int, weight: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     r"""``(loss, accuracy)`` of domain logits for ``n_source`` source rows then target rows.
 
     ``loss`` is the mean of the per-domain means of :math:`w_i\,\mathrm{BCE}_i` (source label 1,
@@ -46,20 +47,32 @@ def domain_adversarial_loss(domain_logits: torch.Tensor, n_source: int,
 class AdversarialMethod(Method):
     """Shared plumbing of methods with a gradient-reversal layer (DANN, CDAN)."""
 
-    def __init__(self, backbone: nn.Module, num_classes: int, max_steps: int,
-                 bottleneck_dim: int = 256, *, grl_alpha: float = 10.0, grl_low: float = 0.0,
-                 grl_high: float = 1.0, grl_max_steps: int | None = None, disc_hidden: int = 1024,
-                 disc_batch_norm: bool = True, disc_dropout: float = 0.0, **base_hparams):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        max_steps: int,
+        bottleneck_dim: int = 256,
+        *,
+        grl_alpha: float = 10.0,
+        grl_low: float = 0.0,
+        grl_high: float = 1.0,
+        grl_max_steps: int | None = None,
+        disc_hidden: int = 1024,
+        disc_batch_norm: bool = True,
+        disc_dropout: float = 0.0,
+        **base_hparams,
+    ):
         super().__init__(backbone, num_classes, max_steps, bottleneck_dim, **base_hparams)
         self.grl_alpha, self.grl_low, self.grl_high = grl_alpha, grl_low, grl_high
         self.grl_max_steps = grl_max_steps
         self.disc_hidden, self.disc_batch_norm, self.disc_dropout = disc_hidden, disc_batch_norm, disc_dropout
-        self.grl = GradientReversal(max_steps=grl_max_steps or max_steps, alpha=grl_alpha,
-                                    low=grl_low, high=grl_high)
+        self.grl = GradientReversal(max_steps=grl_max_steps or max_steps, alpha=grl_alpha, low=grl_low, high=grl_high)
 
     def _discriminator(self, in_features: int) -> DomainDiscriminator:
-        return DomainDiscriminator(in_features, hidden=self.disc_hidden,
-                                   batch_norm=self.disc_batch_norm, dropout=self.disc_dropout)
+        return DomainDiscriminator(
+            in_features, hidden=self.disc_hidden, batch_norm=self.disc_batch_norm, dropout=self.disc_dropout
+        )
 
 
 class DANN(AdversarialMethod):
@@ -90,12 +103,12 @@ class DANN(AdversarialMethod):
     name = "dann"
     default_lead = "align"
 
-    def __init__(self, backbone: nn.Module, num_classes: int, max_steps: int,
-                 bottleneck_dim: int = 256, **hparams):
+    def __init__(self, backbone: nn.Module, num_classes: int, max_steps: int, bottleneck_dim: int = 256, **hparams):
         super().__init__(backbone, num_classes, max_steps, bottleneck_dim, **hparams)
         self.discriminator = self._discriminator(bottleneck_dim)
 
-    def alignment(self, features: torch.Tensor, logits: torch.Tensor,
-                  n_source: int) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+    def alignment(
+        self, features: torch.Tensor, logits: torch.Tensor, n_source: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         loss, accuracy = domain_adversarial_loss(self.discriminator(self.grl(features)), n_source)
         return loss, {"domain_acc": accuracy, "grl_coeff": self.grl.coefficient}

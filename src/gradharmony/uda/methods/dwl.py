@@ -91,8 +91,9 @@ def dynamic_weight(a_norm: float, j_norm: float) -> float:
     return a_norm / denominator if denominator > 0 else 0.0
 
 
-def lda_criterion(scatter: torch.Tensor, class_sums: torch.Tensor, class_counts: torch.Tensor,
-                  num_classes: int, eps: float = _EPS) -> float:
+def lda_criterion(
+    scatter: torch.Tensor, class_sums: torch.Tensor, class_counts: torch.Tensor, num_classes: int, eps: float = _EPS
+) -> float:
     r""":math:`\frac{1}{K}\mathrm{tr}((S_w + \epsilon I)^{-1} S_b)` from accumulated statistics.
 
     ``scatter`` = :math:`\sum_i f_i f_i^\top`, ``class_sums[c]`` = :math:`\sum_{y_i = c} f_i`,
@@ -116,15 +117,19 @@ def lda_criterion(scatter: torch.Tensor, class_sums: torch.Tensor, class_counts:
 def authors_domain_loss(d_source: torch.Tensor, d_target: torch.Tensor) -> torch.Tensor:
     r"""The release's :math:`\mathrm{BCE}(\sigma(D_s), \sigma(D_t))`, target detached (logits in)."""
     if d_source.shape != d_target.shape:
-        raise ValueError("domain_loss='authors' pairs source and target rows: the batch sizes must be "
-                         f"equal, got {d_source.shape[0]} and {d_target.shape[0]}; use 'standard'")
+        raise ValueError(
+            "domain_loss='authors' pairs source and target rows: the batch sizes must be "
+            f"equal, got {d_source.shape[0]} and {d_target.shape[0]}; use 'standard'"
+        )
     return F.binary_cross_entropy_with_logits(d_source, torch.sigmoid(d_target).detach())
 
 
 def standard_domain_loss(d_source: torch.Tensor, d_target: torch.Tensor) -> torch.Tensor:
     """Domain BCE, source 1 and target 0, mean of the two domain means."""
-    return 0.5 * (F.binary_cross_entropy_with_logits(d_source, torch.ones_like(d_source))
-                  + F.binary_cross_entropy_with_logits(d_target, torch.zeros_like(d_target)))
+    return 0.5 * (
+        F.binary_cross_entropy_with_logits(d_source, torch.ones_like(d_source))
+        + F.binary_cross_entropy_with_logits(d_target, torch.zeros_like(d_target))
+    )
 
 
 class DWL(Method):
@@ -178,12 +183,28 @@ class DWL(Method):
     default_lead = "align"
     multi_step = True
 
-    def __init__(self, backbone: nn.Module, num_classes: int, max_steps: int,
-                 bottleneck_dim: int = 1024, *, num_k1: int = 8, num_k2: int = 1, num_k3: int = 8,
-                 num_k4: int = 1, disc_weight: float = 0.1, adv_weight: float = 0.2,
-                 pseudo_weight: float = 2.0, domain_loss: str = "authors", stats_window: int = 100,
-                 mmd_per_step: bool = False, head_hidden: int = 0, disc_hidden: int = 1024,
-                 disc_dropout: float = 0.5, **base_hparams):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        max_steps: int,
+        bottleneck_dim: int = 1024,
+        *,
+        num_k1: int = 8,
+        num_k2: int = 1,
+        num_k3: int = 8,
+        num_k4: int = 1,
+        disc_weight: float = 0.1,
+        adv_weight: float = 0.2,
+        pseudo_weight: float = 2.0,
+        domain_loss: str = "authors",
+        stats_window: int = 100,
+        mmd_per_step: bool = False,
+        head_hidden: int = 0,
+        disc_hidden: int = 1024,
+        disc_dropout: float = 0.5,
+        **base_hparams,
+    ):
         super().__init__(backbone, num_classes, max_steps, bottleneck_dim, **base_hparams)
         for key, value in (("num_k1", num_k1), ("num_k2", num_k2), ("num_k3", num_k3), ("num_k4", num_k4)):
             if value < 0:
@@ -226,15 +247,20 @@ class DWL(Method):
         """``generator`` (backbone with ``backbone_lr_mult``, bottleneck), ``classifier``,
         ``aux_classifiers``, ``discriminator``: one optimizer each, as the release's
         ``opt_g, opt_c, opt_c1 + opt_c2, opt_d``."""
+
         def group(name: str, modules: list[nn.Module], mult: float = 1.0) -> dict:
             params = [p for m in modules for p in m.parameters() if p.requires_grad]
             return {"params": params, "lr": lr * mult, "lr_mult": mult, "name": name}
 
-        groups = {"generator": [group("backbone", [self.backbone], self.backbone_lr_mult),
-                                group("bottleneck", [self.bottleneck])],
-                  "classifier": [group("classifier", [self.classifier])],
-                  "aux_classifiers": [group("aux_classifiers", [self.classifier1, self.classifier2])],
-                  "discriminator": [group("discriminator", [self.discriminator])]}
+        groups = {
+            "generator": [
+                group("backbone", [self.backbone], self.backbone_lr_mult),
+                group("bottleneck", [self.bottleneck]),
+            ],
+            "classifier": [group("classifier", [self.classifier])],
+            "aux_classifiers": [group("aux_classifiers", [self.classifier1, self.classifier2])],
+            "discriminator": [group("discriminator", [self.discriminator])],
+        }
         return {name: [g for g in gs if g["params"]] for name, gs in groups.items()}
 
     def parameter_groups(self, lr: float) -> list[dict]:
@@ -263,8 +289,7 @@ class DWL(Method):
     def _source_ce3(self, f_s: torch.Tensor, y_s: torch.Tensor) -> torch.Tensor:
         return sum(F.cross_entropy(c(f_s), y_s) for c in (self.classifier, self.classifier1, self.classifier2))
 
-    def compute_losses(self, x_s: torch.Tensor, y_s: torch.Tensor, x_t: torch.Tensor,
-                       step: int) -> Losses:
+    def compute_losses(self, x_s: torch.Tensor, y_s: torch.Tensor, x_t: torch.Tensor, step: int) -> Losses:
         r"""Diagnostic: ``cls`` = CE of :math:`C, C_1, C_2`; ``align`` = :math:`T L_{adv} + (1-T) L_{dis}`."""
         self.set_step(step)
         f_s, f_t = self.features(x_s), self.features(x_t)
@@ -333,8 +358,15 @@ class DWL(Method):
         self.dwl_class_counts.zero_()
 
     # ------------------------------------------------------------------ training step
-    def _generator_backward(self, harmonizer: Harmonizer | None, adv: torch.Tensor, dis: torch.Tensor,
-                            weight: float, trade_off: float, features: list[torch.Tensor]) -> StepStats | None:
+    def _generator_backward(
+        self,
+        harmonizer: Harmonizer | None,
+        adv: torch.Tensor,
+        dis: torch.Tensor,
+        weight: float,
+        trade_off: float,
+        features: list[torch.Tensor],
+    ) -> StepStats | None:
         r"""``.grad`` of the generator = :math:`tT w_a \nabla L_{adv} + (1-T) w_c \nabla L_{dis}`.
 
         Without a harmonizer (plain training): one backward of :math:`tT L_{adv} + (1-T) L_{dis}`
@@ -345,10 +377,8 @@ class DWL(Method):
             (keep * dis + (trade_off * weight) * adv).backward()
             return None
         if keep <= 0.0:  # never with the release's normalisation; kept for safety
-            return harmonizer.backward(cls=dis * 0.0, align=adv, trade_off=trade_off * weight,
-                                       features=features)
-        stats = harmonizer.backward(cls=dis, align=adv, trade_off=trade_off * weight / keep,
-                                    features=features)
+            return harmonizer.backward(cls=dis * 0.0, align=adv, trade_off=trade_off * weight, features=features)
+        stats = harmonizer.backward(cls=dis, align=adv, trade_off=trade_off * weight / keep, features=features)
         with torch.no_grad():
             for module in self.generator_modules():
                 for p in module.parameters():
@@ -422,10 +452,14 @@ class DWL(Method):
         self._accumulate(x_s, y_s, x_t)
         logs = scalars(**values)
         state = self.dwl_state.tolist()
-        logs.update(dwl_T=weight, dwl_A_norm=state[A_NORM], dwl_J_norm=state[J_NORM],
-                    skipped_phases=float(skipped))
+        logs.update(dwl_T=weight, dwl_A_norm=state[A_NORM], dwl_J_norm=state[J_NORM], skipped_phases=float(skipped))
         nan = float("nan")
         ok = not skipped
         guards = ("plain",) if harmonizer is None else ("no_harmonizer",) if stats is None else ()
-        return UpdateResult(stats=stats, loss_cls=logs.get("cls_loss", nan) if ok else nan,
-                            loss_align=logs.get("transfer_loss", nan) if ok else nan, logs=logs, guards=guards)
+        return UpdateResult(
+            stats=stats,
+            loss_cls=logs.get("cls_loss", nan) if ok else nan,
+            loss_align=logs.get("transfer_loss", nan) if ok else nan,
+            logs=logs,
+            guards=guards,
+        )

@@ -104,8 +104,14 @@ class BridgedDiscriminator(nn.Module):
     with ``use_bridge=False``), each of shape ``(N,)``.
     """
 
-    def __init__(self, in_features: int, hidden: int = 1024, batch_norm: bool = False,
-                 dropout: float = 0.5, use_bridge: bool = True):
+    def __init__(
+        self,
+        in_features: int,
+        hidden: int = 1024,
+        batch_norm: bool = False,
+        dropout: float = 0.5,
+        use_bridge: bool = True,
+    ):
         super().__init__()
         self.hidden = hidden_layers(in_features, hidden, batch_norm, dropout)
         self.head = nn.Linear(hidden, 1)
@@ -163,19 +169,40 @@ class GVB(AdversarialMethod):
     default_lead = "align"
     multi_step = True
 
-    def __init__(self, backbone: nn.Module, num_classes: int, max_steps: int,
-                 bottleneck_dim: int = 256, *, gvbg_weight: float = 1.0, gvbd_weight: float = 1.0,
-                 entropy_grad: bool = True, grl_max_steps: int | None = 10000, disc_hidden: int = 1024,
-                 disc_batch_norm: bool = False, disc_dropout: float = 0.5, **hparams):
-        super().__init__(backbone, num_classes, max_steps, bottleneck_dim, grl_max_steps=grl_max_steps,
-                         disc_hidden=disc_hidden, disc_batch_norm=disc_batch_norm,
-                         disc_dropout=disc_dropout, **hparams)
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        max_steps: int,
+        bottleneck_dim: int = 256,
+        *,
+        gvbg_weight: float = 1.0,
+        gvbd_weight: float = 1.0,
+        entropy_grad: bool = True,
+        grl_max_steps: int | None = 10000,
+        disc_hidden: int = 1024,
+        disc_batch_norm: bool = False,
+        disc_dropout: float = 0.5,
+        **hparams,
+    ):
+        super().__init__(
+            backbone,
+            num_classes,
+            max_steps,
+            bottleneck_dim,
+            grl_max_steps=grl_max_steps,
+            disc_hidden=disc_hidden,
+            disc_batch_norm=disc_batch_norm,
+            disc_dropout=disc_dropout,
+            **hparams,
+        )
         if gvbg_weight < 0 or gvbd_weight < 0:
             raise ValueError(f"bridge weights must be non-negative, got {gvbg_weight}, {gvbd_weight}")
         self.gvbg_weight, self.gvbd_weight, self.entropy_grad = gvbg_weight, gvbd_weight, entropy_grad
         self.classifier = BridgedClassifier(bottleneck_dim, num_classes, use_bridge=gvbg_weight != 0)
-        self.discriminator = BridgedDiscriminator(num_classes, disc_hidden, disc_batch_norm, disc_dropout,
-                                                  use_bridge=gvbd_weight != 0)
+        self.discriminator = BridgedDiscriminator(
+            num_classes, disc_hidden, disc_batch_norm, disc_dropout, use_bridge=gvbd_weight != 0
+        )
         self._bridge_harmonizer: Harmonizer | None = None
         self._bridge_source: Harmonizer | None = None
         self._bridge_state: dict[str, Any] | None = None
@@ -198,20 +225,36 @@ class GVB(AdversarialMethod):
         transfer, domain_acc = domain_adversarial_loss(domain_logits, n, w)
         bridge_g, bridge_d = bridge.abs().mean(), disc_bridge.abs().mean()
         source_acc = (logits[:n].argmax(dim=1) == y_s).float().mean()
-        logs = dict(cls_loss=cls, transfer_loss=transfer, gvbg=bridge_g, gvbd=bridge_d,
-                    mean_entropy=torch.exp(-entropy(logits.detach())).mean(), source_acc=source_acc,
-                    domain_acc=domain_acc)
-        return Losses(cls=cls, align=transfer, features=features, cut=cut, logs=logs,
-                      extra={"bridge_g": bridge_g, "bridge_d": bridge_d})
+        logs = dict(
+            cls_loss=cls,
+            transfer_loss=transfer,
+            gvbg=bridge_g,
+            gvbd=bridge_d,
+            mean_entropy=torch.exp(-entropy(logits.detach())).mean(),
+            source_acc=source_acc,
+            domain_acc=domain_acc,
+        )
+        return Losses(
+            cls=cls,
+            align=transfer,
+            features=features,
+            cut=cut,
+            logs=logs,
+            extra={"bridge_g": bridge_g, "bridge_d": bridge_d},
+        )
 
-    def compute_losses(self, x_s: torch.Tensor, y_s: torch.Tensor, x_t: torch.Tensor,
-                       step: int) -> Losses:
+    def compute_losses(self, x_s: torch.Tensor, y_s: torch.Tensor, x_t: torch.Tensor, step: int) -> Losses:
         r"""Single-pair form: ``cls`` = :math:`L_{cls} + \lambda L_{bg}`, ``align`` = :math:`L_{align} + \mu L_{bd}`."""
         t = self._terms(x_s, y_s, x_t, step)
         logs = scalars(**t.logs, grl_coeff=self.grl.coefficient)
-        return Losses(cls=t.cls + self.gvbg_weight * t.extra["bridge_g"],
-                      align=t.align + self.gvbd_weight * t.extra["bridge_d"], features=t.features, cut=t.cut,
-                      logs=logs, extra=t.extra)
+        return Losses(
+            cls=t.cls + self.gvbg_weight * t.extra["bridge_g"],
+            align=t.align + self.gvbd_weight * t.extra["bridge_d"],
+            features=t.features,
+            cut=t.cut,
+            logs=logs,
+            extra=t.extra,
+        )
 
     # ------------------------------------------------------------------ the second harmonizer
     def bridge_harmonizer(self, harmonizer: Harmonizer) -> Harmonizer:
@@ -221,10 +264,19 @@ class GVB(AdversarialMethod):
 
             h = harmonizer
             self._bridge_harmonizer = Harmonizer(
-                mode=h.mode, scope=h.scope, strategy=h.strategy, k=h.k, lead=h.lead,
-                refresh_every=h.refresh_every, max_weight=h.max_weight, on_nonfinite=h.on_nonfinite,
-                probe_trade_off=h.probe_trade_off, parameters=h.parameters, distributed=h.distributed,
-                process_group=h.process_group)
+                mode=h.mode,
+                scope=h.scope,
+                strategy=h.strategy,
+                k=h.k,
+                lead=h.lead,
+                refresh_every=h.refresh_every,
+                max_weight=h.max_weight,
+                on_nonfinite=h.on_nonfinite,
+                probe_trade_off=h.probe_trade_off,
+                parameters=h.parameters,
+                distributed=h.distributed,
+                process_group=h.process_group,
+            )
             self._bridge_source = harmonizer
             if self._bridge_state is not None:
                 self._bridge_harmonizer.load_state_dict(self._bridge_state)
@@ -260,18 +312,27 @@ class GVB(AdversarialMethod):
             cls = t.cls + self.gvbd_weight * bridge_d + self.gvbg_weight * bridge_g if bridges else t.cls
             pair_backward(None, cls=cls, align=t.align, trade_off=trade_off)
         else:
-            stats = harmonizer.backward(cls=t.cls, align=t.align, trade_off=trade_off,
-                                        features=t.features, retain_graph=bridges)
+            stats = harmonizer.backward(
+                cls=t.cls, align=t.align, trade_off=trade_off, features=t.features, retain_graph=bridges
+            )
             if bridges:
                 bridge_stats = self.bridge_harmonizer(harmonizer).backward(
-                    cls=self.gvbd_weight * bridge_d, align=bridge_g, trade_off=self.gvbg_weight,
-                    features=t.features)
+                    cls=self.gvbd_weight * bridge_d, align=bridge_g, trade_off=self.gvbg_weight, features=t.features
+                )
         finite = step_if_finite(every, harmonizer, context.world)
         logs = scalars(**t.logs, grl_coeff=self.grl.coefficient)
         if bridge_stats is not None:
-            logs.update(bridge_angle=bridge_stats.angle, bridge_w_align=bridge_stats.w_align,
-                        bridge_w_cls=bridge_stats.w_cls, bridge_conflict=float(bridge_stats.conflict))
+            logs.update(
+                bridge_angle=bridge_stats.angle,
+                bridge_w_align=bridge_stats.w_align,
+                bridge_w_cls=bridge_stats.w_cls,
+                bridge_conflict=float(bridge_stats.conflict),
+            )
         nan = float("nan")
-        return UpdateResult(stats=stats, loss_cls=logs["cls_loss"] if finite else nan,
-                            loss_align=logs["transfer_loss"] if finite else nan, logs=logs,
-                            guards=("plain",) if harmonizer is None else ())
+        return UpdateResult(
+            stats=stats,
+            loss_cls=logs["cls_loss"] if finite else nan,
+            loss_align=logs["transfer_loss"] if finite else nan,
+            logs=logs,
+            guards=("plain",) if harmonizer is None else (),
+        )

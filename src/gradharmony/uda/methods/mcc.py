@@ -56,13 +56,22 @@ class MCC(Method):
     name = "mcc"
     default_lead = "align"
 
-    def __init__(self, backbone: nn.Module, num_classes: int, max_steps: int,
-                 bottleneck_dim: int = 256, *, temperature: float = 2.5, **hparams):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        max_steps: int,
+        bottleneck_dim: int = 256,
+        *,
+        temperature: float = 2.5,
+        **hparams,
+    ):
         super().__init__(backbone, num_classes, max_steps, bottleneck_dim, **hparams)
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         self.temperature = temperature
 
-    def alignment(self, features: torch.Tensor, logits: torch.Tensor,
-                  n_source: int) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+    def alignment(
+        self, features: torch.Tensor, logits: torch.Tensor, n_source: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         return class_confusion_loss(logits[n_source:], self.temperature), {}

@@ -128,10 +128,21 @@ class MCD(Method):
     default_lead = "cls"
     multi_step = True
 
-    def __init__(self, backbone: nn.Module, num_classes: int, max_steps: int,
-                 bottleneck_dim: int = 1024, *, num_k: int = 4, entropy_weight: float = 0.01,
-                 head_hidden: int | None = None, head_dropout: float = 0.5,
-                 generator_momentum: float | None = 0.0, eval_head: str = "ensemble", **base_hparams):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        max_steps: int,
+        bottleneck_dim: int = 1024,
+        *,
+        num_k: int = 4,
+        entropy_weight: float = 0.01,
+        head_hidden: int | None = None,
+        head_dropout: float = 0.5,
+        generator_momentum: float | None = 0.0,
+        eval_head: str = "ensemble",
+        **base_hparams,
+    ):
         super().__init__(backbone, num_classes, max_steps, bottleneck_dim, **base_hparams)
         if num_k < 1:
             raise ValueError(f"num_k must be at least 1, got {num_k}")
@@ -174,20 +185,25 @@ class MCD(Method):
         With ``generator_momentum`` set, the generator's groups carry their own ``momentum`` (and
         ``nesterov=False`` when it is 0), as TLlib's MCD generator optimizer has none.
         """
+
         def group(name: str, modules: list[nn.Module], mult: float) -> dict:
             params = [p for m in modules for p in m.parameters() if p.requires_grad]
             return {"params": params, "lr": lr * mult, "lr_mult": mult, "name": name}
 
-        generator = [group("backbone", [self.backbone], self.backbone_lr_mult),
-                     group("bottleneck", [self.bottleneck], 1.0)]
+        generator = [
+            group("backbone", [self.backbone], self.backbone_lr_mult),
+            group("bottleneck", [self.bottleneck], 1.0),
+        ]
         if self.generator_momentum is not None:
             for g in generator:
                 g["momentum"] = self.generator_momentum
                 if self.generator_momentum == 0:
                     g["nesterov"] = False
         classifiers = [group("classifiers", [self.classifier, self.classifier2], 1.0)]
-        return {"generator": [g for g in generator if g["params"]],
-                "classifiers": [g for g in classifiers if g["params"]]}
+        return {
+            "generator": [g for g in generator if g["params"]],
+            "classifiers": [g for g in classifiers if g["params"]],
+        }
 
     # ------------------------------------------------------------------ losses
     def _forward_heads(self, x_s: torch.Tensor, y_s: torch.Tensor, x_t: torch.Tensor) -> Losses:
@@ -204,11 +220,15 @@ class MCD(Method):
         loss_a = ce + self.entropy_weight * ent
         disc = classifier_discrepancy(p1_t, p2_t)
         acc = (y1[:n].argmax(dim=1) == y_s).float().mean()
-        return Losses(cls=loss_a, align=disc, features=features, cut=cut,
-                      logs={"source_ce": ce, "entropy": ent, "source_acc": acc})
+        return Losses(
+            cls=loss_a,
+            align=disc,
+            features=features,
+            cut=cut,
+            logs={"source_ce": ce, "entropy": ent, "source_acc": acc},
+        )
 
-    def compute_losses(self, x_s: torch.Tensor, y_s: torch.Tensor, x_t: torch.Tensor,
-                       step: int) -> Losses:
+    def compute_losses(self, x_s: torch.Tensor, y_s: torch.Tensor, x_t: torch.Tensor, step: int) -> Losses:
         """Diagnostic: ``cls`` = :math:`L_A`, ``align`` = :math:`d(p^t_1, p^t_2)`; one forward."""
         self.set_step(step)
         losses = self._forward_heads(x_s, y_s, x_t)
@@ -257,6 +277,10 @@ class MCD(Method):
         logs = scalars(cls_loss=a.cls, transfer_loss=disc_c, cls_loss_b=b.cls, discrepancy_b=b.align, **a.logs)
         logs.update(generator_updates=float(self.num_k), skipped_phases=float(skipped))
         nan = float("nan")
-        return UpdateResult(stats=stats, loss_cls=logs["cls_loss"] if not skipped else nan,
-                            loss_align=logs["transfer_loss"] if not skipped else nan, logs=logs,
-                            guards=("plain",) if harmonizer is None else ())
+        return UpdateResult(
+            stats=stats,
+            loss_cls=logs["cls_loss"] if not skipped else nan,
+            loss_align=logs["transfer_loss"] if not skipped else nan,
+            logs=logs,
+            guards=("plain",) if harmonizer is None else (),
+        )

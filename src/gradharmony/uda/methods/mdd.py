@@ -76,27 +76,40 @@ class MDD(Method):
     name = "mdd"
     default_lead = "align"
 
-    def __init__(self, backbone: nn.Module, num_classes: int, max_steps: int,
-                 bottleneck_dim: int = 256, *, margin: float = 4.0, width: int | None = None,
-                 head_dropout: float = 0.5, bottleneck_dropout: float = 0.5, grl_alpha: float = 1.0,
-                 grl_low: float = 0.0, grl_high: float = 0.1, grl_max_steps: int | None = 1000,
-                 **hparams):
-        super().__init__(backbone, num_classes, max_steps, bottleneck_dim,
-                         bottleneck_dropout=bottleneck_dropout, **hparams)
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        max_steps: int,
+        bottleneck_dim: int = 256,
+        *,
+        margin: float = 4.0,
+        width: int | None = None,
+        head_dropout: float = 0.5,
+        bottleneck_dropout: float = 0.5,
+        grl_alpha: float = 1.0,
+        grl_low: float = 0.0,
+        grl_high: float = 0.1,
+        grl_max_steps: int | None = 1000,
+        **hparams,
+    ):
+        super().__init__(
+            backbone, num_classes, max_steps, bottleneck_dim, bottleneck_dropout=bottleneck_dropout, **hparams
+        )
         self.margin, self.width, self.head_dropout = margin, width, head_dropout
         self.grl_alpha, self.grl_low, self.grl_high = grl_alpha, grl_low, grl_high
         self.grl_max_steps = grl_max_steps
         hidden = width or bottleneck_dim
         self.classifier = ClassifierHead(bottleneck_dim, num_classes, hidden=hidden, dropout=head_dropout)
         self.adv_head = ClassifierHead(bottleneck_dim, num_classes, hidden=hidden, dropout=head_dropout)
-        self.grl = GradientReversal(max_steps=grl_max_steps or max_steps, alpha=grl_alpha,
-                                    low=grl_low, high=grl_high)
+        self.grl = GradientReversal(max_steps=grl_max_steps or max_steps, alpha=grl_alpha, low=grl_low, high=grl_high)
         _init_linear(self.bottleneck, std=0.005, bias=0.1)
         _init_linear(self.classifier, std=0.01, bias=0.0)
         _init_linear(self.adv_head, std=0.01, bias=0.0)
 
-    def alignment(self, features: torch.Tensor, logits: torch.Tensor,
-                  n_source: int) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+    def alignment(
+        self, features: torch.Tensor, logits: torch.Tensor, n_source: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         adv_logits = self.adv_head(self.grl(features))
         predictions = logits.detach().argmax(dim=1)
         source_disparity = F.cross_entropy(adv_logits[:n_source], predictions[:n_source])

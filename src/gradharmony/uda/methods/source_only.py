@@ -35,6 +35,7 @@ class SourceOnly(Method):
     name = "source_only"
     default_lead = "align"
 
-    def alignment(self, features: torch.Tensor, logits: torch.Tensor,
-                  n_source: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def alignment(
+        self, features: torch.Tensor, logits: torch.Tensor, n_source: int
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         return torch.zeros((), dtype=logits.dtype, device=logits.device), {}

@@ -103,6 +103,7 @@ the learning rate; ``sr_alpha=0.3`` (0.2 in their Office-31 script), ``sr_loss_w
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -134,8 +135,9 @@ def perturb_target(h: torch.Tensor, n_source: int, strength: float) -> torch.Ten
     return target + strength * (target.flip(0) - target).detach()
 
 
-def self_refinement_loss(clean_logits: torch.Tensor, perturbed_logits: torch.Tensor,
-                         epsilon: float = 0.4, clean_first: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def self_refinement_loss(
+    clean_logits: torch.Tensor, perturbed_logits: torch.Tensor, epsilon: float = 0.4, clean_first: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     r"""``(loss, mask fraction)``: the confidence-masked KL between clean and perturbed predictions.
 
     ``clean_first``: :math:`\mathrm{KL}(p \| \tilde p)` masked by :math:`\max p > \epsilon`;
@@ -169,8 +171,9 @@ def chunk_means(values: Sequence[float], chunks: int) -> list[float]:
     return means
 
 
-def diversity_dropped(divs: Sequence[float], previous: Sequence[float] | None, levels: int,
-                      threshold: float = 1.0) -> bool:
+def diversity_dropped(
+    divs: Sequence[float], previous: Sequence[float] | None, levels: int, threshold: float = 1.0
+) -> bool:
     r"""The authors' ``check_div_drop`` test (without its :math:`r` gate).
 
     For :math:`l = 0..` ``levels``: the means of ``divs`` cut into :math:`2^l` parts, preceded by
@@ -178,11 +181,11 @@ def diversity_dropped(divs: Sequence[float], previous: Sequence[float] | None, l
     than ``threshold`` below the one before it.  NaN means (empty parts) never compare true.
     """
     for level in range(levels + 1):
-        chunks = 2 ** level
+        chunks = 2**level
         means = chunk_means(divs, chunks)
         if previous is not None:
             means.insert(0, chunk_means(previous, chunks)[-1])
-        if any(later < earlier - threshold for earlier, later in zip(means, means[1:])):
+        if any(later < earlier - threshold for earlier, later in itertools.pairwise(means)):
             return True
     return False
 
@@ -212,17 +215,28 @@ class SafeTrainingState:
     collapses: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"phase": self.phase, "period": self.period, "r": self.r, "restore_pending": self.restore_pending,
-                "last_restore_step": self.last_restore_step, "divs": list(self.divs),
-                "divs_last_period": None if self.divs_last_period is None else list(self.divs_last_period),
-                "snapshot": None if self.snapshot is None else dict(self.snapshot),
-                "optimizer_snapshot": self.optimizer_snapshot, "restores": self.restores,
-                "collapses": self.collapses}
+        return {
+            "phase": self.phase,
+            "period": self.period,
+            "r": self.r,
+            "restore_pending": self.restore_pending,
+            "last_restore_step": self.last_restore_step,
+            "divs": list(self.divs),
+            "divs_last_period": None if self.divs_last_period is None else list(self.divs_last_period),
+            "snapshot": None if self.snapshot is None else dict(self.snapshot),
+            "optimizer_snapshot": self.optimizer_snapshot,
+            "restores": self.restores,
+            "collapses": self.collapses,
+        }
 
     @classmethod
     def from_dict(cls, state: dict[str, Any]) -> SafeTrainingState:
-        s = cls(**{k: state[k] for k in ("phase", "period", "r", "restore_pending", "last_restore_step",
-                                          "restores", "collapses")})
+        s = cls(
+            **{
+                k: state[k]
+                for k in ("phase", "period", "r", "restore_pending", "last_restore_step", "restores", "collapses")
+            }
+        )
         s.divs = list(state["divs"])
         s.divs_last_period = None if state["divs_last_period"] is None else list(state["divs_last_period"])
         s.snapshot = None if state["snapshot"] is None else dict(state["snapshot"])
@@ -283,25 +297,53 @@ class SSRT(Method):
     default_lead = "cls"
     multi_step = True
 
-    def __init__(self, backbone: nn.Module, num_classes: int, max_steps: int,
-                 bottleneck_dim: int = 1024, *, sr_loss_weight: float = 0.2, sr_alpha: float = 0.3,
-                 sr_layers: Sequence[int] = (0, 4, 8), sr_epsilon: float = 0.4, sr_loss_p: float = 0.5,
-                 domain_loss_weight: float = 1.0, safe_training: bool = True, safe_period: int = 1000,
-                 safe_levels: int = 4, safe_append_last: bool = True, safe_drop: float = 1.0,
-                 safe_min_r: float = 0.1, safe_restore_weights: bool = True,
-                 safe_restore_optimizer: bool = False, head_hidden: int | None = None,
-                 head_dropout: float = 0.5, grl_alpha: float = 1.0, grl_low: float = 0.0,
-                 grl_high: float = 0.1, grl_max_steps: int | None = 1000, backbone_lr_mult: float = 0.1,
-                 bottleneck_dropout: float = 0.5):
-        super().__init__(backbone, num_classes, max_steps, bottleneck_dim, backbone_lr_mult=backbone_lr_mult,
-                         bottleneck_dropout=bottleneck_dropout)
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        max_steps: int,
+        bottleneck_dim: int = 1024,
+        *,
+        sr_loss_weight: float = 0.2,
+        sr_alpha: float = 0.3,
+        sr_layers: Sequence[int] = (0, 4, 8),
+        sr_epsilon: float = 0.4,
+        sr_loss_p: float = 0.5,
+        domain_loss_weight: float = 1.0,
+        safe_training: bool = True,
+        safe_period: int = 1000,
+        safe_levels: int = 4,
+        safe_append_last: bool = True,
+        safe_drop: float = 1.0,
+        safe_min_r: float = 0.1,
+        safe_restore_weights: bool = True,
+        safe_restore_optimizer: bool = False,
+        head_hidden: int | None = None,
+        head_dropout: float = 0.5,
+        grl_alpha: float = 1.0,
+        grl_low: float = 0.0,
+        grl_high: float = 0.1,
+        grl_max_steps: int | None = 1000,
+        backbone_lr_mult: float = 0.1,
+        bottleneck_dropout: float = 0.5,
+    ):
+        super().__init__(
+            backbone,
+            num_classes,
+            max_steps,
+            bottleneck_dim,
+            backbone_lr_mult=backbone_lr_mult,
+            bottleneck_dropout=bottleneck_dropout,
+        )
         layers = tuple(int(layer) for layer in sr_layers)
         blocks = self._blocks()
         for layer in layers:
             if layer < INPUT_LAYER or (blocks is not None and layer >= len(blocks)):
                 depth = "any" if blocks is None else len(blocks)
-                raise ValueError(f"sr_layers entries must be -1 (the input) or a block index below the "
-                                 f"backbone's depth ({depth}), got {layer}")
+                raise ValueError(
+                    f"sr_layers entries must be -1 (the input) or a block index below the "
+                    f"backbone's depth ({depth}), got {layer}"
+                )
         if sr_loss_weight < 0 or sr_alpha < 0:
             raise ValueError(f"sr_loss_weight and sr_alpha must be >= 0, got {sr_loss_weight}, {sr_alpha}")
         if not 0.0 <= sr_loss_p <= 1.0:
@@ -321,8 +363,7 @@ class SSRT(Method):
         hidden = bottleneck_dim if head_hidden is None else (head_hidden or None)
         self.classifier = ClassifierHead(bottleneck_dim, num_classes, hidden=hidden, dropout=head_dropout)
         self.discriminator = ClassifierHead(bottleneck_dim, 1, hidden=hidden, dropout=head_dropout)
-        self.grl = GradientReversal(max_steps=grl_max_steps or max_steps, alpha=grl_alpha, low=grl_low,
-                                    high=grl_high)
+        self.grl = GradientReversal(max_steps=grl_max_steps or max_steps, alpha=grl_alpha, low=grl_low, high=grl_high)
         nn.init.normal_(self.bottleneck[0].weight, 0.0, 0.005)
         nn.init.constant_(self.bottleneck[0].bias, 0.1)
         for head in (self.classifier, self.discriminator):
@@ -363,6 +404,7 @@ class SSRT(Method):
     @contextmanager
     def _perturb_block(self, layer: int, n_source: int, strength: float) -> Iterator[None]:
         """Within the context, block ``layer`` appends perturbed copies of the target rows to its input."""
+
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             h = args[0]
             return (torch.cat((h, perturb_target(h, n_source, strength))), *args[1:]), kwargs
@@ -374,8 +416,9 @@ class SSRT(Method):
             handle.remove()
 
     # ------------------------------------------------------------------ losses
-    def terms(self, x_s: torch.Tensor, y_s: torch.Tensor, x_t: torch.Tensor, step: int,
-              r: float | None = None) -> Losses:
+    def terms(
+        self, x_s: torch.Tensor, y_s: torch.Tensor, x_t: torch.Tensor, step: int, r: float | None = None
+    ) -> Losses:
         r"""One forward at training step ``step`` with ramp value ``r`` (default: :meth:`ramp`).
 
         ``cls`` = source CE, ``align`` = :math:`w_d L_{dom} + r\,w_{sr} L_{sr}`; ``features``: the
@@ -416,17 +459,31 @@ class SSRT(Method):
             sr, mask = logits.new_zeros(()), logits.new_zeros(())
         sr_weight = self.sr_loss_weight * r
         align = self.domain_loss_weight * domain + sr_weight * sr
-        logs = dict(cls_loss=cls, transfer_loss=align, domain_loss=domain, sr_loss=sr, sr_mask=mask,
-                    source_acc=(logits[:n_s].argmax(dim=1) == y_s).float().mean(),
-                    domain_acc=((domain_logits > 0).to(labels.dtype) == labels).float().mean(),
-                    grl_coeff=self.grl.coefficient, sr_r=r, sr_weight=sr_weight, sr_strength=strength)
+        logs = dict(
+            cls_loss=cls,
+            transfer_loss=align,
+            domain_loss=domain,
+            sr_loss=sr,
+            sr_mask=mask,
+            source_acc=(logits[:n_s].argmax(dim=1) == y_s).float().mean(),
+            domain_acc=((domain_logits > 0).to(labels.dtype) == labels).float().mean(),
+            grl_coeff=self.grl.coefficient,
+            sr_r=r,
+            sr_weight=sr_weight,
+            sr_strength=strength,
+        )
         if layer is not None:
             logs["sr_layer"] = float(layer)
-        return Losses(cls=cls, align=align, features=features, cut=h, logs=logs,
-                      extra={"domain": domain, "sr": sr, "target_logits": logits[n_s:n]})
+        return Losses(
+            cls=cls,
+            align=align,
+            features=features,
+            cut=h,
+            logs=logs,
+            extra={"domain": domain, "sr": sr, "target_logits": logits[n_s:n]},
+        )
 
-    def compute_losses(self, x_s: torch.Tensor, y_s: torch.Tensor, x_t: torch.Tensor,
-                       step: int) -> Losses:
+    def compute_losses(self, x_s: torch.Tensor, y_s: torch.Tensor, x_t: torch.Tensor, step: int) -> Losses:
         """Diagnostic single forward: ``cls`` = source CE, ``align`` = :math:`w_d L_{dom} + r w_{sr} L_{sr}`."""
         losses = self.terms(x_s, y_s, x_t, step)
         losses.logs = scalars(**losses.logs)
@@ -441,8 +498,9 @@ class SSRT(Method):
         if self.safe_restore_weights:
             self.safe.snapshot = {name: t.detach().clone() for name, t in self._state_tensors()}
         if self.safe_restore_optimizer and optimizers is not None:
-            self.safe.optimizer_snapshot = {name: copy.deepcopy(opt.state_dict()["state"])
-                                            for name, opt in optimizers.items()}
+            self.safe.optimizer_snapshot = {
+                name: copy.deepcopy(opt.state_dict()["state"]) for name, opt in optimizers.items()
+            }
 
     def restore_snapshot(self, optimizers: dict[str, torch.optim.Optimizer] | None = None) -> None:
         """Copy the snapshot back in place (the optimizers keep their parameter references)."""
@@ -454,8 +512,9 @@ class SSRT(Method):
             for name, opt in optimizers.items():
                 saved = self.safe.optimizer_snapshot.get(name)
                 if saved is not None:  # keep the current groups (the engine sets their lr every step)
-                    opt.load_state_dict({"state": copy.deepcopy(saved),
-                                         "param_groups": opt.state_dict()["param_groups"]})
+                    opt.load_state_dict(
+                        {"state": copy.deepcopy(saved), "param_groups": opt.state_dict()["param_groups"]}
+                    )
 
     def _begin_step(self, step: int, optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, float]:
         """Restore if a collapse is pending; snapshot at period starts; set this step's ramp value."""
@@ -508,8 +567,7 @@ class SSRT(Method):
         zero_grads(every)
         events = self._begin_step(step, optimizers)
         t = self.terms(x_s, y_s, x_t, step)
-        stats = pair_backward(harmonizer, cls=t.cls, align=t.align, trade_off=context.trade_off,
-                              features=t.features)
+        stats = pair_backward(harmonizer, cls=t.cls, align=t.align, trade_off=context.trade_off, features=t.features)
         stepped = step_if_finite(every, harmonizer, context.world)
         zero_grads(every)
         predicted = t.extra["target_logits"].detach().argmax(dim=1)
@@ -519,9 +577,18 @@ class SSRT(Method):
         diversity = int(predicted.unique().numel())
         collapse = self._end_step(step, diversity)
         logs = scalars(**t.logs)
-        logs.update(events, target_diversity=float(diversity), safe_collapse=collapse,
-                    safe_period=float(self.safe.period), safe_restores=float(self.safe.restores))
+        logs.update(
+            events,
+            target_diversity=float(diversity),
+            safe_collapse=collapse,
+            safe_period=float(self.safe.period),
+            safe_restores=float(self.safe.restores),
+        )
         nan = float("nan")
-        return UpdateResult(stats=stats, loss_cls=logs["cls_loss"] if stepped else nan,
-                            loss_align=logs["transfer_loss"] if stepped else nan, logs=logs,
-                            guards=("plain",) if harmonizer is None else ())
+        return UpdateResult(
+            stats=stats,
+            loss_cls=logs["cls_loss"] if stepped else nan,
+            loss_align=logs["transfer_loss"] if stepped else nan,
+            logs=logs,
+            guards=("plain",) if harmonizer is None else (),
+        )

@@ -56,10 +56,16 @@ def grads_finite(tensors: Iterable[torch.Tensor]) -> bool:
     return bool(torch.isfinite(torch.stack([g.detach().float().norm() for g in grads])).all())
 
 
-def pair_backward(harmonizer: Harmonizer | None, *, cls: torch.Tensor, align: torch.Tensor,
-                  trade_off: float = 1.0, features: torch.Tensor | Sequence[torch.Tensor] | None = None,
-                  scaler: torch.amp.GradScaler | None = None,
-                  retain_graph: bool = False) -> StepStats | None:
+def pair_backward(
+    harmonizer: Harmonizer | None,
+    *,
+    cls: torch.Tensor,
+    align: torch.Tensor,
+    trade_off: float = 1.0,
+    features: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    retain_graph: bool = False,
+) -> StepStats | None:
     r"""Accumulate the gradient of the pair ``(cls, align)`` into ``.grad``; the harmonizer's statistics.
 
     With a harmonizer: ``harmonizer.backward(...)``, i.e. the gradient of
@@ -69,15 +75,19 @@ def pair_backward(harmonizer: Harmonizer | None, *, cls: torch.Tensor, align: to
     averaging across processes is then the caller's (:func:`step_if_finite` does it).
     """
     if harmonizer is not None:
-        return harmonizer.backward(cls=cls, align=align, trade_off=trade_off, features=features,
-                                   scaler=scaler, retain_graph=retain_graph)
+        return harmonizer.backward(
+            cls=cls, align=align, trade_off=trade_off, features=features, scaler=scaler, retain_graph=retain_graph
+        )
     total = cls + trade_off * align
     (scaler.scale(total) if scaler is not None else total).backward(retain_graph=retain_graph)
     return None
 
 
-def step_if_finite(optimizers: Sequence[torch.optim.Optimizer], written_by: Harmonizer | None = None,
-                   world: World | str | None = "auto") -> bool:
+def step_if_finite(
+    optimizers: Sequence[torch.optim.Optimizer],
+    written_by: Harmonizer | None = None,
+    world: World | str | None = "auto",
+) -> bool:
     """Step ``optimizers`` if all their gradients are finite; otherwise clear them and return False.
 
     With ``world`` (a :class:`~gradharmony.distributed.World`, or ``"auto"``: the initialised

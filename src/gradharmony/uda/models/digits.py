@@ -63,14 +63,19 @@ class DTN(nn.Sequential):
     :math:`\lfloor (s-1)/2 \rfloor + 1`, so ``out_features`` is 4096 for 32x32 and 28x28 images.
     """
 
-    def __init__(self, in_channels: int = 3, image_size: int = 32,
-                 dropout: tuple[float, float, float] = (0.1, 0.3, 0.5)):
+    def __init__(
+        self, in_channels: int = 3, image_size: int = 32, dropout: tuple[float, float, float] = (0.1, 0.3, 0.5)
+    ):
         _check_size("DTN", image_size, 1)
         layers: list[nn.Module] = []
         channels, side = in_channels, image_size
         for width, p in zip((64, 128, 256), dropout):
-            layers += [nn.Conv2d(channels, width, kernel_size=5, stride=2, padding=2),
-                       nn.BatchNorm2d(width), nn.Dropout2d(p), nn.ReLU()]
+            layers += [
+                nn.Conv2d(channels, width, kernel_size=5, stride=2, padding=2),
+                nn.BatchNorm2d(width),
+                nn.Dropout2d(p),
+                nn.ReLU(),
+            ]
             channels, side = width, _conv_size(side, 5, stride=2, padding=2)
         super().__init__(*layers, nn.Flatten())
         self.in_channels, self.image_size = in_channels, image_size

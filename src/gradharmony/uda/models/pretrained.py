@@ -51,12 +51,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} does not hold a state dict (name -> tensor)")
     if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     return state
 
 
-def load_weights(module: nn.Module, state: dict[str, torch.Tensor], source: str | Path,
-                 ignore_prefixes: tuple[str, ...] = ()) -> None:
+def load_weights(
+    module: nn.Module, state: dict[str, torch.Tensor], source: str | Path, ignore_prefixes: tuple[str, ...] = ()
+) -> None:
     """Load ``state`` into ``module`` strictly, after dropping keys under ``ignore_prefixes``
     (e.g. the ImageNet classifier ``fc.``).
 
@@ -70,14 +71,18 @@ def load_weights(module: nn.Module, state: dict[str, torch.Tensor], source: str 
     except RuntimeError as exc:  # shape mismatches
         raise ValueError(f"weights from {source} do not fit {type(module).__name__}: {exc}") from exc
     if result.missing_keys or result.unexpected_keys:
-        raise ValueError(f"weights from {source} do not fit {type(module).__name__}: "
-                         f"missing keys {result.missing_keys[:8]}, unexpected keys {result.unexpected_keys[:8]}")
+        raise ValueError(
+            f"weights from {source} do not fit {type(module).__name__}: "
+            f"missing keys {result.missing_keys[:8]}, unexpected keys {result.unexpected_keys[:8]}"
+        )
 
 
 def no_weights_message(what: str, looked_at: list[str], ways: list[str], cause: BaseException | None = None) -> str:
     """A uniform 'weights not found' message: what, where it looked, why, and how to provide them."""
     where = "\n".join(f"  {p}" for p in looked_at)
     why = f"\nDownload failed: {type(cause).__name__}: {cause}" if cause is not None else ""
-    how = "\n".join(f"  {i}. {w}" for i, w in enumerate(ways + ["pass pretrained=False to start from "
-                                                                "random weights (works offline)"], 1))
+    how = "\n".join(
+        f"  {i}. {w}"
+        for i, w in enumerate([*ways, "pass pretrained=False to start from random weights (works offline)"], 1)
+    )
     return f"ImageNet weights for {what} not found. Looked at:\n{where}{why}\nProvide them in one of these ways:\n{how}"

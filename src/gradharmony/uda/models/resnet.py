@@ -21,8 +21,13 @@ from pathlib import Path
 import torchvision.models as tvm
 from torch import nn
 
-from gradharmony.uda.models.pretrained import (PretrainedWeightsNotFoundError, hub_checkpoint_path, load_weights,
-                                           no_weights_message, read_state_dict)
+from gradharmony.uda.models.pretrained import (
+    PretrainedWeightsNotFoundError,
+    hub_checkpoint_path,
+    load_weights,
+    no_weights_message,
+    read_state_dict,
+)
 
 RESNETS: dict[str, int] = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -43,18 +48,25 @@ def _imagenet_state(name: str, weights_name: str, download: bool) -> tuple[dict,
             return weights.get_state_dict(progress=False, check_hash=True), weights.url
         except (OSError, RuntimeError) as exc:  # URLError is an OSError; a bad hash is a RuntimeError
             cause = exc
-    ways = [f"on a machine with internet run `python -c \"import torchvision; torchvision.models.{name}"
-            f"(weights='{weights_name}')\"` and copy {cached.name} into {cached.parent} "
-            "(or point $TORCH_HOME at a folder holding hub/checkpoints/" + cached.name + ")",
-            f"download {weights.url} and pass pretrained='/path/to/{cached.name}'"]
+    ways = [
+        f'on a machine with internet run `python -c "import torchvision; torchvision.models.{name}'
+        f"(weights='{weights_name}')\"` and copy {cached.name} into {cached.parent} "
+        "(or point $TORCH_HOME at a folder holding hub/checkpoints/" + cached.name + ")",
+        f"download {weights.url} and pass pretrained='/path/to/{cached.name}'",
+    ]
     looked = [f"{cached} (torchvision's download cache)"]
     if not download:
         looked.append("(download=False: no download tried)")
     raise PretrainedWeightsNotFoundError(no_weights_message(f"{name} ({weights_name})", looked, ways, cause))
 
 
-def build_resnet(name: str = "resnet50", pretrained: bool | str | Path = False, *,
-                 weights_name: str = "IMAGENET1K_V1", download: bool = True) -> nn.Module:
+def build_resnet(
+    name: str = "resnet50",
+    pretrained: bool | str | Path = False,
+    *,
+    weights_name: str = "IMAGENET1K_V1",
+    download: bool = True,
+) -> nn.Module:
     """A torchvision ResNet without its classifier, with ``out_features`` and input facts set.
 
     Args:

@@ -32,13 +32,21 @@ def import_timm() -> Any:
     try:
         import timm
     except ImportError as exc:
-        raise ImportError(f"ViT backbones need timm, which is not installed: pip install {TIMM_PIN} "
-                          "(plus huggingface_hub to download ImageNet weights)") from exc
+        raise ImportError(
+            f"ViT backbones need timm, which is not installed: pip install {TIMM_PIN} "
+            "(plus huggingface_hub to download ImageNet weights)"
+        ) from exc
     return timm
 
 
-def build_vit(name: str = "vit_base_patch16_224", pretrained: bool | str | Path = False, *,
-              img_size: int = 224, drop_path_rate: float = 0.0, **timm_kwargs: Any) -> nn.Module:
+def build_vit(
+    name: str = "vit_base_patch16_224",
+    pretrained: bool | str | Path = False,
+    *,
+    img_size: int = 224,
+    drop_path_rate: float = 0.0,
+    **timm_kwargs: Any,
+) -> nn.Module:
     """A timm ViT without its classifier, with ``out_features`` and input facts set.
 
     Args:
@@ -62,13 +70,19 @@ def build_vit(name: str = "vit_base_patch16_224", pretrained: bool | str | Path 
         try:
             net = timm.create_model(name, pretrained=True, **kwargs)
         except Exception as exc:  # hub and download errors come in many types (OSError, RuntimeError, HTTP...)
-            raise PretrainedWeightsNotFoundError(no_weights_message(
-                f"timm {name}", ["the Hugging Face cache ($HF_HOME/hub) and timm's download sources"],
-                [f"on a machine with internet run `python -c \"import timm; timm.create_model('{name}', "
-                 "pretrained=True)\"` and copy the cache folder ($HF_HOME/hub, default "
-                 "~/.cache/huggingface/hub) to this machine (needs huggingface_hub installed)",
-                 "download the weights file (.safetensors / .pth / .npz) and pass pretrained='/path/to/file'"],
-                exc)) from exc
+            raise PretrainedWeightsNotFoundError(
+                no_weights_message(
+                    f"timm {name}",
+                    ["the Hugging Face cache ($HF_HOME/hub) and timm's download sources"],
+                    [
+                        f"on a machine with internet run `python -c \"import timm; timm.create_model('{name}', "
+                        'pretrained=True)"` and copy the cache folder ($HF_HOME/hub, default '
+                        "~/.cache/huggingface/hub) to this machine (needs huggingface_hub installed)",
+                        "download the weights file (.safetensors / .pth / .npz) and pass pretrained='/path/to/file'",
+                    ],
+                    exc,
+                )
+            ) from exc
         source = str(net.pretrained_cfg.get("hf_hub_id") or net.pretrained_cfg.get("url") or name)
     else:
         path = Path(pretrained).expanduser()
