@@ -47,6 +47,8 @@ NON_OUTCOME_FIELDS = (
     "checkpoint_every",
     "loader_workers",
     "tensorboard",
+    "cache_dir",
+    "overwrite",
 )
 # Fields added after runs were first keyed by their hash: left out of the hash while at these
 # defaults, so that run folders named by earlier versions keep their names (and resume).
@@ -251,6 +253,12 @@ class TrainConfig:
     target_limit: int | None = _option(
         None, "use only the first N target training images (shuffled by seed); none: all", group=DATA
     )
+    cache_dir: str | None = _option(
+        None,
+        "folder for decoded and generated datasets (the data root is never written to); "
+        "none: $GRADHARMONY_CACHE_DIR, else $XDG_CACHE_HOME/gradharmony or ~/.cache/gradharmony",
+        group=DATA,
+    )
     # evaluation, logging, reproducibility
     eval_every: int = _option(
         500, "evaluate on the target test split every this many steps (and at the end)", group=RUN
@@ -265,6 +273,11 @@ class TrainConfig:
     out: str = _option(
         "runs/default",
         "run folder: config.yaml, metrics.jsonl, steps.csv, last.pt; a run whose folder holds a checkpoint resumes",
+        group=RUN,
+    )
+    overwrite: bool = _option(
+        False,
+        "start the run over: delete the records and checkpoint that --out holds (of any configuration) first",
         group=RUN,
     )
     device: str = _option("auto", "auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps", group=RUN)

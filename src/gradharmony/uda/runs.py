@@ -34,6 +34,7 @@ CONFIG_FILE = "config.yaml"
 CHECKPOINT_FILE = "last.pt"
 LABELS_FILE = "run.json"
 ERROR_FILE = "error.txt"
+LOCK_FILE = ".lock"
 LABEL_KEYS = ("task", "method", "variant", "seed")
 #: What :func:`run_status` answers.
 STATUSES = ("done", "partial", "failed", "pending")
@@ -57,6 +58,67 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+class RunFolderBusy(RuntimeError):
+    """Another live process holds the run folder's writer lock."""
+
+
+class RunFolderLock:
+    """The exclusive writer lock of a run folder: one process at a time trains into it.
+
+    An OS lock (``flock``) on ``<folder>/.lock``, which holds the holder's PID: the operating system
+    releases it when the process ends, however it ends, so a lock is never stale.  A second writer
+    gets :class:`RunFolderBusy` naming the holder's PID.  Where ``fcntl`` does not exist (Windows),
+    the lock is not taken.
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> with RunFolderLock(folder):
+        ...     try:
+        ...         RunFolderLock(folder).acquire()
+        ...     except RunFolderBusy as e:
+        ...         print("busy")
+        busy
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> RunFolderLock:
+        try:
+            import fcntl
+        except ImportError:  # no POSIX locks here: nothing to hold
+            return self
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunFolderBusy(
+                f"{self.folder} is being written by another process (PID {holder}); wait for it to end, "
+                f"or stop it, before starting this run again"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+
+    def __enter__(self) -> RunFolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 class RunLog:
