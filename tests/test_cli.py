@@ -81,6 +81,22 @@ def test_train_then_eval_on_generated_usps_and_mnistm_folders(tmp_path, capsys):
     assert "accuracy" in text and "per class" in text
 
 
+def test_a_finished_run_started_again_prints_its_result_and_changes_nothing(tmp_path, capsys):
+    root = write_fake_data_root(tmp_path / "data", count=24)
+    out = tmp_path / "run"
+    args = ["train", "--source", "usps", "--target", "mnistm", "--data-root", str(root), "--steps", "2"]
+    args += ["--eval-every", "2", "--seed", "1", "--out", str(out), "--device", "cpu", *TINY]
+    code, text = run_cli(args, capsys)
+    assert code == 0 and "finished 2 steps" in text, text
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    code, text = run_cli(args, capsys)
+    assert code == 0, text
+    line = text.strip().splitlines()[-1]
+    assert line.startswith("already finished: dann+none usps->mnistm seed 1, 2 steps: target accuracy last "), line
+    assert "(step 2, selected on target test labels)" in line and line.endswith(f"nothing was changed in {out}")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
 def test_yaml_recipe_with_command_line_override(tmp_path, capsys):
     root = write_fake_data_root(tmp_path / "data", count=24)
     recipe = tmp_path / "recipe.yaml"
@@ -128,7 +144,7 @@ def test_yaml_recipe_with_command_line_override(tmp_path, capsys):
         (["train", "--harmonizer", "pcgrad"], "unknown harmonizer mode 'pcgrad'"),
         (["train", "--strategy", "fast"], "unknown strategy 'fast'"),
         (["train", "--amp", "fp8"], "unknown amp 'fp8'"),
-        (["train", "--steps", "0"], "steps must be a positive integer"),
+        (["train", "--steps", "0"], "steps must be an integer >= 1, got 0"),
         (["train", "--stepz", "10"], "unrecognized arguments"),
         (["train", "--method-param", "oops"], "KEY=VALUE"),
         (["eval", "--checkpoint", "does/not/exist.pt"], "does not exist"),
@@ -182,6 +198,8 @@ def test_missing_dataset_folder_says_where_to_put_it(tmp_path, capsys):
     )
     assert code == 2
     assert "usps" in text and str(empty) in text
+    errors = [line for line in text.strip().splitlines() if not line.startswith("device: ")]
+    assert len(errors) == 1 and "Traceback" not in text  # the paths looked at, on one line
 
 
 def test_every_config_field_has_help():
@@ -218,6 +236,13 @@ def test_train_help_explains_every_flag_with_its_choices():
         if field.name not in ("method_params", "progress"):
             assert "--" + field.name.replace("_", "-") in text, field.name
     assert "(default: auto)" in text  # --device
+
+
+def test_train_help_lists_overwrite_and_debug():
+    text = _help_of("train")
+    assert "--overwrite, --no-overwrite start the run over: delete the records and checkpoint" in text
+    assert "--debug on an error, show the full traceback" in text
+    assert "--debug" in " ".join(build_parser().format_help().split())
 
 
 @pytest.mark.parametrize("command", ["train", "eval", "sweep", "report", "demo"])

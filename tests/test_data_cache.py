@@ -1,14 +1,15 @@
-"""The on-disk cache: hits, keys, atomic writes, corrupt entries rebuilt."""
+"""The on-disk cache: hits, keys, atomic writes, corrupt entries rebuilt, never in the data root."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from fakes.digits import fake_images, write_usps_libsvm
+from fakes.digits import fake_images, listing, write_fake_data_root, write_usps_libsvm
 from gradharmony.uda.data import load_domain, registry
 from gradharmony.uda.data.cache import cache_key, default_cache_dir, load_cached, save_cached
 
@@ -90,19 +91,107 @@ def test_use_cache_false_writes_nothing(usps_root, tmp_path, read_calls):
     assert len(read_calls) == 2 and cache_files(cache) == []
 
 
-def test_default_cache_dir_is_inside_a_writable_data_root(usps_root, tmp_path, monkeypatch):
-    assert default_cache_dir(usps_root) == usps_root / ".cache"
+def test_default_cache_dir_is_the_users_never_the_data_root(tmp_path, monkeypatch):
+    monkeypatch.delenv("GRADHARMONY_CACHE_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache_dir() == tmp_path / "home" / ".cache" / "gradharmony"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert default_cache_dir(tmp_path / "missing") == tmp_path / "xdg" / "gradharmony"
-    read_only = tmp_path / "read-only"
-    read_only.mkdir()
-    read_only.chmod(0o555)
+    assert default_cache_dir() == tmp_path / "xdg" / "gradharmony"
+    monkeypatch.setenv("GRADHARMONY_CACHE_DIR", str(tmp_path / "mine"))
+    assert default_cache_dir() == tmp_path / "mine"
+
+
+def test_load_without_cache_dir_writes_to_the_default_cache_only(usps_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADHARMONY_CACHE_DIR", str(tmp_path / "default"))
+    before = listing(usps_root)
+    load_domain("usps", data_root=usps_root, image_size=28)
+    assert len(cache_files(tmp_path / "default")) == 2  # native and resized
+    assert listing(usps_root) == before and not (usps_root / ".cache").exists()
+
+
+def test_an_old_cache_in_the_data_root_is_read_never_written(usps_root, tmp_path, read_calls):
+    """Entries an earlier version wrote into <data_root>/.cache are still hits; new ones go elsewhere."""
+    legacy = usps_root / ".cache"
+    first = load_domain("usps", data_root=usps_root, image_size=16, cache_dir=legacy)  # as it used to
+    assert len(read_calls) == 1
+    before = listing(usps_root)
+    again = load_domain("usps", data_root=usps_root, image_size=16, cache_dir=tmp_path / "cache")
+    assert len(read_calls) == 1 and torch.equal(again.images, first.images)  # a hit in the old cache
+    assert cache_files(tmp_path / "cache") == []
+    resized = load_domain("usps", data_root=usps_root, image_size=28, cache_dir=tmp_path / "cache")
+    assert len(read_calls) == 1 and resized.images.shape == (6, 1, 28, 28)  # from the old native entry
+    assert len(cache_files(tmp_path / "cache")) == 1  # the new entry goes to the cache folder
+    (entry,) = legacy.iterdir()
+    entry.write_bytes(b"garbage")
+    before = listing(usps_root)
+    with pytest.warns(RuntimeWarning, match="unreadable"):
+        rebuilt = load_domain("usps", data_root=usps_root, image_size=16, cache_dir=tmp_path / "cache")
+    assert torch.equal(rebuilt.images, first.images) and len(read_calls) == 2
+    assert listing(usps_root) == before  # the corrupt old entry is ignored, not rewritten
+    assert len(cache_files(tmp_path / "cache")) == 2
+
+
+class _Planted:
+    """Unpickling it would create a file: a cache entry carrying code."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_cache_entries_are_read_as_weights_only(usps_root, tmp_path, read_calls):
+    cache = tmp_path / "cache"
+    first = load_domain("usps", data_root=usps_root, image_size=16, cache_dir=cache)
+    (entry,) = cache.iterdir()
+    marker = tmp_path / "code-ran"
+    torch.save({"images": first.images, "labels": first.labels, "source": _Planted(str(marker))}, entry)
+    with pytest.warns(RuntimeWarning, match="unreadable"):
+        rebuilt = load_domain("usps", data_root=usps_root, image_size=16, cache_dir=cache)
+    assert not marker.exists()  # refused, not run
+    assert torch.equal(rebuilt.images, first.images) and len(read_calls) == 2
+
+
+def test_a_read_only_data_root_loads_and_trains(tmp_path, monkeypatch):
+    """chmod stops no write of root's, so the data root is also compared file by file."""
+    from gradharmony.uda.config import TrainConfig
+    from gradharmony.uda.engine import train
+
+    monkeypatch.setenv("GRADHARMONY_CACHE_DIR", str(tmp_path / "default-cache"))
+    root = write_fake_data_root(tmp_path / "data", count=16)
+    before = listing(root)
+    folders = [root, *(p for p in root.rglob("*") if p.is_dir())]
+    for folder in folders:
+        folder.chmod(0o555)
     try:
-        assert default_cache_dir(read_only) == tmp_path / "xdg" / "gradharmony"
+        cfg = TrainConfig.from_dict(
+            {
+                "source": "usps",
+                "target": "mnistm",
+                "method": "dann",
+                "steps": 2,
+                "eval_every": 2,
+                "batch_size": 8,
+                "image_size": 16,
+                "channels": 1,
+                "bottleneck_dim": 8,
+                "source_eval_size": 8,
+                "data_root": str(root),
+                "cache_dir": str(tmp_path / "cache"),
+                "out": str(tmp_path / "run"),
+                "progress": False,
+            }
+        )
+        result = train(cfg)
     finally:
-        read_only.chmod(0o755)
-    load_domain("usps", data_root=usps_root, image_size=16)
-    assert len(cache_files(usps_root / ".cache")) == 1
+        for folder in folders:
+            folder.chmod(0o755)
+    assert result["steps"] == 2
+    assert listing(root) == before  # nothing created, changed or removed in the data root
+    assert {name.split("-")[0] for name in cache_files(tmp_path / "cache")} == {"usps", "mnistm"}
+    assert cache_files(tmp_path / "default-cache") == []
 
 
 def test_unwritable_cache_dir_warns_and_still_loads(usps_root, tmp_path):

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from torch.nn import functional as F
 
 from gradharmony import GradientReversal, Harmonizer
 
@@ -176,6 +177,104 @@ def multi_step_method(name):
     return method.double().train()
 
 
+# ----------------------------------------------------------------------------- one step by hand
+class HandSGD:
+    """``torch.optim.SGD`` written out: ``buf = g`` at first, then ``m buf + g``; ``p -= lr buf`` (``g`` if m = 0)."""
+
+    def __init__(self, method, lr=0.1, momentum=0.9):
+        groups = [g for gs in method.optimizer_groups(lr).values() for g in gs]
+        self.hyper = {p: (g["lr"], g.get("momentum", momentum)) for g in groups for p in g["params"]}
+        self.buffers = {}
+
+    def step(self, loss, params):
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                if g is None:
+                    continue
+                lr, momentum = self.hyper[p]
+                if momentum:
+                    g = g.clone() if p not in self.buffers else momentum * self.buffers[p] + g
+                    self.buffers[p] = g
+                p -= lr * g
+
+
+def gh_by_hand(align, cls, scope, plain):
+    """GH's ``(w_align, w_cls)`` from the two gradients over ``scope`` (1, 1 without conflict, or plain)."""
+    ga, gc = (
+        torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, scope)])
+        for grads in (torch.autograd.grad(loss, scope, retain_graph=True, allow_unused=True) for loss in (align, cls))
+    )
+    aa, cc, d = float(ga @ ga), float(gc @ gc), float(ga @ gc)
+    if plain or d >= 0 or aa == 0 or cc == 0:
+        return 1.0, 1.0
+    return 1 - d / aa, 1 - d / cc
+
+
+def params_of(*modules):
+    return [p for m in modules for p in m.parameters()]
+
+
+def discrepancy(a, b):
+    return (a.softmax(dim=1) - b.softmax(dim=1)).abs().mean()
+
+
+def mcd_by_hand(m, xs, ys, xt, plain, sgd):
+    """Steps A, B (GH over the generator, the classifiers step) and C x num_k (2); trade-off 1, no entropy term."""
+    n, x = len(xs), torch.cat((xs, xt))
+    generator, heads = params_of(m.backbone, m.bottleneck), params_of(m.classifier, m.classifier2)
+
+    def forward():
+        f = m.features(x)
+        y1, y2 = m.classifier(f), m.classifier2(f)
+        return F.cross_entropy(y1[:n], ys) + F.cross_entropy(y2[:n], ys), discrepancy(y1[n:], y2[n:])
+
+    sgd.step(forward()[0], generator + heads)
+    loss, disc = forward()
+    w_align, w_cls = gh_by_hand(-disc, loss, generator, plain)
+    sgd.step(w_cls * loss - w_align * disc, heads)
+    for _ in range(2):
+        sgd.step(forward()[1], generator)
+
+
+def gvb_by_hand(m, xs, ys, xt, plain, sgd):
+    """One step of the authors' total loss, GH on (align, cls) and on (bridge_g, bridge_d) over the base network."""
+    t = m._terms(xs, ys, xt, 0)
+    scope = params_of(m.backbone, m.bottleneck, m.classifier)
+    bridge_g, bridge_d = t.extra["bridge_g"], t.extra["bridge_d"]
+    w1, w2 = gh_by_hand(t.align, t.cls, scope, plain)
+    w3, w4 = gh_by_hand(bridge_g, bridge_d, scope, plain)
+    sgd.step(w1 * t.align + w2 * t.cls + w3 * bridge_g + w4 * bridge_d, list(m.parameters()))
+
+
+def dwl_by_hand(m, xs, ys, xt, plain, sgd):
+    """Phases 1, 2a, 2b and 3 x num_k3 (2) of DWL's docstring at T = 0.5 (the first window); no phase 4."""
+    weight = 0.5
+    generator, clf = params_of(m.backbone, m.bottleneck), params_of(m.classifier)
+    heads = (m.classifier, m.classifier1, m.classifier2)
+
+    def domain(f_s, f_t):  # the authors' BCE(sigmoid(D_s), sigmoid(D_t)), target detached
+        d_s, d_t = m.discriminator(f_s).squeeze(-1), m.discriminator(f_t).squeeze(-1)
+        return F.binary_cross_entropy_with_logits(d_s, torch.sigmoid(d_t).detach())
+
+    sgd.step(F.cross_entropy(m.classifier(m.features(xs)), ys), generator + clf)
+    with torch.no_grad():
+        f_s, f_t = m.features(xs), m.features(xt)
+    sgd.step(m.disc_weight * domain(f_s, f_t), params_of(m.discriminator))
+    ce3 = sum(F.cross_entropy(c(f_s), ys) for c in heads)
+    sgd.step(ce3 - discrepancy(m.classifier1(f_t), m.classifier2(f_t)), params_of(m.classifier1, m.classifier2) + clf)
+    for _ in range(2):
+        f_s, f_t = m.features(xs), m.features(xt)
+        adv = -m.adv_weight * domain(f_s, f_t)
+        y, y1, y2 = (c(f_t) for c in heads)
+        dis = discrepancy(y1, y2) + discrepancy(y, y1) + discrepancy(y, y2)
+        w_align, w_cls = gh_by_hand(adv, dis, generator, plain)
+        sgd.step(weight * w_align * adv + (1 - weight) * w_cls * dis, generator)
+
+
+BY_HAND = {"mcd": mcd_by_hand, "gvb": gvb_by_hand, "dwl": dwl_by_hand}
+
+
 def multi_step_updates(method, xs, ys, xt, steps=3, plain=False):
     """``steps`` updates through the one contract; ``plain``: no harmonizer (plain training)."""
     from gradharmony.uda.methods import Batch, StepContext
@@ -211,6 +310,12 @@ def test_multi_step_methods_in_two_processes_equal_one_process(name, plain, tmp_
     n = len(xs) // 2 if name in SAME_HALF else len(xs)
     single = multi_step_updates(multi_step_method(name), xs[:n], ys[:n], xt[:n], plain=plain)
     assert any(not torch.equal(a, b) for a, b in zip(before, single))
+    # the reference's first step is the update written out by hand (phases, GH weights, momentum SGD)
+    first = multi_step_updates(multi_step_method(name), xs[:n], ys[:n], xt[:n], steps=1, plain=plain)
+    by_hand = multi_step_method(name)
+    BY_HAND[name](by_hand, xs[:n], ys[:n], xt[:n], plain, HandSGD(by_hand))
+    for a, b in zip(first, by_hand.parameters()):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-9, atol=1e-12)
     for _, params, _ in run_two_processes(_multi_step_worker, tmp_path, name, plain):
         for a, b in zip(params, single):
             assert torch.allclose(torch.from_numpy(a), b, atol=1e-5, rtol=0)

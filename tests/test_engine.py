@@ -146,7 +146,8 @@ def test_finished_run_is_not_repeated(tmp_path):
     first = train(cfg, tiny_domains())
     trainer = Trainer(cfg, tiny_domains())
     trainer.train_step = lambda: pytest.fail("a finished run must not train again")
-    assert trainer.run() == first
+    assert first["already_finished"] is False
+    assert trainer.run() == {**first, "already_finished": True}
 
 
 def test_a_different_config_in_the_same_folder_is_refused(tmp_path):
@@ -175,10 +176,13 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops_with_a_clear_error(tmp_p
         return losses
 
     trainer.model.compute_losses = poisoned
-    with pytest.raises(TrainingDiverged, match="non-finite"):
+    with pytest.raises(TrainingDiverged, match="non-finite") as error:
         trainer.run()
     assert trainer.step == 12  # 2 good steps, then 10 skipped ones
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert "there is no checkpoint" in str(error.value)  # none written before step 20
+    rows = read_steps(cfg.out)  # the diverged steps are logged
+    assert [r["step"] for r in rows] == list(range(12)) and "skipped_step" in rows[-1]["guards"]
 
 
 def test_source_only_bypasses_the_harmonizer(tmp_path):

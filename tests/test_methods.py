@@ -69,6 +69,31 @@ def reaches(loss: torch.Tensor, module: nn.Module) -> bool:
     return any(g is not None and bool(g.abs().sum() > 0) for g in grads(loss, module))
 
 
+def flat_grad(loss: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The gradient of ``loss`` over ``tensors`` as one float64 vector (zeros where it does not reach)."""
+    if not loss.requires_grad:
+        return torch.cat([torch.zeros(t.numel(), dtype=torch.float64) for t in tensors])
+    gs = torch.autograd.grad(loss, tensors, retain_graph=True, allow_unused=True)
+    return torch.cat([(torch.zeros_like(t) if g is None else g).reshape(-1).double() for g, t in zip(gs, tensors)])
+
+
+def reference_weights(
+    g_align: torch.Tensor, g_cls: torch.Tensor, mode: str, lead: str = "align", k: float = 0.5
+) -> tuple[float, float]:
+    """``(w_align, w_cls)`` written from DESIGN.md section 2 (not the library's weight function)."""
+    aa, cc, d = float(g_align @ g_align), float(g_cls @ g_cls), float(g_align @ g_cls)
+    if aa == 0.0 or cc == 0.0 or d >= 0.0:  # a missing gradient, or no conflict: unchanged
+        return 1.0, 1.0
+    if mode == "gh":
+        return 1.0 - d / aa, 1.0 - d / cc
+    assert mode == "gh++"
+    angle = math.degrees(math.acos(max(-1.0, d / math.sqrt(aa * cc))))
+    beta = k * (angle - 90.0)
+    w_lead = 1.0 + 2.0 * math.sin(math.radians(beta / 2.0))
+    w_other = 1.0 + 2.0 * math.sin(math.radians((beta + 90.0 - angle) / 2.0))
+    return (w_lead, w_other) if lead == "align" else (w_other, w_lead)
+
+
 # ----------------------------------------------------------------------------- registry
 def test_registry_keys_and_names():
     # The single-step methods here; mcd, gvb and dwl (multi-step) in test_methods_multistep.py, ssrt in test_ssrt.py.
@@ -129,6 +154,13 @@ def test_losses_are_finite_scalars_and_features_in_graph(name):
         assert torch.autograd.grad(losses.align, losses.features, retain_graph=True)[0].abs().sum() > 0
     assert all(isinstance(v, float) and math.isfinite(v) for v in losses.logs.values())
     assert {"cls_loss", "transfer_loss", "source_acc"} <= set(losses.logs)
+    assert losses.logs["cls_loss"] == losses.cls.item() and losses.logs["transfer_loss"] == losses.align.item()
+    # cls by hand: the source rows' cross-entropy of the classifier on the shared features
+    x_s, y_s, x_t = batch(n_s=4, n_t=3)
+    torch.manual_seed(2)  # the same dropout masks, drawn in the same order
+    logits = method.classifier(method.bottleneck(method.backbone(torch.cat((x_s, x_t)))))
+    assert losses.cls.item() == pytest.approx(F.cross_entropy(logits[:4], y_s).item(), rel=1e-6)
+    assert losses.logs["source_acc"] == (logits[:4].argmax(dim=1) == y_s).float().mean().item()
 
 
 def test_source_only_align_is_a_constant_zero():
@@ -243,7 +275,10 @@ def test_one_backbone_forward_per_step(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_forward_gives_class_logits(name):
     method = make(name).eval()
-    assert method(batch()[0]).shape == (4, NUM_CLASSES)
+    x = batch()[0]
+    logits = method(x)
+    assert logits.shape == (4, NUM_CLASSES)
+    torch.testing.assert_close(logits, method.classifier(method.bottleneck(method.backbone(x))), rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------- loss maths
@@ -323,7 +358,8 @@ def test_log_one_minus_softmax_is_exact_and_stable():
     value = log_one_minus_softmax(peaked, torch.tensor([0]))
     value.backward()
     assert value.item() == pytest.approx(math.log(2) - 60.0, rel=1e-6)  # log(1 - p) underflows directly
-    assert torch.isfinite(peaked.grad).all()
+    # d/dz [logsumexp(z_1, z_2) - logsumexp(z)] = (-p_0, e^z_j / (e^z_1 + e^z_2) - p_j): (-1, 1/2, 1/2) here
+    torch.testing.assert_close(peaked.grad, torch.tensor([[-1.0, 0.5, 0.5]]))
 
 
 def test_mdd_transfer_loss_formula():
@@ -367,10 +403,15 @@ def test_three_harmonized_sgd_steps(name, mode):
     harmonizer = Harmonizer(mode=mode, scope=method.scope_modules(), strategy="recombine", lead=method.default_lead)
     optimizer = torch.optim.SGD(method.parameter_groups(lr=0.05), lr=0.05, momentum=0.9)
     before = {k: p.detach().clone() for k, p in method.named_parameters()}
+    scope = [p for m in method.scope_modules() for p in m.parameters() if p.requires_grad]
     for step in range(50, 53):
         optimizer.zero_grad()
         losses = losses_at(method, step=step, seed=step)
-        harmonizer.backward(cls=losses.cls, align=losses.align, trade_off=1.0)
+        expected = reference_weights(
+            flat_grad(losses.align, scope), flat_grad(losses.cls, scope), mode, lead=method.default_lead
+        )
+        stats = harmonizer.backward(cls=losses.cls, align=losses.align, trade_off=1.0)
+        assert stats.step == step - 50 and (stats.w_align, stats.w_cls) == pytest.approx(expected, rel=1e-4)
         optimizer.step()
     after = dict(method.named_parameters())
     changed = {k for k, v in after.items() if not torch.equal(v, before[k])}
@@ -384,11 +425,27 @@ def test_three_harmonized_sgd_steps(name, mode):
 
 
 def test_features_strategy_runs_on_the_method_features():
+    """GH weights from the two gradients at the features; every ``.grad`` is that of the weighted loss."""
     method = make("dann")
+    reference = copy.deepcopy(method)
+    trade_off = 0.7
+    losses, ref = losses_at(method, seed=4), losses_at(reference, seed=4)  # the same dropout masks
+    assert torch.equal(losses.cls, ref.cls) and torch.equal(losses.align, ref.align)
+    g_align, g_cls = (flat_grad(loss, [ref.features]) for loss in (ref.align, ref.cls))
+    w_align, w_cls = reference_weights(g_align, g_cls, "gh")
+    assert w_align != 1.0 and w_cls != 1.0  # a conflict at the features: the weights matter here
     harmonizer = Harmonizer(mode="gh", strategy="features")
-    losses = losses_at(method)
-    stats = harmonizer.backward(cls=losses.cls, align=losses.align, features=losses.features)
-    assert math.isfinite(stats.w_align) and method.discriminator.net[0].weight.grad is not None
+    stats = harmonizer.backward(cls=losses.cls, align=losses.align, trade_off=trade_off, features=losses.features)
+    assert stats.conflict and (stats.w_align, stats.w_cls) == pytest.approx((w_align, w_cls), rel=1e-5)
+    # by hand, on the copy: the gradient of t w_a L_align + w_c L_cls (discriminator, classifier, backbone)
+    params = list(reference.parameters())
+    expected = torch.autograd.grad(trade_off * w_align * ref.align + w_cls * ref.cls, params, allow_unused=True)
+    assert expected[-1] is not None and bool(expected[-1].abs().sum() > 0)  # the discriminator's last layer
+    for (name, p), g in zip(method.named_parameters(), expected):
+        if g is None:
+            assert p.grad is None, name
+        else:
+            torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6, msg=name)
 
 
 # ----------------------------------------------------------------------------- the default update
@@ -493,12 +550,15 @@ def test_a_grad_scaler_scales_the_backward_and_steps_every_optimizer(harmonized)
 def test_use_cut_passes_the_backbone_output_to_the_harmonizer(use_cut):
     method = make("cdan")
     harmonizer = Harmonizer(mode="gh", scope=[method.bottleneck])
-    calls = []
+    calls, outputs = [], {}
     backward = harmonizer.backward
     harmonizer.backward = lambda **kwargs: calls.append(kwargs["features"]) or backward(**kwargs)
+    method.backbone.register_forward_hook(lambda module, args, out: outputs.setdefault("cut", out))
+    method.bottleneck.register_forward_hook(lambda module, args, out: outputs.setdefault("features", out))
     method.update(Batch(*batch()), StepContext(50, sgd(method), harmonizer, use_cut=use_cut))
     width = method.backbone.out_features if use_cut else DIM
     assert len(calls) == 1 and calls[0].shape == (8, width)
+    assert calls[0] is outputs["cut" if use_cut else "features"]  # the very tensor of the step's forward
 
 
 def test_step_context_checks_its_distributed_mode():

@@ -123,6 +123,40 @@ def params_of(*modules: nn.Module) -> list[torch.Tensor]:
     return [p for m in modules for p in m.parameters()]
 
 
+# Harmonizer calls per training step: MCD (step B), GVB-GD (pair 1; pair 2 has its own), DWL (phase 3 x num_k3).
+CALLS_PER_STEP = {"mcd": 1, "gvb": 1, "dwl": SMALL["dwl"]["num_k3"]}
+
+
+def probing(harmonizer: Harmonizer, scope: list[torch.Tensor]) -> list[tuple[float, float]]:
+    """Before every ``harmonizer.backward`` call: the reference GH ``(w_align, w_cls)`` from the two
+    losses it is given, probed over ``scope`` here (appended to the returned list)."""
+    expected: list[tuple[float, float]] = []
+    backward = harmonizer.backward
+
+    def probed(**kwargs):
+        expected.append(authors_gh(kwargs["align"], kwargs["cls"], scope))
+        return backward(**kwargs)
+
+    harmonizer.backward = probed
+    return expected
+
+
+def cls_by_hand(method: Method, x_s: torch.Tensor, y_s: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+    """``compute_losses``' ``cls``, written from each method's docstring."""
+    n = x_s.shape[0]
+    if method.name == "dwl":  # source CE of C, C1, C2 (source and target go through G separately)
+        f_s = method.features(x_s)
+        return sum(F.cross_entropy(c(f_s), y_s) for c in (method.classifier, method.classifier1, method.classifier2))
+    f = method.features(torch.cat((x_s, x_t)))
+    if method.name == "gvb":  # CE of the bridged logits + lambda * mean |bridge|
+        bridged = method.classifier.fc(f) - method.classifier.bridge(f)
+        return F.cross_entropy(bridged[:n], y_s) + method.gvbg_weight * method.classifier.bridge(f).abs().mean()
+    y1, y2 = method.classifier(f), method.classifier2(f)  # MCD's L_A
+    p1, p2 = F.softmax(y1[n:], dim=1), F.softmax(y2[n:], dim=1)
+    entropy = mean_prediction_entropy(p1) + mean_prediction_entropy(p2)
+    return F.cross_entropy(y1[:n], y_s) + F.cross_entropy(y2[:n], y_s) + method.entropy_weight * entropy
+
+
 def reaches(loss: torch.Tensor, module: nn.Module) -> bool:
     grads = torch.autograd.grad(loss, list(module.parameters()), retain_graph=True, allow_unused=True)
     return any(g is not None and bool(g.abs().sum() > 0) for g in grads)
@@ -194,23 +228,42 @@ def test_hparams_stored_and_optimizers_partition_the_parameters(name):
 def test_compute_losses_diagnostic_and_forward(name):
     method = make(name)
     x_s, y_s, x_t = batch()
+    torch.manual_seed(3)  # MCD's head dropout: the same masks, in the same order, as by hand below
     losses = method.compute_losses(x_s, y_s, x_t, step=3)
     assert losses.cls.dim() == 0 and losses.align.dim() == 0
     assert math.isfinite(losses.cls.item()) and math.isfinite(losses.align.item())
     assert losses.align.requires_grad and losses.features.shape == (12, DIM)
     assert {"cls_loss", "transfer_loss", "source_acc"} <= set(losses.logs)
-    assert method.eval()(x_t).shape == (6, NUM_CLASSES)
+    # the logged losses are the pair's (GVB-GD logs them without the bridge penalties it adds to the pair)
+    bg, bd = (
+        (method.gvbg_weight * losses.logs["gvbg"], method.gvbd_weight * losses.logs["gvbd"])
+        if name == "gvb"
+        else (0, 0)
+    )
+    assert losses.cls.item() == pytest.approx(losses.logs["cls_loss"] + bg, rel=1e-6)
+    assert losses.align.item() == pytest.approx(losses.logs["transfer_loss"] + bd, rel=1e-6)
+    torch.manual_seed(3)
+    assert losses.cls.item() == pytest.approx(cls_by_hand(method, x_s, y_s, x_t).item(), rel=1e-6)
+    method.eval()
+    f = method.features(x_t)
+    heads = [method.classifier, method.classifier2] if name == "mcd" else [method.classifier]  # MCD: F1 + F2
+    torch.testing.assert_close(method(x_t), sum(head(f) for head in heads), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", MULTI)
 def test_few_gh_updates_change_parameters_and_stay_finite(name):
     method = make(name).train()
     optimizers, harmonizer = sgd(method, lr=0.05, momentum=0.9), harmonizer_for(method, "gh")
+    expected = probing(harmonizer, params_of(*method.scope_modules()))
     before = snapshot(method)
+    per_step = CALLS_PER_STEP[name]
     for step in range(3):
         x_s, y_s, x_t = batch(seed=step)
         result = method.update(Batch(x_s, y_s, x_t), StepContext(step, optimizers, harmonizer, 1.0))
-        assert isinstance(result, UpdateResult) and result.stats is not None
+        assert isinstance(result, UpdateResult) and harmonizer.calls == len(expected) == per_step * (step + 1)
+        # the step's statistics are those of its last harmonized call, with the weights of its probes
+        assert result.stats.step == per_step * (step + 1) - 1 and result.stats.mode == "gh"
+        assert (result.stats.w_align, result.stats.w_cls) == pytest.approx(expected[-1], rel=1e-4)
         assert math.isfinite(result.loss_cls) and math.isfinite(result.loss_align)
         # angles are NaN when a probe is zero (GVB's discriminator bridge at reversal coefficient 0)
         assert all(math.isfinite(v) for k, v in result.logs.items() if not k.endswith("angle"))
@@ -229,23 +282,41 @@ def test_plain_training_equals_the_weights_one_harmonizer_and_calls_none(name):
         result = plain.update(Batch(*batch(seed=step)), StepContext(step, plain_opt, None, 0.8))
         torch.manual_seed(step)
         reference = measured.update(Batch(*batch(seed=step)), StepContext(step, measured_opt, none, 0.8))
-        assert result.stats is None and result.guards == ("plain",) and reference.stats is not None
+        assert result.stats is None and result.guards == ("plain",)
+        last_call = CALLS_PER_STEP[name] * (step + 1) - 1
+        assert (reference.stats.step, reference.stats.w_align, reference.stats.w_cls) == (last_call, 1.0, 1.0)
         assert result.loss_cls == pytest.approx(reference.loss_cls, rel=1e-5)
         assert not any(k.startswith("bridge_") for k in result.logs)
-    assert none.calls > 0
+    assert none.calls == 2 * CALLS_PER_STEP[name]  # every harmonized phase of both steps, no other
+    if name == "gvb":  # pair 2 went through the second harmonizer, once a step
+        assert measured.bridge_harmonizer(none).calls == 2 and plain._bridge_harmonizer is None
     assert_same_parameters(plain, measured)
 
 
 def test_default_update_of_a_single_step_method():
     torch.manual_seed(0)
     method = build_method("dann", Tiny(), NUM_CLASSES, 100, bottleneck_dim=DIM, disc_hidden=8)
-    optimizers = sgd(method)
+    reference = copy.deepcopy(method)
+    lr, trade_off = 0.1, 0.6
+    optimizers = sgd(method, lr)
     assert list(optimizers) == ["all"]
     before = snapshot(method)
     x_s, y_s, x_t = batch()
-    result = method.update(Batch(x_s, y_s, x_t), StepContext(50, optimizers, harmonizer_for(method), 1.0))
-    assert result.stats is not None and math.isfinite(result.loss_cls)
+    result = method.update(Batch(x_s, y_s, x_t), StepContext(50, optimizers, harmonizer_for(method), trade_off))
+    assert math.isfinite(result.loss_cls)
     assert {"backbone", "bottleneck", "classifier", "discriminator"} == moved(before, snapshot(method))
+    # by hand on the copy: GH over backbone + bottleneck + classifier, then one SGD step on the weighted loss
+    losses = reference.compute_losses(x_s, y_s, x_t, 50)
+    w_align, w_cls = authors_gh(losses.align, losses.cls, params_of(*reference.scope_modules()))
+    assert (result.stats.step, result.stats.trade_off) == (0, trade_off)
+    assert (result.stats.w_align, result.stats.w_cls) == pytest.approx((w_align, w_cls), rel=1e-4)
+    params = list(reference.parameters())
+    grads = torch.autograd.grad(trade_off * w_align * losses.align + w_cls * losses.cls, params, allow_unused=True)
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            if g is not None:
+                p -= lr * g
+    assert_same_parameters(method, reference)
 
 
 # ----------------------------------------------------------------------------- MCD
@@ -385,8 +456,9 @@ def test_mcd_skips_a_phase_with_non_finite_gradients():
     before = snapshot(method)
     x_s, y_s, x_t = batch()
     result = method.update(Batch(x_s, y_s, x_t), StepContext(0, optimizers, harmonizer_for(method), 1.0))
-    assert math.isnan(result.loss_cls) and result.logs["skipped_phases"] >= 1
-    assert "classifier2" not in moved(before, snapshot(method))  # the classifiers' steps were skipped
+    assert math.isnan(result.loss_cls) and result.logs["skipped_phases"] == 3.0  # A, B and C (num_k = 1)
+    assert moved(before, snapshot(method)) == set()  # every phase was skipped: nothing moved
+    assert "nonfinite" in result.stats.guards and (result.stats.w_align, result.stats.w_cls) == (1.0, 1.0)
 
 
 # ----------------------------------------------------------------------------- GVB-GD
@@ -574,8 +646,13 @@ def test_dwl_domain_losses():
     assert authors_domain_loss(d_s, d_t).item() == pytest.approx(expected.item(), rel=1e-5)
     with pytest.raises(ValueError, match="batch sizes"):
         method.compute_losses(*batch(n_s=6, n_t=3), step=0)
-    standard = make("dwl", domain_loss="standard")
-    assert math.isfinite(standard.compute_losses(*batch(n_s=6, n_t=3), step=0).align.item())
+    standard = make("dwl", domain_loss="standard", disc_dropout=0.0)
+    x_s, y_s, x_t = batch(n_s=6, n_t=3)
+    losses = standard.compute_losses(x_s, y_s, x_t, step=0)
+    d_s = standard.discriminator(standard.features(x_s)).squeeze(-1)
+    d_t = standard.discriminator(standard.features(x_t)).squeeze(-1)
+    bce = 0.5 * (-torch.log(torch.sigmoid(d_s)).mean() - torch.log(1 - torch.sigmoid(d_t)).mean())  # source 1, target 0
+    assert losses.logs["adversarial"] == pytest.approx(-standard.adv_weight * bce.item(), rel=1e-5)
 
 
 def release_lda(features: np.ndarray, labels: np.ndarray, k: int) -> float:
@@ -628,15 +705,45 @@ def test_dwl_window_statistics_follow_the_release():
     assert state[WINDOWS] == 1.0 and method.dwl_class_counts.sum() == 0
 
 
+def dwl_weight_by_hand(windows: list[list[tuple]], num_classes: int) -> list[float]:
+    """T after each window, from DWL's docstring: (f_s, y_s, f_t, pseudo-labels) per step of a window."""
+    a_min, a_max, j_min, j_max = 0.0, 0.0, 1.0, 1.0  # the release's start values
+    weights = []
+    for i, window in enumerate(windows):
+        f_s, y_s, f_t, y_t = (np.concatenate([step[k] for step in window]) for k in range(4))
+        a = float(np.sum((f_s.mean(0) - f_t.mean(0)) ** 2))
+        a_max, a_min = max(a_max, a), min(a_min, a)
+        a_hat = abs(a - a_min) / (a_max - a_min + 1e-6)
+        j_s, j_t = release_lda(f_s, y_s, num_classes), release_lda(f_t, y_t, num_classes)
+        j_max, j_min = max(j_max, j_s, j_t), min(j_min, j_s, j_t)
+        j_hat = (min(j_s, j_t) - j_min) / (j_max - j_min + 1e-6)
+        if i == 0:
+            j_min = j_max  # the release resets the minimum after its first epoch
+        weights.append(a_hat / (a_hat + 1 - j_hat))
+    return weights
+
+
 def test_dwl_updates_close_windows_and_the_state_is_saved():
     method = make("dwl", stats_window=2)
     optimizers, harmonizer = sgd(method), harmonizer_for(method, "gh")
-    weights = []
-    for step in range(4):
-        result = method.update(Batch(*batch(seed=step)), StepContext(step, optimizers, harmonizer, 1.0))
+    weights, recorded = [], []
+    for step in range(6):
+        x_s, y_s, x_t = batch(12, 12, seed=step)
+        offset = 2.0 * F.one_hot(y_s, IN).float()  # class structure in both domains: the LDA terms move T
+        x_s, x_t = x_s + offset, x_t + offset
+        result = method.update(Batch(x_s, y_s, x_t), StepContext(step, optimizers, harmonizer, 1.0))
         weights.append(result.logs["dwl_T"])
-    assert weights[:2] == [0.5, 0.5] and int(method.dwl_state[WINDOWS]) == 2
-    assert 0.0 <= weights[2] < 1.0
+        after = copy.deepcopy(method)  # the generator after the step (a copy: its batch norm statistics move)
+        with torch.no_grad():
+            f_s, f_t = after.features(x_s), after.features(x_t)
+            pseudo = after.classifier(f_t).argmax(dim=1)
+        recorded.append((f_s.double().numpy(), y_s.numpy(), f_t.double().numpy(), pseudo.numpy()))
+    assert weights[:2] == [0.5, 0.5] and int(method.dwl_state[WINDOWS]) == 3
+    expected = dwl_weight_by_hand([recorded[0:2], recorded[2:4], recorded[4:6]], NUM_CLASSES)
+    # the T of each window drives the next one's two steps
+    assert weights[2:] == pytest.approx([expected[0]] * 2 + [expected[1]] * 2, rel=1e-6)
+    assert method.dynamic_weight == pytest.approx(expected[2], rel=1e-6)
+    assert abs(expected[1] - 0.5) > 0.1 and abs(expected[2] - expected[1]) > 0.1  # far from the start value
     clone = make("dwl", stats_window=2)
     clone.load_state_dict(method.state_dict())
     assert clone.dynamic_weight == method.dynamic_weight
@@ -645,9 +752,14 @@ def test_dwl_updates_close_windows_and_the_state_is_saved():
 
 def test_dwl_per_step_mmd_updates_the_alignment_term_every_step():
     method = make("dwl", stats_window=50, mmd_per_step=True)
-    method.update(Batch(*batch()), StepContext(0, sgd(method), harmonizer_for(method), 1.0))
+    x_s, y_s, x_t = batch()
+    method.update(Batch(x_s, y_s, x_t), StepContext(0, sgd(method), harmonizer_for(method), 1.0))
+    with torch.no_grad():  # the step's batch after the step: A = |mean f_s - mean f_t|^2
+        f_s, f_t = copy.deepcopy(method).features(x_s).double(), copy.deepcopy(method).features(x_t).double()
+    a = float((f_s.mean(0) - f_t.mean(0)).pow(2).sum())
     state = method.dwl_state.tolist()
-    assert state[A_MAX] > 0 and state[A_NORM] == pytest.approx(state[A_MAX] / (state[A_MAX] + 1e-6))
+    assert a > 0 and state[A_MAX] == pytest.approx(a, rel=1e-6) and state[A_MIN] == 0.0
+    assert state[A_NORM] == pytest.approx(a / (a + 1e-6), rel=1e-9)
     assert state[WINDOWS] == 0
 
 

@@ -51,6 +51,14 @@ def make(**hparams) -> SSRT:
     return SSRT(vit(), NUM_CLASSES, 100, **{**values, **hparams}).train()
 
 
+def confident(method: SSRT) -> SSRT:
+    """A classifier far from uniform, so that the refinement loss is well above rounding in ``align``."""
+    with torch.no_grad():
+        for layer in (method.classifier[0], method.classifier[-1]):
+            layer.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(4))
+    return method
+
+
 def batch(n_s: int = 4, n_t: int = 4, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     y = torch.arange(n_s) % NUM_CLASSES
@@ -80,6 +88,29 @@ def reaches(loss: torch.Tensor, module: nn.Module) -> bool:
 def flat_grad(loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
     grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
     return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)])
+
+
+def authors_ghpp(g_align: torch.Tensor, g_cls: torch.Tensor, k: float = 0.5) -> tuple[float, float]:
+    """``(w_align, w_cls)`` of the authors' GH++ with ``cls`` leading (SSRT), written from DESIGN.md section 2."""
+    g_align, g_cls = g_align.double(), g_cls.double()
+    d = float(g_align @ g_cls)
+    if d >= 0:
+        return 1.0, 1.0
+    angle = math.degrees(math.acos(d / float(g_align.norm() * g_cls.norm())))
+    beta = k * (angle - 90.0)
+    w_lead = 1.0 + 2.0 * math.sin(math.radians(beta / 2.0))
+    w_other = 1.0 + 2.0 * math.sin(math.radians((beta + 90.0 - angle) / 2.0))
+    return w_other, w_lead
+
+
+def sr_by_hand(clean: torch.Tensor, perturbed: torch.Tensor, epsilon: float, clean_first: bool) -> torch.Tensor:
+    """L_sr of ssrt.py's docstring: the KL of the masked rows, over the mask's sum + 1e-6."""
+    p, q = F.softmax(clean.double(), dim=1), F.softmax(perturbed.double(), dim=1)
+    if not clean_first:
+        p, q = q, p
+    mask = (p.max(dim=1).values > epsilon).float()
+    kl = (p * (p.log() - q.log())).sum(dim=1)
+    return (mask * kl).sum() / (mask.sum() + 1e-6)
 
 
 # ----------------------------------------------------------------------------- registry, defaults
@@ -143,13 +174,19 @@ def test_invalid_hyper_parameters_are_rejected():
 
 # ----------------------------------------------------------------------------- losses and gradients
 def test_losses_are_finite_and_the_batch_layout():
-    method = make()
+    method = confident(make())
     x_s, y_s, x_t = batch(n_s=4, n_t=3)
+    outputs = []
+    hook = method.backbone.register_forward_hook(lambda module, args, out: outputs.append(out))
     losses = method.compute_losses(x_s, y_s, x_t, step=500)
+    hook.remove()
     assert losses.cls.dim() == 0 and losses.align.dim() == 0 and losses.align.requires_grad
     assert math.isfinite(losses.cls.item()) and math.isfinite(losses.align.item())
+    assert losses.logs["cls_loss"] == losses.cls.item() and losses.logs["transfer_loss"] == losses.align.item()
+    assert losses.logs["transfer_loss"] > losses.logs["domain_loss"] + 1e-3  # the refinement term counts
     assert losses.features.shape == (4 + 2 * 3, DIM)  # source, target, perturbed target
-    assert losses.cut.shape == (4 + 2 * 3, method.backbone.out_features)  # the ViT output they come from
+    assert len(outputs) == 1 and losses.cut is outputs[0]  # the ViT output they come from, one forward
+    assert losses.cut.shape == (4 + 2 * 3, method.backbone.out_features)
     assert torch.autograd.grad(losses.cls, losses.cut, retain_graph=True)[0].abs().sum() > 0
     assert {
         "cls_loss",
@@ -168,17 +205,26 @@ def test_losses_are_finite_and_the_batch_layout():
     method.eval()
     losses = method.compute_losses(x_s, y_s, x_t, step=500)
     assert losses.features.shape == (7, DIM) and losses.logs["sr_loss"] == 0.0
-    assert method(x_t).shape == (3, NUM_CLASSES)
+    features = method.bottleneck(method.backbone(torch.cat((x_s, x_t))))
+    torch.testing.assert_close(losses.features, features, rtol=0, atol=0)  # no perturbed rows
+    torch.testing.assert_close(method(x_t), method.classifier(method.bottleneck(method.backbone(x_t))))
 
 
-def test_align_is_domain_plus_ramped_refinement():
-    method = make(sr_epsilon=0.0, domain_loss_weight=0.7, head_dropout=0.0)
+@pytest.mark.parametrize("sr_loss_p", [1.0, 0.0])  # always KL(p || p~), always KL(p~ || p)
+def test_align_is_domain_plus_ramped_refinement(sr_loss_p):
+    method = confident(make(sr_epsilon=0.0, domain_loss_weight=0.7, head_dropout=0.0, sr_loss_p=sr_loss_p))
     x_s, y_s, x_t = batch()
     t = method.terms(x_s, y_s, x_t, step=500, r=0.5)
     expected = 0.7 * t.extra["domain"] + 0.2 * 0.5 * t.extra["sr"]
     torch.testing.assert_close(t.align, expected)
     assert t.logs["sr_weight"] == pytest.approx(0.1) and t.logs["sr_strength"] == pytest.approx(0.15)
-    assert t.extra["sr"].item() > 0
+    # L_sr by hand from the logits of the clean target rows and of their perturbed copies (rows 8:)
+    clean, perturbed = t.extra["target_logits"], method.classifier(t.features[8:])
+    torch.testing.assert_close(clean, method.classifier(t.features[4:8]))
+    sr = sr_by_hand(clean, perturbed, 0.0, clean_first=sr_loss_p == 1.0)
+    assert t.extra["sr"].item() == pytest.approx(sr.item(), rel=1e-5) and sr.item() > 1e-6
+    other = sr_by_hand(clean, perturbed, 0.0, clean_first=sr_loss_p != 1.0)
+    assert abs(other.item() - sr.item()) > 1e-3 * sr.item()  # the KL direction is visible in the value
     # the authors' domain loss: BCE(sigmoid(D)) * 2 over the source + target rows
     logits = method.discriminator(t.features[:8]).squeeze(-1)
     labels = torch.cat((torch.ones(4), torch.zeros(4)))
@@ -193,7 +239,9 @@ def test_gradients_reach_the_right_modules():
     method = make(sr_epsilon=0.0)  # every target row confident enough: the refinement loss is active
     x_s, y_s, x_t = batch()
     t = method.terms(x_s, y_s, x_t, step=500, r=1.0)
-    assert method.grl.coefficient > 0
+    # the authors' warm-start ramp: 2 (h - l) / (1 + exp(-alpha i / N)) - (h - l) + l, alpha 1, l 0, h 0.1, N 1000
+    assert method.grl.coefficient == pytest.approx(2 * 0.1 / (1 + math.exp(-1.0 * 500 / 1000)) - 0.1, rel=1e-12)
+    assert t.logs["grl_coeff"] == method.grl.coefficient
     body = (method.backbone, method.bottleneck)
     assert isinstance(t, Losses) and set(t.extra) == {"domain", "sr", "target_logits"}
     domain, sr = t.extra["domain"], t.extra["sr"]
@@ -304,8 +352,14 @@ def test_input_perturbation_and_the_fallback_for_backbones_without_blocks():
 
     torch.manual_seed(0)
     cnn = SSRT(Tiny(), 3, 100, bottleneck_dim=8)  # the default layers (0, 4, 8) are accepted
-    t = cnn.terms(torch.randn(4, 12), torch.tensor([0, 1, 2, 0]), torch.randn(4, 12), step=10, r=1.0)
+    inputs.clear()
+    hook = cnn.backbone.register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
+    x_s, x_t = torch.randn(4, 12), torch.randn(4, 12)
+    t = cnn.terms(x_s, torch.tensor([0, 1, 2, 0]), x_t, step=10, r=1.0)
+    hook.remove()
     assert t.logs["sr_layer"] == -1 and t.features.shape == (12, 8)
+    assert len(inputs) == 1  # one forward: source, target, and the target perturbed at the input
+    torch.testing.assert_close(inputs[0], torch.cat((x_s, x_t, x_t + 0.3 * (x_t.flip(0) - x_t))))
 
 
 # ----------------------------------------------------------------------------- safe training
@@ -462,13 +516,18 @@ def test_gh_plus_plus_updates_change_parameters_and_stay_finite():
     method = make()
     optimizers = sgd(method)
     harmonizer = Harmonizer(mode="gh++", scope=method.scope_modules(), lead="cls")
+    # the weights of each call, from its two losses probed over the ViT here (before the harmonizer's probes)
+    expected, backward, scope = [], harmonizer.backward, list(method.backbone.parameters())
+    harmonizer.backward = lambda **kw: (
+        expected.append(authors_ghpp(flat_grad(kw["align"], scope), flat_grad(kw["cls"], scope))) or backward(**kw)
+    )
     before = snapshot(method)
     for i, step in enumerate(range(300, 303)):
         x_s, y_s, x_t = batch(seed=i)
         result = method.update(Batch(x_s, y_s, x_t), StepContext(step, optimizers, harmonizer, 1.0))
-        assert isinstance(result, UpdateResult) and result.stats is not None and result.stats.step == i
+        assert isinstance(result, UpdateResult) and result.stats.step == i and len(expected) == i + 1
         assert math.isfinite(result.loss_cls) and math.isfinite(result.loss_align)
-        assert math.isfinite(result.stats.w_cls) and math.isfinite(result.stats.w_align)
+        assert (result.stats.w_align, result.stats.w_cls) == pytest.approx(expected[i], rel=1e-4)
         assert all(math.isfinite(v) for v in result.logs.values())
     assert harmonizer.calls == 3 and harmonizer.lead == "cls"
     assert moved(before, snapshot(method)) == {"backbone", "bottleneck", "classifier", "discriminator"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import yaml
@@ -21,7 +22,15 @@ from gradharmony.uda.report import (
     task_families,
     variant_comparison_markdown,
 )
-from gradharmony.uda.runs import labelled_runs, read_config, read_labels, run_status, write_error, write_labels
+from gradharmony.uda.runs import (
+    RunFolderLock,
+    labelled_runs,
+    read_config,
+    read_labels,
+    run_status,
+    write_error,
+    write_labels,
+)
 from gradharmony.uda.sweep import expand, run_grid
 
 
@@ -37,6 +46,7 @@ def tiny_grid(tmp_path):
             "channels": 1,
             "bottleneck_dim": 8,
             "data_root": str(root),
+            "cache_dir": str(tmp_path / "cache"),
         },
         "tasks": {"usps->mnistm": {"source": "usps", "target": "mnistm"}},
         "methods": ["mcc"],
@@ -70,6 +80,45 @@ def test_grid_errors_are_clear(tmp_path):
         expand({**tiny_grid(tmp_path), "seeds": []})
     with pytest.raises(ConfigError, match="unknown config key"):
         expand({**tiny_grid(tmp_path), "base": {"lr_rate": 1}})
+
+
+def test_a_grid_without_variants_keeps_the_base_harmonizer(tmp_path):
+    grid = {k: v for k, v in tiny_grid(tmp_path).items() if k != "variants"}
+    grid["base"] = {**grid["base"], "harmonizer": "gh++", "lead": "align", "max_weight": 5.0}
+    runs = expand(grid)
+    assert [(r.variant, r.seed) for r in runs] == [("gh++", 0), ("gh++", 1)]
+    assert all((r.config.harmonizer, r.config.lead, r.config.max_weight) == ("gh++", "align", 5.0) for r in runs)
+    plain = expand({**grid, "base": tiny_grid(tmp_path)["base"]})  # no harmonizer anywhere: none
+    assert [r.variant for r in plain] == ["none", "none"] and plain[0].config.harmonizer == "none"
+    assert expand({**grid, "variants": {}})[0].out == runs[0].out  # an empty mapping is no variants
+    with pytest.raises(ConfigError, match="'variants' must map"):
+        expand({**grid, "variants": ["none", "gh"]})
+
+
+def test_report_on_a_folder_without_runs_says_so(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["report", str(empty)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"{empty} holds no run records (metrics.jsonl); nothing to report")
+    assert len(err.splitlines()) == 1
+    write_labels(empty / "abc", "t", "dann", "none", 0)  # labelled but never started: still nothing
+    assert main(["report", str(empty)]) == 2
+    assert sorted(p.name for p in empty.iterdir()) == ["abc"]  # no report written
+    with pytest.raises(ConfigError, match="nothing to report"):
+        collect(empty)
+
+
+def test_a_run_whose_folder_is_being_written_is_busy_not_failed(tmp_path):
+    grid = {**tiny_grid(tmp_path), "seeds": [0]}
+    taken = expand(grid)[0]
+    with RunFolderLock(taken.out):  # as an orphan of a killed sweep would hold it
+        counts = run_grid(grid, workers=1)
+    assert counts == {"done": 1, "failed": 0, "busy": 1}
+    assert not (taken.out / "error.txt").exists()
+    assert run_status(taken.out, taken.config.steps) == "pending"
+    assert run_grid(grid, workers=1) == {"done": 2, "failed": 0}  # the next sweep picks it up
+    assert run_status(taken.out, taken.config.steps) == "done"
 
 
 def test_sweep_runs_once_then_skips_and_reports(tmp_path):
@@ -111,6 +160,10 @@ def test_run_status_and_labels_are_read_from_the_folder(tmp_path):
     write_error(folder, "Traceback: boom")
     assert run_status(folder, 10) == "failed"
     (folder / "metrics.jsonl").write_text(_finished_record(5, 0.5) + _finished_record(10, 0.6))
+    # killed between its final evaluation and its final checkpoint: the checkpoint is older
+    os.utime(folder / "last.pt", ns=(1, 1))
+    assert run_status(folder, 10) == "partial"
+    (folder / "last.pt").write_bytes(b"")  # the final checkpoint, saved after the final evaluation
     assert run_status(folder, 10) == "done"
 
 

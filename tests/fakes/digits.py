@@ -126,3 +126,22 @@ def write_fake_data_root(root: str | Path, count: int = 20, seed: int = 0) -> Pa
         write_mnistm_pngs(root, split, *fake_images(count, 32, 3, s + 4))
         write_svhn_mat(root, split, *fake_images(count, 32, 3, s + 6))
     return root
+
+
+def listing(root: str | Path) -> dict[str, tuple[int, int]]:
+    """Every file and folder under ``root`` (relative path -> size and modification time in ns):
+    equal before and after iff nothing under ``root`` was created, changed or removed."""
+    root = Path(root)
+    out = {}
+    for path in sorted(root.rglob("*")):
+        stat = path.lstat()
+        out[str(path.relative_to(root))] = (stat.st_size if path.is_file() else 0, stat.st_mtime_ns)
+    return out
+
+
+def truncate_file(path: str | Path, keep: float = 0.5) -> Path:
+    """Cut ``path`` to the first ``keep`` share of its bytes (a download that stopped half-way)."""
+    path = Path(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    return path

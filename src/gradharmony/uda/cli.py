@@ -5,8 +5,10 @@ Every field of :class:`gradharmony.uda.config.TrainConfig` is a ``train`` flag (
 a recipe and flags given on the command line override it.  The resolved configuration is saved as
 ``<out>/config.yaml``.
 
-A mistake (a bad flag, recipe, checkpoint or dataset) ends in one line on stderr,
-``gradharmony: error: ...``, and exit status 2; an interrupted run ends with status 130.
+A mistake (a bad flag, value, recipe, checkpoint, dataset or ``--out``, a run folder that another
+process is writing, a run that diverged) ends in one line on stderr, ``gradharmony: error: ...``,
+and exit status 2; ``--debug`` (before or after the command) shows the traceback instead.  An
+interrupted run ends with status 130; anything else (a bug) keeps its traceback (status 1).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import contextlib
 import dataclasses
 import difflib
+import errno
 import os
 import re
 import sys
@@ -27,13 +30,44 @@ from typing import Any
 import yaml
 
 from gradharmony.harmonize import check_mode
-from gradharmony.uda.config import ConfigError, TrainConfig, field_choices, unknown_name_message, yaml_error_line
+from gradharmony.uda.config import (
+    ConfigError,
+    TrainConfig,
+    field_choices,
+    field_range,
+    unknown_name_message,
+    yaml_error_line,
+)
 from gradharmony.uda.data import DOMAIN_NAMES, SPLITS, DatasetFormatError, DatasetNotFoundError
+from gradharmony.uda.runs import RunFolderBusy
 
 # Fields with their own flag spelling or parsing.
 SPECIAL_FIELDS = ("method_params", "progress")
-#: Errors of the user's input: reported in one line with exit status 2, never as a traceback.
-USER_ERRORS = (ConfigError, DatasetNotFoundError, DatasetFormatError, FileNotFoundError)
+#: Errors of the user's input: reported in one line with exit status 2, never as a traceback
+#: (see :func:`user_error_message`, which also takes file-system errors and divergence).
+USER_ERRORS = (ConfigError, RunFolderBusy, DatasetNotFoundError, DatasetFormatError)
+#: ``OSError`` numbers that are about the file system the user pointed at (a path that is missing,
+#: not a folder, not writable, full, ...): one line naming the path and the reason.
+FILE_SYSTEM_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "EACCES",
+        "EPERM",
+        "ENOENT",
+        "ENOTDIR",
+        "EISDIR",
+        "EEXIST",
+        "EROFS",
+        "ENOSPC",
+        "EDQUOT",
+        "ENAMETOOLONG",
+        "ELOOP",
+        "EXDEV",
+        "ENOTEMPTY",
+        "EBUSY",
+    )
+    if hasattr(errno, name)
+)
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -96,7 +130,9 @@ def _help_text(field: dataclasses.Field, default: Any) -> str:
     if field.name == "source":
         text += f": {domain_help()}"
     shown = "none" if default is None else str(default).lower() if isinstance(default, bool) else default
-    return (text + f" (default: {shown})").replace("%", "%%")
+    allowed = field_range(field)
+    detail = f"{allowed}; default: {shown}" if allowed else f"default: {shown}"
+    return (text + f" ({detail})").replace("%", "%%")
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -211,22 +247,56 @@ def device_line(name: str, threads: int | None = None) -> str:
     return f"device: {device} ({why})"
 
 
+def check_run_folder(out: str | os.PathLike) -> None:
+    """Refuse, before anything is written, an ``--out`` that cannot become a run folder.
+
+    A :class:`ConfigError` names the path and why: it is a file, or the nearest folder above it
+    that exists is a file or is not writable.  Creates nothing.
+    """
+    path = Path(out)
+    if path.exists():
+        if not path.is_dir():
+            raise ConfigError(f"--out {out} is a file, not a folder")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError(f"--out {out}: the run folder is not writable (permission denied)")
+        return
+    parent = path.absolute().parent
+    while not parent.exists() and parent != parent.parent:  # the nearest existing folder above
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"--out {out}: cannot create the run folder: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: cannot create the run folder: {parent} is not writable (permission denied)")
+
+
+def _percent(value: Any) -> str:
+    return f"{100 * value:.2f}%" if isinstance(value, (int, float)) else "n/a"
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    """``gradharmony train``: say which device, then train (or resume) one configuration."""
-    from gradharmony.uda.engine import TrainingDiverged, train
+    """``gradharmony train``: say which device, then train (or resume) one configuration.
+
+    A run that had already finished is not trained again: its stored result is printed, and
+    nothing in its folder changes.
+    """
+    from gradharmony.uda.engine import train
 
     cfg = config_from_args(args)
+    check_run_folder(cfg.out)
     print(device_line(cfg.device, cfg.threads), flush=True)
-    try:
-        result = train(cfg)
-    except TrainingDiverged as e:
-        print(f"gradharmony: training diverged: {e}", file=sys.stderr)
-        return 1
-    print(
-        f"finished {result['steps']} steps: target accuracy last {100 * result['last_target_acc']:.2f}%, "
-        f"best {100 * result['best_target_acc']:.2f}% (step {result['best_step']}, selected on target "
-        f"test labels as in the literature); log: {Path(cfg.out) / 'metrics.jsonl'}"
+    result = train(cfg)
+    accuracy = (
+        f"target accuracy last {_percent(result.get('last_target_acc'))}, "
+        f"best {_percent(result.get('best_target_acc'))} (step {result.get('best_step')}, selected on target "
+        f"test labels"
     )
+    if result.get("already_finished"):
+        print(
+            f"already finished: {cfg.method}+{cfg.harmonizer} {cfg.source}->{cfg.target} seed {cfg.seed}, "
+            f"{result.get('steps', cfg.steps)} steps: {accuracy}); nothing was changed in {cfg.out}"
+        )
+        return 0
+    print(f"finished {result['steps']} steps: {accuracy} as in the literature); log: {Path(cfg.out) / 'metrics.jsonl'}")
     return 0
 
 
@@ -256,7 +326,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         ) from None
     del state
     target = args.target or cfg.target
-    domain = load_eval_domain(cfg, target, args.split, args.data_root or cfg.data_root)
+    domain = load_eval_domain(cfg, target, args.split, args.data_root or cfg.data_root, cache_dir=args.cache_dir)
     device = resolve_device(args.device)
     input_shape = tuple(domain.images.shape[1:]) if hasattr(domain, "images") else tuple(domain[0][0].shape)
     run = load_run(args.checkpoint, domain.num_classes, input_shape, device)
@@ -296,9 +366,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             )
         return 0
     counts = run_grid(grid, workers=args.workers, retry_failed=args.retry_failed)
-    md, _ = write_report(grid["out"])
-    print(f"runs: {counts}; report: {md}")
-    return 1 if counts.get("failed") else 0
+    try:
+        md, _ = write_report(grid["out"])
+        report = f"report: {md}"
+    except ConfigError as error:  # e.g. every run failed before its first evaluation
+        report = f"no report: {error}"
+    print(f"runs: {counts}; {report}")
+    if counts.get("busy"):
+        print(
+            f"{counts['busy']} run(s) were being written by another process and were left to it; "
+            "run the same command again once it has finished"
+        )
+    return 1 if counts.get("failed") or counts.get("busy") else 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -353,6 +432,9 @@ def _domain_name(value: str) -> str:
     return value
 
 
+DEBUG_HELP = "on an error, show the full traceback instead of the one-line message"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``gradharmony`` parser: one subcommand per job, every flag with its help."""
     parser = Parser(
@@ -360,6 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Gradient Harmonization (GH, GH++) for unsupervised domain "
         "adaptation: train, evaluate, sweep, report, demo.",
     )
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = sub.add_parser(
@@ -398,6 +481,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--split", default="test", choices=SPLITS, help="which split of the domain: %(choices)s (default: %(default)s)"
     )
     ev.add_argument("--data-root", type=Path, help="folder holding the datasets (default: the run's data root)")
+    ev.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="folder for decoded and generated datasets (default: $GRADHARMONY_CACHE_DIR, else the user cache)",
+    )
     ev.add_argument(
         "--device",
         default="auto",
@@ -483,6 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder for the dataset cache (default: $GRADHARMONY_DATA_ROOT, else ./data)",
     )
     demo.set_defaults(func=cmd_demo, parser=demo)
+    for command in (train, ev, sweep, report, demo):  # --debug also after the command
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
 
 
@@ -494,26 +584,94 @@ def _refuse_unknown(parser: argparse.ArgumentParser, unknown: list[str]) -> typi
     parser.error(f"unrecognized arguments: {' '.join(unknown)}{maybe}")
 
 
+def one_line(message: object) -> str:
+    r"""``message`` on one line: its lines joined (``Looked at:`` followed by its paths, ``;`` between items).
+
+    Example:
+        >>> one_line("dataset 'usps' not found. Looked at:\n  /data/usps.h5 (missing)\n  /data/usps (missing)")
+        "dataset 'usps' not found. Looked at: /data/usps.h5 (missing); /data/usps (missing)"
+    """
+    text = ""
+    for line in str(message).splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        if not text:
+            text = line
+        elif text.endswith((":", ".", ";", ",")):
+            text += " " + line
+        else:
+            text += "; " + line
+    return text
+
+
+def _method_refusal(error: BaseException) -> str | None:
+    """The name of the UDA method whose constructor raised ``error`` (its own range checks), if one did."""
+    from gradharmony.uda.methods import Method
+
+    tb = error.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        owner = frame.f_locals.get("self") if frame.f_code.co_name == "__init__" else None
+        if isinstance(owner, Method):
+            return type(owner).name or type(owner).__name__
+        tb = tb.tb_next
+    return None
+
+
+def user_error_message(error: BaseException) -> str | None:
+    """The one-line message of an error the user can fix, or ``None`` for anything else (a bug).
+
+    User errors: a configuration or checkpoint (:class:`ConfigError`), a run folder that another
+    process is writing, a dataset that is missing or unreadable, invalid YAML, a file-system error
+    on a path (missing, not a folder, not writable, full, ...), a run that diverged, and a
+    method's own refusal of its hyper-parameters.
+    """
+    from gradharmony.uda.engine import TrainingDiverged
+
+    if isinstance(error, USER_ERRORS):
+        return one_line(error)
+    if isinstance(error, TrainingDiverged):
+        return f"training diverged: {one_line(error)}"
+    if isinstance(error, yaml.YAMLError):
+        return f"invalid YAML: {yaml_error_line(error)}"
+    if isinstance(error, OSError) and error.errno in FILE_SYSTEM_ERRNOS and error.filename is not None:
+        where = str(error.filename) + (f" -> {error.filename2}" if error.filename2 is not None else "")
+        return f"cannot use {where}: {error.strerror}"
+    if isinstance(error, FileNotFoundError) and error.errno is None:  # raised by the toolkit with its own words
+        return one_line(error)
+    if isinstance(error, ValueError):
+        method = _method_refusal(error)
+        if method is not None:
+            return f"method_params of {method}: {one_line(error)}"
+    return None
+
+
 def _error(message: str) -> int:
     print(f"gradharmony: error: {message}", file=sys.stderr)
     return 2
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit status (argparse exits with 2 on a bad flag itself)."""
+    """Run the command line; returns the exit status (argparse exits with 2 on a bad flag itself).
+
+    An error the user can fix (:func:`user_error_message`) is one line on stderr and status 2, or
+    with ``--debug`` the traceback; any other exception keeps its traceback.
+    """
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         _refuse_unknown(args.parser, unknown)
     try:
         return args.func(args)
-    except USER_ERRORS as e:  # a bad config, recipe, checkpoint or dataset: say what, no traceback
-        return _error(str(e))
-    except yaml.YAMLError as e:
-        return _error(f"invalid YAML: {yaml_error_line(e)}")
     except KeyboardInterrupt as e:
         print(f"\ngradharmony: {e or 'interrupted'}", file=sys.stderr)
         return 130
+    except Exception as e:
+        message = None if args.debug else user_error_message(e)
+        if message is None:
+            raise
+        return _error(message)
 
 
 if __name__ == "__main__":

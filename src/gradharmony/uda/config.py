@@ -15,11 +15,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import functools
 import hashlib
+import inspect
 import json
+import math
 import numbers
 import os
 import types
@@ -138,6 +141,99 @@ def _checked_value(name: str, hint: Any, value: Any) -> Any:
     raise ConfigError(f"{name} must be {expected}, got {value!r} ({type(value).__name__})")
 
 
+def _hparam_type(method: type, name: str, default: Any) -> tuple[type, bool] | None:
+    """``(type, whether None is allowed)`` of a method's hyper-parameter, or ``None`` if not a plain scalar.
+
+    The constructor's annotation where it names one of ``bool``, ``int``, ``float``, ``str``
+    (optionally ``| None``: ``generator_momentum: float | None = 0.0``); otherwise the type of the
+    default.  Anything else (a sequence, a union of several types) is left to the method.
+    """
+    scalars = (bool, int, float, str)
+    for klass in method.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None or name not in inspect.signature(init).parameters:
+            continue
+        try:
+            hint = typing.get_type_hints(init).get(name)
+        except Exception:  # an annotation that does not resolve here: fall back to the default's type
+            break
+        if hint is None:
+            break
+        args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        kinds = [a for a in args if a is not type(None)]
+        if len(kinds) == 1 and kinds[0] in scalars:
+            return kinds[0], len(kinds) < len(args)
+        return None
+    return (type(default), False) if isinstance(default, scalars) else None
+
+
+def _checked_hparam(method: str, name: str, expected: tuple[type, bool], value: Any) -> Any:
+    """``value`` if it has the hyper-parameter's type (a float also finite), else a :class:`ConfigError`.
+
+    An integer is accepted for a float (and kept as written, which keeps run hashes); a number
+    written as a string (``1e-3``, which YAML reads as a string) becomes a float.
+    """
+    base, optional = expected
+    if value is None and optional:
+        return value
+    is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    fits = {
+        bool: isinstance(value, bool),
+        int: is_number and isinstance(value, numbers.Integral),
+        float: is_number,
+        str: isinstance(value, str),
+    }[base]
+    checked = value
+    if base is float and isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            checked, fits = float(value), True
+    names = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false"}
+    expected_text = names[base] + (" or null" if optional else "")
+    if not fits or (base is float and not math.isfinite(checked)):
+        shown = repr(checked) if fits else f"{value!r} ({type(value).__name__})"
+        raise ConfigError(f"method_params of {method}: {name} must be {expected_text}, got {shown}")
+    return checked
+
+
+_METHOD_CHECKS: dict[str, str | None] = {}
+
+
+def _method_constructor_error(method: str, steps: int, bottleneck_dim: int, params: dict[str, Any]) -> str | None:
+    """What the method's constructor refuses in ``params`` (its ``ValueError`` or ``TypeError``), or ``None``.
+
+    The method is built on the ``meta`` device (no memory, no weights) around a stand-in
+    backbone, with the global random state restored afterwards, so the check changes nothing;
+    results are cached, since sweeps validate the same parameters many times.  Checks that depend
+    on the real backbone (e.g. SSRT's ``sr_layers`` against the ViT's depth) are left to training.
+    """
+    key = json.dumps([method, steps, bottleneck_dim, params], sort_keys=True, default=repr)
+    if key in _METHOD_CHECKS:
+        return _METHOD_CHECKS[key]
+    import torch
+    from torch import nn
+
+    from gradharmony.uda.methods import METHODS
+
+    class StandIn(nn.Module):
+        out_features = 8
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    problem = None
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        try:
+            METHODS[method](StandIn(), 10, steps, bottleneck_dim=bottleneck_dim, **params)
+        except (ValueError, TypeError) as e:
+            problem = " ".join(str(e).split())
+        except Exception:  # e.g. a step the meta device cannot take: the real build will tell
+            problem = None
+    if len(_METHOD_CHECKS) > 4096:
+        _METHOD_CHECKS.clear()
+    _METHOD_CHECKS[key] = problem
+    return problem
+
+
 def _check_image_domain(role: str, name: str) -> None:
     from gradharmony.uda.data.benchmarks import get_benchmark
 
@@ -148,9 +244,94 @@ def _check_image_domain(role: str, name: str) -> None:
         raise ConfigError(f"{role} {name!r}: {e}") from None
 
 
-def _option(default: Any, help: str, *, group: str) -> Any:
-    """A :class:`TrainConfig` field with its one-line help and its section (shown by ``gradharmony train --help``)."""
-    return field(default=default, metadata={"help": help, "group": group})
+def _option(
+    default: Any,
+    help: str,
+    *,
+    group: str,
+    minimum: float | str | None = None,
+    maximum: float | str | None = None,
+    exclusive_minimum: float | None = None,
+    exclusive_maximum: float | None = None,
+) -> Any:
+    """A :class:`TrainConfig` field with its one-line help, its section and its allowed range.
+
+    ``minimum`` and ``maximum`` are inclusive bounds, ``exclusive_minimum`` and
+    ``exclusive_maximum`` exclusive ones; a bound may also name another field (``crop``'s maximum is
+    ``"resize"``).  :meth:`TrainConfig.validate` checks them (and that every float is finite), and
+    ``gradharmony train --help`` shows them (:func:`field_range`).
+    """
+    metadata: dict[str, Any] = {"help": help, "group": group}
+    bounds = {
+        "minimum": minimum,
+        "maximum": maximum,
+        "exclusive_minimum": exclusive_minimum,
+        "exclusive_maximum": exclusive_maximum,
+    }
+    metadata.update({key: value for key, value in bounds.items() if value is not None})
+    return field(default=default, metadata=metadata)
+
+
+def _bound_text(bound: float | str) -> str:
+    return bound if isinstance(bound, str) else f"{bound:g}"
+
+
+def field_range(f: dataclasses.Field) -> str | None:
+    """The allowed values of a numeric :class:`TrainConfig` field in words, or ``None`` if it has no bounds.
+
+    For example ``'> 0'`` (``lr``), ``'in [0, 1)'`` (``momentum``), ``'>= 1 or none'``
+    (``max_weight``), ``'in [1, resize]'`` (``crop``): read from the field's metadata.
+
+    Example:
+        >>> fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+        >>> field_range(fields["momentum"]), field_range(fields["max_weight"]), field_range(fields["method"])
+        ('in [0, 1)', '>= 1 or none', None)
+    """
+    meta = f.metadata
+    low, low_open = (meta["minimum"], False) if "minimum" in meta else (meta.get("exclusive_minimum"), True)
+    high, high_open = (meta["maximum"], False) if "maximum" in meta else (meta.get("exclusive_maximum"), True)
+    if low is None and high is None:
+        return None
+    if low is not None and high is not None:
+        text = f"in {'(' if low_open else '['}{_bound_text(low)}, {_bound_text(high)}{')' if high_open else ']'}"
+    elif low is not None:
+        text = f"{'>' if low_open else '>='} {_bound_text(low)}"
+    else:
+        text = f"{'<' if high_open else '<='} {_bound_text(high)}"
+    optional = _split_optional(_field_types()[f.name])[1]
+    return text + (" or none" if optional else "")
+
+
+def _range_error(cfg: TrainConfig, f: dataclasses.Field) -> str | None:
+    """Why the value of field ``f`` of ``cfg`` is out of its range (or not finite), or ``None`` if it is fine."""
+    value = getattr(cfg, f.name)
+    if value is None or isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    base = _split_optional(_field_types()[f.name])[0]
+    kind = "an integer" if base is int else "a finite number"
+    allowed = field_range(f)
+    message = f"{f.name} must be {kind}{f' {allowed}' if allowed else ''}, got {value!r}"
+    if not math.isfinite(value):
+        return message
+    meta = f.metadata
+    bounds: list[tuple[str, Any]] = []
+    for key in ("minimum", "maximum", "exclusive_minimum", "exclusive_maximum"):
+        if key in meta:
+            bound = meta[key]
+            if isinstance(bound, str):  # another field's value
+                message += f" ({bound} is {getattr(cfg, bound)!r})"
+                bound = getattr(cfg, bound)
+            bounds.append((key, bound))
+    for key, bound in bounds:
+        inside = {
+            "minimum": value >= bound,
+            "maximum": value <= bound,
+            "exclusive_minimum": value > bound,
+            "exclusive_maximum": value < bound,
+        }[key]
+        if not inside:
+            return message
+    return None
 
 
 WHAT = "what to train"
@@ -181,11 +362,19 @@ class TrainConfig:
         "image backbones: 'imagenet' (the standard weights) or a weights file; none: random initialisation",
         group=WHAT,
     )
-    image_size: int = _option(32, "digit domains: images are resized to this many pixels a side", group=WHAT)
+    image_size: int = _option(32, "digit domains: images are resized to this many pixels a side", group=WHAT, minimum=1)
     channels: int = _option(3, "digit domains: 1 (grey) or 3 (RGB)", group=WHAT)
-    resize: int = _option(256, "image benchmarks: resize to this square size, then crop", group=WHAT)
-    crop: int = _option(224, "image benchmarks: crop size (random for training, centre for evaluation)", group=WHAT)
-    bottleneck_dim: int = _option(256, "width of the bottleneck layer between backbone and classifier", group=WHAT)
+    resize: int = _option(256, "image benchmarks: resize to this square size, then crop", group=WHAT, minimum=1)
+    crop: int = _option(
+        224,
+        "image benchmarks: crop size (random for training, centre for evaluation)",
+        group=WHAT,
+        minimum=1,
+        maximum="resize",
+    )
+    bottleneck_dim: int = _option(
+        256, "width of the bottleneck layer between backbone and classifier", group=WHAT, minimum=1
+    )
     method_params: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "the method's own hyper-parameters (name: value)", "group": WHAT}
     )
@@ -211,7 +400,11 @@ class TrainConfig:
         group=HARMONIZATION,
     )
     k: float = _option(
-        0.5, "gh++ and gh++exact: share of the rotation given to the lead gradient, in [0, 1]", group=HARMONIZATION
+        0.5,
+        "gh++ and gh++exact: share of the rotation given to the lead gradient",
+        group=HARMONIZATION,
+        minimum=0,
+        maximum=1,
     )
     lead: str = _option(
         "default",
@@ -222,10 +415,13 @@ class TrainConfig:
         1,
         "measure the harmonizer weights every this many steps and reuse them in between (1: every step)",
         group=HARMONIZATION,
+        minimum=1,
     )
-    max_weight: float | None = _option(None, "cap on each harmonizer weight; none: no cap", group=HARMONIZATION)
+    max_weight: float | None = _option(
+        None, "cap on each harmonizer weight; none: no cap", group=HARMONIZATION, minimum=1
+    )
     trade_off: float = _option(
-        1.0, "weight of the alignment loss: the update is trade_off * align + cls", group=HARMONIZATION
+        1.0, "weight of the alignment loss: the update is trade_off * align + cls", group=HARMONIZATION, minimum=0
     )
     measure_every: int = _option(
         0,
@@ -233,25 +429,30 @@ class TrainConfig:
         "conflicts) every this many steps, for the logs; 0: never (plain training "
         "at full speed)",
         group=HARMONIZATION,
+        minimum=0,
     )
     # optimisation (TLlib's digit recipe: SGD, nesterov, inverse decay)
-    steps: int = _option(3000, "training steps (one source batch and one target batch each)", group=OPTIMISATION)
-    batch_size: int = _option(32, "images per batch, in each domain", group=OPTIMISATION)
-    lr: float = _option(0.01, "initial learning rate of SGD", group=OPTIMISATION)
-    lr_gamma: float = _option(0.001, "learning-rate decay: lr * (1 + lr_gamma * step) ** -lr_decay", group=OPTIMISATION)
-    lr_decay: float = _option(0.75, "learning-rate decay exponent (see --lr-gamma)", group=OPTIMISATION)
-    momentum: float = _option(0.9, "SGD momentum", group=OPTIMISATION)
-    weight_decay: float = _option(1e-3, "SGD weight decay", group=OPTIMISATION)
+    steps: int = _option(
+        3000, "training steps (one source batch and one target batch each)", group=OPTIMISATION, minimum=1
+    )
+    batch_size: int = _option(32, "images per batch, in each domain", group=OPTIMISATION, minimum=1)
+    lr: float = _option(0.01, "initial learning rate of SGD", group=OPTIMISATION, exclusive_minimum=0)
+    lr_gamma: float = _option(
+        0.001, "learning-rate decay: lr * (1 + lr_gamma * step) ** -lr_decay", group=OPTIMISATION, minimum=0
+    )
+    lr_decay: float = _option(0.75, "learning-rate decay exponent (see --lr-gamma)", group=OPTIMISATION, minimum=0)
+    momentum: float = _option(0.9, "SGD momentum", group=OPTIMISATION, minimum=0, exclusive_maximum=1)
+    weight_decay: float = _option(1e-3, "SGD weight decay", group=OPTIMISATION, minimum=0)
     nesterov: bool = _option(True, "Nesterov momentum", group=OPTIMISATION)
     # data
     data_root: str | None = _option(
         None, "folder holding the datasets; none: $GRADHARMONY_DATA_ROOT, else ./data", group=DATA
     )
     source_limit: int | None = _option(
-        None, "use only the first N source training images (shuffled by seed); none: all", group=DATA
+        None, "use only the first N source training images (shuffled by seed); none: all", group=DATA, minimum=1
     )
     target_limit: int | None = _option(
-        None, "use only the first N target training images (shuffled by seed); none: all", group=DATA
+        None, "use only the first N target training images (shuffled by seed); none: all", group=DATA, minimum=1
     )
     cache_dir: str | None = _option(
         None,
@@ -261,15 +462,15 @@ class TrainConfig:
     )
     # evaluation, logging, reproducibility
     eval_every: int = _option(
-        500, "evaluate on the target test split every this many steps (and at the end)", group=RUN
+        500, "evaluate on the target test split every this many steps (and at the end)", group=RUN, minimum=1
     )
     source_eval_size: int = _option(
-        2000, "source test images evaluated at each evaluation (a cheap diagnostic); 0: none", group=RUN
+        2000, "source test images evaluated at each evaluation (a cheap diagnostic); 0: none", group=RUN, minimum=0
     )
     checkpoint_every: int | None = _option(
-        None, "save a checkpoint every this many steps; none: at every evaluation", group=RUN
+        None, "save a checkpoint every this many steps; none: at every evaluation", group=RUN, minimum=1
     )
-    seed: int = _option(0, "random seed of weights, batches and data subsets", group=RUN)
+    seed: int = _option(0, "random seed of weights, batches and data subsets", group=RUN, minimum=0)
     out: str = _option(
         "runs/default",
         "run folder: config.yaml, metrics.jsonl, steps.csv, last.pt; a run whose folder holds a checkpoint resumes",
@@ -287,11 +488,11 @@ class TrainConfig:
     sync_batchnorm: bool = _option(
         False, "several processes (torchrun): batch-norm statistics of the global batch (CUDA)", group=RUN
     )
-    threads: int | None = _option(None, "CPU threads of this run; none: PyTorch's default", group=RUN)
+    threads: int | None = _option(None, "CPU threads of this run; none: PyTorch's default", group=RUN, minimum=1)
     progress: bool = _option(True, "show a progress bar", group=RUN)
     tensorboard: str | None = _option(None, "also log the scalars as TensorBoard events in this folder", group=RUN)
     loader_workers: int = _option(
-        0, "image benchmarks: DataLoader worker processes (0: load in the training process)", group=RUN
+        0, "image benchmarks: DataLoader worker processes (0: load in the training process)", group=RUN, minimum=0
     )
 
     def __post_init__(self) -> None:
@@ -299,10 +500,31 @@ class TrainConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        """Check types, ranges and names; raise a :class:`ConfigError` saying what is accepted."""
+        """Check types, ranges and names; raise a :class:`ConfigError` saying what is accepted.
+
+        Every numeric field must be finite and inside the range written next to it (``minimum``,
+        ``maximum``, ... in its metadata, see :func:`field_range`); the method's hyper-parameters
+        (``method_params``) must have the types of their defaults, be finite, and pass the method's
+        own checks.  Nothing is read or written: a config that passes can start a run.
+
+        Example:
+            >>> TrainConfig(lr=float("nan"))
+            Traceback (most recent call last):
+            ...
+            gradharmony.uda.config.ConfigError: lr must be a finite number > 0, got nan
+            >>> TrainConfig(momentum=1.5)
+            Traceback (most recent call last):
+            ...
+            gradharmony.uda.config.ConfigError: momentum must be a finite number in [0, 1), got 1.5
+        """
         hints = _field_types()
-        for f in dataclasses.fields(self):
+        fields = dataclasses.fields(self)
+        for f in fields:
             setattr(self, f.name, _checked_value(f.name, hints[f.name], getattr(self, f.name)))
+        for f in fields:
+            problem = _range_error(self, f)
+            if problem is not None:
+                raise ConfigError(problem)
         try:
             self.harmonizer = check_mode(self.harmonizer)
         except ValueError as e:
@@ -313,24 +535,12 @@ class TrainConfig:
             raise ConfigError(f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
         if self.lead not in LEAD_CHOICES:
             raise ConfigError(f"lead must be 'align', 'cls' or 'default', got {self.lead!r}")
-        if not 0.0 <= self.k <= 1.0:
-            raise ConfigError(f"k must lie in [0, 1], got {self.k}")
-        for name in ("steps", "batch_size", "eval_every", "refresh_every", "image_size", "channels", "bottleneck_dim"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.channels not in (1, 3):
             raise ConfigError(f"channels must be 1 or 3, got {self.channels}")
-        if self.lr <= 0:
-            raise ConfigError(f"lr must be positive, got {self.lr}")
         if self.amp not in AMP_MODES:
             raise ConfigError(f"amp must be none, bf16 or fp16, got {self.amp!r}")
-        if self.measure_every < 0:
-            raise ConfigError(
-                f"measure_every must be >= 0 (0: never measure under harmonizer none), got {self.measure_every}"
-            )
-        if self.source_eval_size < 0:
-            raise ConfigError(f"source_eval_size must be >= 0, got {self.source_eval_size}")
         self._validate_names()
+        self._validate_method_params()
 
     def _validate_names(self) -> None:
         """Method, its hyper-parameters, backbone and domains: checked before any data is read."""
@@ -364,6 +574,22 @@ class TrainConfig:
         accepted.pop("bottleneck_dim", None)  # a config field of its own
         for key in self.method_params:
             check(f"hyper-parameter of {self.method}", key, accepted)
+
+    def _validate_method_params(self) -> None:
+        """The method's hyper-parameters: the types of their defaults, finite, and accepted by the method."""
+        from gradharmony.uda.methods import METHODS
+
+        cls = METHODS[self.method]
+        defaults = cls.hparam_defaults()
+        checked = {}
+        for key, value in self.method_params.items():
+            expected = _hparam_type(cls, key, defaults[key])
+            checked[key] = value if expected is None else _checked_hparam(self.method, key, expected, value)
+        if any(checked[key] is not value for key, value in self.method_params.items()):
+            self.method_params = checked  # a number written as a string (1e-3 in YAML), now a float
+        problem = _method_constructor_error(self.method, self.steps, self.bottleneck_dim, self.method_params)
+        if problem is not None:
+            raise ConfigError(f"method_params of {self.method}: {problem}")
 
     # ------------------------------------------------------------------ construction
     @classmethod

@@ -19,6 +19,7 @@ from typing import Any
 
 from scipy import stats as scipy_stats
 
+from gradharmony.uda.config import ConfigError
 from gradharmony.uda.runs import METRICS_FILE, labelled_runs, read_metrics
 
 BASELINE = "none"
@@ -56,10 +57,17 @@ def collect(root: str | Path) -> dict[tuple[str, str, str], Cell]:
 
     Two folders with the same labels (a grid changed a variant's config, so its runs got new
     folders next to the old ones) are reported with a warning; the later folder in name order counts.
+
+    Raises:
+        ConfigError: no labelled run folder under ``root`` holds an evaluation record
+            (``metrics.jsonl``): there is nothing to report.
     """
     cells: dict[tuple[str, str, str], Cell] = {}
     seen: dict[tuple[str, str, str, int], Path] = {}
-    for labels, folder in labelled_runs(root):
+    runs = labelled_runs(root)
+    if not any((folder / METRICS_FILE).is_file() for _, folder in runs):
+        raise ConfigError(f"{root} holds no run records ({METRICS_FILE}); nothing to report")
+    for labels, folder in runs:
         key = (labels["task"], labels["method"], labels["variant"])
         cell = cells.setdefault(key, Cell(*key))
         seed = int(labels["seed"])
@@ -290,11 +298,13 @@ def write_report(
     """Write ``report.md`` and ``report.csv`` for the runs under ``root``; returns their paths.
 
     ``cells``: what :func:`collect` already read from ``root``, so that it is not read twice.
+    Raises :class:`~gradharmony.uda.config.ConfigError` (from :func:`collect`) when ``root`` holds
+    no run records, before anything is written.
     """
     root = Path(root)
     out_dir = Path(out_dir) if out_dir else root
-    out_dir.mkdir(parents=True, exist_ok=True)
     cells = collect(root) if cells is None else cells
+    out_dir.mkdir(parents=True, exist_ok=True)
     rows = table_rows(cells)
     md, csv_path = out_dir / "report.md", out_dir / "report.csv"
     text = markdown(rows)

@@ -2,12 +2,14 @@
 
 A run folder (``<out>/`` of one training run) holds:
 
+* ``config.yaml``: the resolved configuration, written first (atomically, by :func:`write_config`)
+  and never rewritten: the folder belongs to that configuration until it is started over;
 * ``metrics.jsonl``: one JSON line per evaluation, and ``steps.csv``: one row per step; the training
-  engine writes both through :class:`RunLog` (their only writer).  Every write is atomic or
-  append-only, and on resume both logs are cut back to the checkpoint's step, so an interrupted and
-  resumed run holds each record once;
-* ``config.yaml``: the resolved configuration, saved by the engine when the run starts;
+  engine writes both through :class:`RunLog` (their only writer), append-only.  Each checkpoint
+  records how far both files reached when it was written (:meth:`RunLog.coverage`); on resume
+  :meth:`RunLog.restore` cuts them back to exactly that, so a resumed run holds each record once;
 * ``last.pt``: the checkpoint (written and read by :mod:`gradharmony.uda.engine.checkpoint`);
+* ``.lock``: the writer lock (:class:`RunFolderLock`), holding the PID of the last writer;
 * in a sweep, ``run.json``: the run's labels (task, method, variant, seed), written by
   :func:`write_labels`, and ``error.txt``: the traceback of a run that failed (:func:`write_error`).
 
@@ -35,6 +37,9 @@ CHECKPOINT_FILE = "last.pt"
 LABELS_FILE = "run.json"
 ERROR_FILE = "error.txt"
 LOCK_FILE = ".lock"
+#: What a run writes into its folder (besides the lock and a sweep's labels); ``--overwrite`` deletes
+#: these, and their temporary files, before starting over.
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, STEPS_FILE, CHECKPOINT_FILE, ERROR_FILE)
 LABEL_KEYS = ("task", "method", "variant", "seed")
 #: What :func:`run_status` answers.
 STATUSES = ("done", "partial", "failed", "pending")
@@ -56,8 +61,36 @@ def _clean(value: Any) -> Any:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file, so that no reader sees half of it."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_config(folder: str | Path, values: dict[str, Any]) -> Path:
+    """Write a run's resolved configuration to ``<folder>/config.yaml``, atomically.
+
+    The engine writes it once, before any record; :func:`read_config` reads it back.
+    """
+    path = Path(folder) / CONFIG_FILE
+    atomic_write_bytes(path, yaml.safe_dump(values, sort_keys=False).encode())
+    return path
+
+
+def remove_run_files(folder: str | Path) -> list[Path]:
+    """Delete what a run wrote into ``folder`` (:data:`RUN_FILES` and their ``.tmp`` files).
+
+    What ``--overwrite`` does, under the writer lock, before a run starts over; the sweep's labels
+    (``run.json``) and the lock file stay.  Returns the files deleted.
+    """
+    removed = []
+    for name in RUN_FILES:
+        for path in (Path(folder) / name, Path(folder) / (name + ".tmp")):
+            if path.is_file():
+                path.unlink()
+                removed.append(path)
+    return removed
 
 
 class RunFolderBusy(RuntimeError):
@@ -122,27 +155,102 @@ class RunFolderLock:
 
 
 class RunLog:
-    """Appends evaluation records to ``metrics.jsonl`` and per-step records to ``steps.csv``."""
+    """Appends evaluation records to ``metrics.jsonl`` and per-step records to ``steps.csv``.
+
+    Step records are queued and appended by :meth:`flush_steps` (before each checkpoint);
+    evaluation records are appended at once.  :meth:`coverage` says how far both files reach (after
+    a flush): a checkpoint stores it, and :meth:`restore` cuts the files back to it on resume, so the
+    records after the checkpoint (written, or half-written, by a run that was then killed) are
+    dropped and produced again.
+    """
 
     def __init__(self, out: Path):
         self.metrics_path = out / METRICS_FILE
         self.steps_path = out / STEPS_FILE
         self.pending_steps: list[dict[str, Any]] = []
+        self.metrics_records = 0
+        self.steps_records = 0
 
-    def truncate_after(self, step: int) -> None:
-        """Drop records of steps >= ``step`` (they will be produced again after a resume)."""
+    # ------------------------------------------------------------------ what a checkpoint covers
+    def coverage(self) -> dict[str, int]:
+        """How far both files reach now: record counts and byte sizes (queued steps not included).
+
+        Example:
+            >>> import tempfile
+            >>> log = RunLog(Path(tempfile.mkdtemp()))
+            >>> log.add_evaluation({"step": 4})
+            >>> log.add_step({"step": 0}); log.flush_steps()
+            >>> log.coverage()
+            {'metrics_records': 1, 'metrics_bytes': 12, 'steps_records': 1, 'steps_bytes': 87}
+        """
+        return {
+            "metrics_records": self.metrics_records,
+            "metrics_bytes": _size(self.metrics_path),
+            "steps_records": self.steps_records,
+            "steps_bytes": _size(self.steps_path),
+        }
+
+    def sync(self) -> None:
+        """Force both files to disk (before a checkpoint that covers them is written)."""
+        for path in (self.metrics_path, self.steps_path):
+            if path.exists():
+                with path.open("rb+") as f:
+                    os.fsync(f.fileno())
+
+    def restore(self, coverage: dict[str, int]) -> None:
+        """Cut both files back to ``coverage`` (from :meth:`coverage`): keep exactly those records.
+
+        Raises :class:`RecordsLost` when a file is shorter than the checkpoint says, or does not end
+        a record where it should: the records were changed since, and the run cannot be resumed
+        exactly.  Queued step records are dropped.
+        """
+        self.pending_steps = []
+        for path, key in ((self.metrics_path, "metrics"), (self.steps_path, "steps")):
+            size, records = int(coverage[f"{key}_bytes"]), int(coverage[f"{key}_records"])
+            if size == 0:
+                path.unlink(missing_ok=True)
+                continue
+            if _size(path) < size or _byte_at(path, size - 1) != b"\n":
+                raise RecordsLost(
+                    f"{path} no longer holds the {records} record(s) that the checkpoint "
+                    f"{path.parent / CHECKPOINT_FILE} covers: the run's records were changed"
+                )
+            os.truncate(path, size)
+        self.metrics_records = int(coverage["metrics_records"])
+        self.steps_records = int(coverage["steps_records"])
+
+    def restore_to_step(self, step: int) -> None:
+        """Cut both files back to a checkpoint of ``step`` that does not record its coverage.
+
+        For checkpoints written before checkpoints recorded it: keep the evaluations of steps up to
+        ``step`` (the evaluation of ``step`` itself came before its checkpoint) and the rows of the
+        steps before it.
+        """
+        self.pending_steps = []
         if self.metrics_path.exists():
             keep = [
                 line
                 for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] < step
+                if line.strip() and _json_step(line) is not None and _json_step(line) <= step
             ]
             atomic_write_bytes(self.metrics_path, "".join(line + "\n" for line in keep).encode())
+            self.metrics_records = len(keep)
         if self.steps_path.exists():
             with self.steps_path.open(newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) < step]
-            self._write_steps(rows, mode="w")
+                rows = [r for r in csv.DictReader(f) if _int_or_none(r.get("step")) is not None]
+            rows = [r for r in rows if int(r["step"]) < step]
+            self.steps_path.unlink()
+            self.steps_records = 0
+            self._write_steps(rows)
 
+    def clear(self) -> None:
+        """Delete both files: records that no checkpoint covers (a run restarting from scratch)."""
+        self.pending_steps = []
+        for path in (self.metrics_path, self.steps_path):
+            path.unlink(missing_ok=True)
+        self.metrics_records = self.steps_records = 0
+
+    # ------------------------------------------------------------------ writing
     def add_step(self, record: dict[str, Any]) -> None:
         """Queue one step's record; :meth:`flush_steps` appends the queue to ``steps.csv``."""
         self.pending_steps.append(record)
@@ -150,22 +258,58 @@ class RunLog:
     def flush_steps(self) -> None:
         """Append the queued step records (the engine calls it before each checkpoint)."""
         if self.pending_steps:
-            self._write_steps(self.pending_steps, mode="a")
+            self._write_steps(self.pending_steps)
             self.pending_steps = []
 
-    def _write_steps(self, rows: Iterable[dict[str, Any]], mode: str) -> None:
-        new_file = mode == "w" or not self.steps_path.exists()
-        with self.steps_path.open(mode, newline="") as f:
+    def _write_steps(self, rows: Iterable[dict[str, Any]]) -> None:
+        rows = list(rows)
+        new_file = _size(self.steps_path) == 0
+        if new_file and not rows:
+            return
+        with self.steps_path.open("w" if new_file else "a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=STEP_FIELDS)
             if new_file:
                 writer.writeheader()
             for row in rows:
                 writer.writerow({k: row.get(k) for k in STEP_FIELDS})
+        self.steps_records += len(rows)
 
     def add_evaluation(self, record: dict[str, Any]) -> None:
         """Append one evaluation record to ``metrics.jsonl`` (NaN and infinity written as null)."""
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(_clean(record)) + "\n")
+        self.metrics_records += 1
+
+
+class RecordsLost(ValueError):
+    """A run folder's records no longer hold what its checkpoint covers."""
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _byte_at(path: Path, offset: int) -> bytes:
+    with path.open("rb") as f:
+        f.seek(offset)
+        return f.read(1)
+
+
+def _json_step(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):  # a half-written last line
+        return None
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -269,14 +413,20 @@ def last_step(folder: str | Path) -> int | None:
 def run_status(folder: str | Path, steps: int) -> str:
     """A run folder's state, read from disk only: one of :data:`STATUSES`.
 
-    ``done``: its last evaluation is at ``steps`` (or later); ``failed``: an error is recorded;
-    ``partial``: a checkpoint exists to resume from; ``pending``: nothing to resume (never started,
-    or stopped before its first checkpoint).
+    ``done``: its last evaluation is at ``steps`` (or later) and the final checkpoint was saved after
+    it; ``failed``: an error is recorded; ``partial``: a checkpoint exists to resume from (a run killed
+    between its final evaluation and its final checkpoint is partial: training it again redoes the
+    end, or finds it finished and changes nothing); ``pending``: nothing to resume (never started, or
+    stopped before its first checkpoint).
     """
     folder = Path(folder)
     step = last_step(folder)
+    checkpoint = folder / CHECKPOINT_FILE
     if step is not None and step >= steps:
-        return "done"
+        saved_after = (
+            checkpoint.exists() and checkpoint.stat().st_mtime_ns >= (folder / METRICS_FILE).stat().st_mtime_ns
+        )
+        return "done" if saved_after else "partial"
     if (folder / ERROR_FILE).exists():
         return "failed"
-    return "partial" if (folder / CHECKPOINT_FILE).exists() else "pending"
+    return "partial" if checkpoint.exists() else "pending"

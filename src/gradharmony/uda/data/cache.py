@@ -1,11 +1,17 @@
 """On-disk cache of decoded or generated domains (uint8 tensors), written atomically.
 
+The cache folder is never inside a data root (data roots are read-only to the toolkit): it is the
+``cache_dir`` given (``TrainConfig.cache_dir``, ``--cache-dir``), else :func:`default_cache_dir`
+(``$GRADHARMONY_CACHE_DIR``, ``$XDG_CACHE_HOME/gradharmony`` or ``~/.cache/gradharmony``).  Entries
+that earlier versions wrote into ``<data_root>/.cache`` are still read when present, never written.
+
 Entries are ``<cache_dir>/<name>-<split>-<key>.pt`` where ``key`` hashes everything that
 determines the tensor: domain, split, size, channels, seed (for generated domains), ``limit``,
 the source files' sizes and modification times, and a version string bumped whenever a
 recipe changes.  A file is written to a temporary name in the same folder and moved into place
 with ``os.replace``, so an interrupted run leaves either the old entry or none, never half of
-one.  An entry that cannot be loaded is reported with a warning and rebuilt.
+one.  Entries are read with ``torch.load(..., weights_only=True)`` (tensors and plain values only,
+nothing in a file runs); an entry that cannot be loaded is reported with a warning and rebuilt.
 """
 
 from __future__ import annotations
@@ -24,26 +30,40 @@ import torch
 log = logging.getLogger(__name__)
 
 
-def is_writable_folder(folder: Path) -> bool:
-    """Whether ``folder`` is a folder we may write into.
+#: Environment variable naming the cache folder (see :func:`default_cache_dir`).
+CACHE_DIR_ENV = "GRADHARMONY_CACHE_DIR"
+#: The folder inside a data root where earlier versions wrote their cache: read, never written.
+LEGACY_CACHE_NAME = ".cache"
 
-    For root, ``os.access`` says yes to every folder, so a folder whose permissions grant no
-    one write access (a read-only shared data copy) counts as not writable.
+
+def default_cache_dir() -> Path:
+    """The cache folder used when none is given: never inside a data root.
+
+    ``$GRADHARMONY_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/gradharmony``, else
+    ``~/.cache/gradharmony``.
+
+    Example:
+        >>> from unittest import mock
+        >>> with mock.patch.dict("os.environ", {"GRADHARMONY_CACHE_DIR": "/tmp/gh-cache"}):
+        ...     print(default_cache_dir())
+        /tmp/gh-cache
     """
-    if not folder.is_dir() or not os.access(folder, os.W_OK):
-        return False
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        return bool(folder.stat().st_mode & 0o222)
-    return True
-
-
-def default_cache_dir(data_root: Path) -> Path:
-    """``<data_root>/.cache`` if the data root exists and is writable, else the user cache
-    (``$XDG_CACHE_HOME/gradharmony`` or ``~/.cache/gradharmony``)."""
-    if is_writable_folder(data_root / ".cache") or is_writable_folder(data_root):
-        return data_root / ".cache"
+    explicit = os.environ.get(CACHE_DIR_ENV)
+    if explicit:
+        return Path(explicit).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "gradharmony"
+    return Path(base).expanduser() / "gradharmony"
+
+
+def resolve_cache_dir(cache_dir: str | Path | None) -> Path:
+    """``cache_dir`` (``~`` expanded) if given, else :func:`default_cache_dir`."""
+    return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+
+
+def legacy_cache_dir(data_root: Path) -> Path:
+    """``<data_root>/.cache``, where earlier versions cached: entries found there are still read
+    (a cache is a cache), but nothing is ever written into a data root."""
+    return Path(data_root) / LEGACY_CACHE_NAME
 
 
 def cache_key(parts: dict[str, Any]) -> str:
@@ -53,6 +73,7 @@ def cache_key(parts: dict[str, Any]) -> str:
 
 
 def cache_path(cache_dir: Path, name: str, split: str, parts: dict[str, Any]) -> Path:
+    """The entry ``<cache_dir>/<name>-<split>-<key of parts>.pt``."""
     return Path(cache_dir) / f"{name}-{split}-{cache_key(parts)}.pt"
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gradharmony.uda.data.cache import cache_path, default_cache_dir, load_cached, save_cached
+from gradharmony.uda.data.cache import cache_path, legacy_cache_dir, load_cached, resolve_cache_dir, save_cached
 from gradharmony.uda.data.domain import Domain
 from gradharmony.uda.data.office_caltech import FEATURE_DOMAINS, load_feature_domain
 from gradharmony.uda.data.registry import DOMAIN_NAMES, DOMAINS, SPLITS, DomainSpec
@@ -58,6 +58,16 @@ def _read_native(
     return torch.from_numpy(images), torch.from_numpy(labels)
 
 
+def _cached(path: Path, legacy: Path) -> tuple[torch.Tensor, torch.Tensor, str] | None:
+    """The entry ``path`` of the cache folder, else the same entry in the data root's legacy
+    ``.cache`` folder (read only), else ``None``."""
+    for candidate in (path, legacy / path.name):
+        if candidate.is_file() and (hit := load_cached(candidate)) is not None:
+            log.debug("cache hit %s", candidate)
+            return hit
+    return None
+
+
 def load_domain(
     name: str,
     split: str = "train",
@@ -83,9 +93,11 @@ def load_domain(
         image_size: output height and width; images are resized bilinearly (antialiased).
         channels: 1 (RGB -> luminance) or 3 (gray repeated).
         seed: seeds the generated domains (``mnistm-synth``, ``syndigits``); ignored by the others.
-        cache_dir: where decoded/generated tensors are cached (default ``<data_root>/.cache`` if
-            the data root is a writable folder, else ``$XDG_CACHE_HOME/gradharmony`` or
-            ``~/.cache/gradharmony``).
+        cache_dir: where decoded/generated tensors are cached (default
+            :func:`~gradharmony.uda.data.cache.default_cache_dir`: ``$GRADHARMONY_CACHE_DIR``, else
+            ``$XDG_CACHE_HOME/gradharmony`` or ``~/.cache/gradharmony``).  Nothing is ever written
+            into ``data_root``; entries an earlier version left in ``<data_root>/.cache`` are
+            still read.
         limit: keep only the first ``limit`` examples of the split (for generated domains: the
             first ``limit`` of the full split, generated alone, so small tests stay fast).
         use_cache: set False to neither read nor write the cache.
@@ -103,7 +115,8 @@ def load_domain(
         return load_feature_domain(name, split, root)
     spec = _check_arguments(name, split, image_size, channels, seed, limit)
     found = spec.locate(split, root)
-    folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir(root)
+    folder = resolve_cache_dir(cache_dir)
+    legacy = legacy_cache_dir(root)
     native_parts = {
         "name": name,
         "split": split,
@@ -126,10 +139,9 @@ def load_domain(
     def make(images: torch.Tensor, labels: torch.Tensor) -> Domain:
         return Domain(name, split, images, labels, spec.num_classes, found.description)
 
-    if use_cache and (hit := load_cached(final_path)) is not None:
-        log.debug("%s %s: cache hit %s", name, split, final_path)
+    if use_cache and (hit := _cached(final_path, legacy)) is not None:
         return make(hit[0], hit[1])
-    hit = load_cached(native_path) if use_cache and not is_native else None
+    hit = _cached(native_path, legacy) if use_cache and not is_native else None
     if hit is not None:
         images, labels = hit[0], hit[1]
     else:

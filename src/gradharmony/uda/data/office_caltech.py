@@ -74,12 +74,15 @@ def load_feature_domain(name: str, split: str = "train", data_root: str | Path |
             f"{name}: no feature file found. Looked at:\n{looked}\n"
             f"Put {WHERE} there (see gradharmony.uda.data.office_caltech)."
         )
+    expected = "a MATLAB file with 'fts' or 'feas' (features [N, D]) and 'labels' (N labels in 1..10)"
     try:
         mat = scipy.io.loadmat(path)
-        features = mat["fts"] if "fts" in mat else mat["feas"]
+        features = np.asarray(mat["fts"] if "fts" in mat else mat["feas"])
         labels = np.asarray(mat["labels"]).ravel().astype(np.int64) - 1
-    except Exception as e:  # truncated or foreign file
-        raise DatasetFormatError(path, "a MATLAB file with 'fts' or 'feas' and 'labels'", e) from e
+    except Exception as e:  # truncated or foreign file: scipy raises many types
+        raise DatasetFormatError(path, expected, e) from e
+    if features.ndim != 2 or len(features) == 0 or not np.issubdtype(features.dtype, np.number):
+        raise DatasetFormatError(path, f"{expected}; got features {features.dtype} {features.shape}")
     if len(features) != len(labels) or labels.min() < 0 or labels.max() > 9:
         raise DatasetFormatError(
             path, f"one label in 1..10 per feature row; got {len(features)} rows and {len(labels)} labels"

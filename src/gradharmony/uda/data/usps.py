@@ -74,10 +74,14 @@ def read_h5(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
         with h5py.File(path, "r") as f:
             data = np.asarray(f[f"{split}/data"][()], dtype=np.float32)
             target = np.asarray(f[f"{split}/target"][()]).astype(np.int64)
-    except (OSError, KeyError, ValueError) as exc:
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:  # what h5py raises on bad files
         raise DatasetFormatError(path, f"HDF5 with datasets {split}/data [N, 256] and {split}/target [N]", exc) from exc
-    if data.ndim != 2 or data.shape[1] != 256 or len(data) != len(target):
-        raise DatasetFormatError(path, f"{split}/data of shape [N, 256] and {split}/target of shape [N]")
+    if data.ndim != 2 or data.shape[1] != 256 or len(data) == 0 or target.shape != (len(data),):
+        raise DatasetFormatError(
+            path,
+            f"{split}/data of shape [N, 256] and {split}/target of shape [N], N > 0; "
+            f"got {data.shape} and {target.shape}",
+        )
     return data, target
 
 

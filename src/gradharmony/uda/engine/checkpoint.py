@@ -1,4 +1,8 @@
-"""Checkpoints: written atomically, read safely.
+"""Checkpoints: written atomically and durably, read safely.
+
+:func:`save_checkpoint` writes ``last.pt.tmp``, forces it to disk, then renames it over
+``last.pt``: a process killed at any moment (even mid-write) leaves the previous checkpoint whole,
+and a leftover ``.tmp`` is simply overwritten by the next save.
 
 A checkpoint holds tensors and plain Python values only (numbers, strings, lists, dicts), and is
 read with ``torch.load(..., weights_only=True)``: a file that needs anything else to unpickle (a
@@ -25,9 +29,16 @@ class CheckpointError(ConfigError):
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write ``state`` so that a crash mid-write never leaves a truncated file in place."""
+    """Write ``state`` so that a crash mid-write never leaves a truncated file in place.
+
+    The state goes to ``<path>.tmp``, is flushed to disk (``fsync``), then replaces ``path`` in one
+    rename: ``path`` is always either the previous checkpoint or the new one, whole.
+    """
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
+    with tmp.open("wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 

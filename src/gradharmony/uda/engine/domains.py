@@ -26,12 +26,17 @@ def _limited(domain: Domain, limit: int | None, seed: int) -> Domain:
 
 
 def load_domains(cfg: TrainConfig) -> dict[str, Domain | Dataset]:
-    """Source train (labelled), target train (labels never used), source and target test."""
+    """Source train (labelled), target train (labels never used), source and target test.
+
+    Digit domains are decoded or generated once and cached in ``cfg.cache_dir`` (default: the
+    user's cache folder, see :func:`gradharmony.uda.data.cache.default_cache_dir`); nothing is
+    written into ``cfg.data_root``.
+    """
     root = Path(cfg.data_root) if cfg.data_root else default_data_root()
     if is_image_task(cfg.source):
         domains = _load_image_domains(cfg, root)
     else:
-        common = dict(data_root=root, image_size=cfg.image_size, channels=cfg.channels)
+        common = dict(data_root=root, image_size=cfg.image_size, channels=cfg.channels, cache_dir=cfg.cache_dir)
         domains = {
             "source": _limited(load_domain(cfg.source, "train", **common), cfg.source_limit, 0),
             "target": _limited(load_domain(cfg.target, "train", **common), cfg.target_limit, 1),
@@ -51,15 +56,32 @@ def is_image_task(name: str) -> bool:
     return ":" in name
 
 
-def load_eval_domain(cfg: TrainConfig, name: str, split: str, data_root: str | Path | None) -> Domain | Dataset:
-    """One domain for evaluation, in the input space the run was trained in."""
+def load_eval_domain(
+    cfg: TrainConfig,
+    name: str,
+    split: str,
+    data_root: str | Path | None,
+    cache_dir: str | Path | None = None,
+) -> Domain | Dataset:
+    """One domain for evaluation, in the input space the run was trained in.
+
+    ``cache_dir``: where a digit domain is cached (default ``cfg.cache_dir``, else the user's cache
+    folder); nothing is written into the data root.
+    """
     root = Path(data_root) if data_root else default_data_root()
     if is_image_task(name):
         from gradharmony.uda.data.image_domains import load_image_domain
 
         benchmark, domain = name.split(":", 1)
         return load_image_domain(benchmark, domain, split, root, train=False, resize=cfg.resize, crop=cfg.crop)
-    return load_domain(name, split, data_root=root, image_size=cfg.image_size, channels=cfg.channels)
+    return load_domain(
+        name,
+        split,
+        data_root=root,
+        image_size=cfg.image_size,
+        channels=cfg.channels,
+        cache_dir=cache_dir if cache_dir is not None else cfg.cache_dir,
+    )
 
 
 def _subset(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
