@@ -15,6 +15,7 @@ import yaml
 from gradharmony.uda.cli import build_parser, main, user_error_message
 from gradharmony.uda.config import ConfigError, TrainConfig, field_range
 from gradharmony.uda.methods import METHODS
+from test_cli_errors import assert_one_line_error
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
@@ -27,16 +28,6 @@ def run_cli(args, capsys) -> tuple[int, str, str]:
         code = e.code
     captured = capsys.readouterr()
     return code, captured.out, captured.err
-
-
-def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
-    lines = err.strip().splitlines()
-    assert code == 2, err
-    assert len(lines) == 1, err
-    assert lines[0].startswith("gradharmony: error: "), err
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, err)
 
 
 # (flags, what the one line must say: the field and its allowed range)

@@ -20,13 +20,17 @@ from typing import Any
 
 import torch
 
+from gradharmony.uda.config import ConfigError
+
 
 class InfiniteBatches:
     """Index batches of ``batch_size`` drawn without replacement within each pass (drop-last)."""
 
     def __init__(self, size: int, batch_size: int, seed: int):
         if size < batch_size:
-            raise ValueError(f"a domain of {size} examples cannot fill a batch of {batch_size}")
+            raise ConfigError(
+                f"a domain of {size} examples cannot fill a batch of {batch_size}: lower --batch-size (or raise the limit)"
+            )
         self.size, self.batch_size = size, batch_size
         self.generator = torch.Generator().manual_seed(seed)
         self.permutation = torch.randperm(size, generator=self.generator)
