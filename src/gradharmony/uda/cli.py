@@ -546,7 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train DANN, DANN+GH and DANN+GH++ on MNIST -> MNIST-M (built offline "
         "from real photos), side by side on the CPU, showing their progress; "
         "then print their target accuracies and plot the gradient geometry. "
-        "About 10 minutes on 2 CPU cores; interrupted, it resumes.",
+        "About 6 minutes on 2 CPU cores; interrupted, it resumes.",
     )
     demo.add_argument(
         "--out",
