@@ -12,15 +12,9 @@ flags go to every ``gradharmony sweep`` (``--workers N``, ``--dry-run``, ``--ret
 
 from __future__ import annotations
 
-import os
 import sys
-from pathlib import Path
 
-from gradharmony.uda.cli import main
-
-ROOT = Path(__file__).resolve().parent.parent
-STAGES = sorted((ROOT / "configs" / "benchmarks").glob("efficientnet_lite_stage*.yaml"))
+from stages import run_stages
 
 if __name__ == "__main__":
-    os.chdir(ROOT)
-    sys.exit(max(main(["sweep", str(stage.relative_to(ROOT)), *sys.argv[1:]]) for stage in STAGES))
+    sys.exit(run_stages("efficientnet_lite", sys.argv[1:]))

@@ -4,9 +4,6 @@ on bad input, and the demo's pool of runs (see also test_cli_errors.py)."""
 from __future__ import annotations
 
 import dataclasses
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -19,6 +16,7 @@ from gradharmony.uda.cli import build_parser, main
 from gradharmony.uda.config import NON_OUTCOME_FIELDS, TrainConfig
 from gradharmony.uda.methods import METHODS
 from gradharmony.uda.runs import read_metrics
+from processes import python_env, run_python
 
 TINY = [
     "--image-size",
@@ -275,10 +273,7 @@ def test_demo_pool_reports_progress_and_exits_without_warnings(tmp_path):
             results = demo._train_all(configs, ["DANN", "DANN+GH++"], steps=4, workers=1)
             print("steps", [r["steps"] for r in results])
     """)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "default"}
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600
-    )
+    done = run_python("-c", script, cwd=tmp_path, env=python_env(PYTHONWARNINGS="default"), timeout=600)
     assert done.returncode == 0, done.stderr
     assert "steps [4, 4]" in done.stdout
     assert "[DANN+GH++] step 4/4: done" in done.stdout  # not a terminal: one log line per change

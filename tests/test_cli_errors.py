@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from gradharmony.uda.cli import main
 from gradharmony.uda.config import ConfigError
+from processes import python_env, run_python
 
 
 def run_cli(args, capsys) -> tuple[int, str]:
@@ -125,15 +124,7 @@ def test_unknown_device(capsys):
 def test_python_m_gradharmony_reports_a_corrupt_checkpoint_without_traceback(tmp_path):
     path = tmp_path / "corrupt.pt"
     path.write_bytes(b"PK\x03\x04 not really a zip archive")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "gradharmony", "eval", "--checkpoint", str(path)],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-        timeout=300,
-    )
+    done = run_python("-m", "gradharmony", "eval", "--checkpoint", str(path), cwd=tmp_path, env=python_env())
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines() == [
@@ -334,14 +325,14 @@ def test_an_already_finished_run_prints_its_stored_result(tmp_path, monkeypatch,
 
 
 def test_python_m_gradharmony_refuses_nan_in_one_line_and_writes_nothing(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = python_env()
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "gradharmony", "train", "--lr", "nan", "--out", str(out)]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    command = ["-m", "gradharmony", "train", "--lr", "nan", "--out", str(out)]
+    done = run_python(*command, cwd=tmp_path, env=env)
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines() == ["gradharmony: error: lr must be a finite number > 0, got nan"]
     assert done.stdout == "" and not out.exists()
-    done = subprocess.run([*command, "--debug"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    done = run_python(*command, "--debug", cwd=tmp_path, env=env)
     assert done.returncode == 1
     assert "Traceback" in done.stderr and "ConfigError: lr must be a finite number > 0, got nan" in done.stderr
     assert not out.exists()

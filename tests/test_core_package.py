@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from processes import run_python
+
 REPO = Path(__file__).resolve().parents[1]
 CORE_MODULES = {
     "gradharmony",
@@ -28,7 +30,7 @@ CORE_MODULES = {
 
 
 def _run_python(code: str, python: str = sys.executable, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([python, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300, **kwargs)
+    return run_python("-c", textwrap.dedent(code), python=python, **kwargs)
 
 
 def _top_level_modules_after(statement: str) -> tuple[set[str], set[str]]:

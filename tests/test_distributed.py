@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn import functional as F
 
+from gh_reference import gh_weights_of
 from gradharmony import GradientReversal, Harmonizer
 
 CASES = [
@@ -201,14 +202,7 @@ class HandSGD:
 
 def gh_by_hand(align, cls, scope, plain):
     """GH's ``(w_align, w_cls)`` from the two gradients over ``scope`` (1, 1 without conflict, or plain)."""
-    ga, gc = (
-        torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, scope)])
-        for grads in (torch.autograd.grad(loss, scope, retain_graph=True, allow_unused=True) for loss in (align, cls))
-    )
-    aa, cc, d = float(ga @ ga), float(gc @ gc), float(ga @ gc)
-    if plain or d >= 0 or aa == 0 or cc == 0:
-        return 1.0, 1.0
-    return 1 - d / aa, 1 - d / cc
+    return (1.0, 1.0) if plain else gh_weights_of(align, cls, scope)
 
 
 def params_of(*modules):

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 
 import pytest
 import torch
@@ -15,6 +13,7 @@ from gradharmony.uda.config import ConfigError, TrainConfig
 from gradharmony.uda.data import Domain
 from gradharmony.uda.engine import CheckpointError, Trainer, TrainingDiverged, train
 from gradharmony.uda.runs import read_metrics, read_steps
+from trainer_faults import nan_cls_loss_from, sigint_during_step
 
 
 def tiny_domain(name: str, split: str, n: int, shift: float, seed: int) -> Domain:
@@ -56,14 +55,7 @@ def config(tmp_path, **overrides) -> TrainConfig:
 def interrupted_run(cfg: TrainConfig, at_step: int) -> None:
     """Run ``cfg`` and press Ctrl-C (a real SIGINT) in the middle of step ``at_step - 1``."""
     trainer = Trainer(cfg, tiny_domains())
-    original = trainer.train_step
-
-    def step_then_interrupt():
-        if trainer.step == at_step - 1:
-            os.kill(os.getpid(), signal.SIGINT)  # arrives mid-step: the step still completes
-        return original()
-
-    trainer.train_step = step_then_interrupt
+    sigint_during_step(trainer, at_step - 1)  # arrives mid-step: the step still completes
     with pytest.raises(KeyboardInterrupt, match="resume"):
         trainer.run()
 
@@ -167,15 +159,7 @@ def test_corrupt_checkpoint_is_reported_by_path(tmp_path):
 def test_nonfinite_steps_are_skipped_then_the_run_stops_with_a_clear_error(tmp_path):
     cfg = config(tmp_path, steps=40, eval_every=20)
     trainer = Trainer(cfg, tiny_domains())
-    original = trainer.model.compute_losses
-
-    def poisoned(xs, ys, xt, step):
-        losses = original(xs, ys, xt, step)
-        if step >= 2:
-            losses.cls = losses.cls * torch.tensor(float("nan"))
-        return losses
-
-    trainer.model.compute_losses = poisoned
+    nan_cls_loss_from(trainer, 2)
     with pytest.raises(TrainingDiverged, match="non-finite") as error:
         trainer.run()
     assert trainer.step == 12  # 2 good steps, then 10 skipped ones

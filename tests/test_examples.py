@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from processes import run_python
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "docs" / "examples"
 
 
 def run_example(name: str, *args: str) -> str:
-    result = subprocess.run([sys.executable, name, *args], cwd=EXAMPLES, capture_output=True, text=True, timeout=300)
+    result = run_python(name, *args, cwd=EXAMPLES)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 

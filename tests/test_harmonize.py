@@ -9,6 +9,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from gh_reference import ghpp_released
 from gradharmony.harmonize import MODES, gramian, harmonize, harmonize_vectors, harmonize_weights
 
 finite = st.floats(min_value=-1e3, max_value=1e3, allow_nan=False, allow_infinity=False)
@@ -100,14 +101,6 @@ def test_vector_helpers_sum_to_the_weighted_form(v, mode, k, lead):
     assert torch.allclose(a2 + c2, expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max() + 1))
 
 
-def _authors_formula(angle_deg: float, k: float) -> tuple[float, float]:
-    """The released GH++ rule, written independently of the library (radians converted here)."""
-    beta = k * (angle_deg - 90.0)
-    lead = 1.0 + 2.0 * math.sin(beta / 2.0 * math.pi / 180.0)
-    other = 1.0 + 2.0 * math.sin((beta + 90.0 - angle_deg) / 2.0 * math.pi / 180.0)
-    return lead, other
-
-
 @settings(max_examples=300, deadline=None)
 @given(vectors, ks)
 def test_ghpp_matches_the_authors_formula_for_both_leads(v, k):
@@ -116,7 +109,7 @@ def test_ghpp_matches_the_authors_formula_for_both_leads(v, k):
     aa, cc, d = gramian(a, c)
     assume(d < 0)
     angle = math.degrees(math.acos(max(-1.0, min(1.0, d / math.sqrt(aa * cc)))))
-    w_lead, w_other = _authors_formula(angle, k)
+    w_lead, w_other = ghpp_released(angle, k)
     # acos is ill-conditioned near 180 degrees: two roundings of cos may differ in the 8th digit there.
     assert harmonize_weights(aa, cc, d, mode="gh++", k=k, lead="align") == pytest.approx((w_lead, w_other), abs=1e-6)
     assert harmonize_weights(aa, cc, d, mode="gh++", k=k, lead="cls") == pytest.approx((w_other, w_lead), abs=1e-6)

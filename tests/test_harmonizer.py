@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from gh_reference import ghpp_weights
 from gradharmony import GradientReversal, Harmonizer
 from gradharmony.harmonize import MODES
 
@@ -112,8 +113,9 @@ def coefficients(update, a, c):
     return float(xy[0]), float(xy[1])
 
 
-def reference_weights(a, c, mode, k=0.5, lead="align"):
-    """(w_align, w_cls) of ``mode`` for the flat gradients a (alignment) and c (classification)."""
+def geometric_weights(a, c, mode, k=0.5, lead="align"):
+    """(w_align, w_cls) of ``mode`` for the flat gradients a (alignment) and c (classification), from
+    their geometry (GH++'s released rule from ``gh_reference``)."""
     d = float(a @ c)
     if mode == "none" or d >= 0:
         return 1.0, 1.0
@@ -126,11 +128,7 @@ def reference_weights(a, c, mode, k=0.5, lead="align"):
     norm_a, norm_c = float(a.norm()), float(c.norm())
     theta = math.acos(d / (norm_a * norm_c))  # radians, obtuse
     if mode == "gh++":  # the authors' released rule, in degrees
-        angle = math.degrees(theta)
-        beta = k * (angle - 90.0)
-        w_lead = 1.0 + 2.0 * math.sin(math.radians(beta / 2.0))
-        w_other = 1.0 + 2.0 * math.sin(math.radians((beta + 90.0 - angle) / 2.0))
-        return (w_lead, w_other) if lead == "align" else (w_other, w_lead)
+        return ghpp_weights(math.degrees(theta), k, lead)
     assert mode == "gh++exact"
     # Orthonormal basis of the plane: e1 along the lead, e2 towards the other.
     u, v = (a, c) if lead == "align" else (c, a)
@@ -222,7 +220,7 @@ def test_update_equals_the_hand_computed_reference(mode, lead, setup):
     modules = model.scope() if scope == "full" else [model.bottleneck]
     ga, gc, _ = per_loss_gradients(model, batch)
     names = scope_names(model, modules)
-    weights = reference_weights(flat(ga, names), flat(gc, names), mode, k=0.3, lead=lead)
+    weights = geometric_weights(flat(ga, names), flat(gc, names), mode, k=0.3, lead=lead)
     if mode != "none":
         assert weights != pytest.approx((1.0, 1.0), abs=1e-3)  # harmonization really acts here
 
@@ -264,7 +262,7 @@ def test_probe_trade_off_harmonizes_the_scaled_alignment_gradient(mode):
     model, batch = make(torch.float64, CONFLICT_SEED)
     ga, gc, _ = per_loss_gradients(model, batch)
     names = scope_names(model, model.scope())
-    weights = reference_weights(0.7 * flat(ga, names), flat(gc, names), mode)  # of (t g_a, g_c)
+    weights = geometric_weights(0.7 * flat(ga, names), flat(gc, names), mode)  # of (t g_a, g_c)
     stats = run(model, batch, mode=mode, strategy="recombine", probe_trade_off=True, trade_off=0.7)
     assert (stats.w_align, stats.w_cls) == pytest.approx(weights, rel=1e-9)
     assert_grads(model, expected_grads(ga, gc, weights, trade_off=0.7))
@@ -316,7 +314,7 @@ def test_refresh_every_reuses_weights_between_refreshes_and_remeasures_on_refres
     for step in range(7):
         batch = another_batch(40 + step)  # seeds 40..46: every refresh batch conflicts
         ga, gc, _ = per_loss_gradients(model, batch)
-        own = reference_weights(flat(ga, names), flat(gc, names), mode, lead=lead)
+        own = geometric_weights(flat(ga, names), flat(gc, names), mode, lead=lead)
         refresh = step % 3 == 0
         if refresh:
             assert own != (1.0, 1.0)
@@ -437,7 +435,7 @@ def test_amp_overflow_step_is_skipped_by_the_scaler():
 def test_features_strategy_measures_the_feature_gramian(mode):
     model, batch = make(torch.float64, CONFLICT_SEED)
     ga, gc, (fa, fc) = per_loss_gradients(model, batch)
-    weights = reference_weights(fa.reshape(-1), fc.reshape(-1), mode)  # the Gramian of dL/df
+    weights = geometric_weights(fa.reshape(-1), fc.reshape(-1), mode)  # the Gramian of dL/df
     assert weights != pytest.approx((1.0, 1.0), abs=1e-3)
     stats = run(model, batch, mode=mode, strategy="features")
     assert stats.conflict and (stats.w_align, stats.w_cls) == pytest.approx(weights, rel=1e-9)

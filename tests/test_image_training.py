@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-
 import pytest
 import torch
 
@@ -12,6 +9,7 @@ from fakes.images import write_benchmark_tree
 from gradharmony.uda.config import ConfigError, TrainConfig
 from gradharmony.uda.engine import Trainer, train
 from gradharmony.uda.runs import read_metrics
+from trainer_faults import sigint_during_step
 
 
 def image_config(tmp_path, root, **overrides) -> TrainConfig:
@@ -50,14 +48,7 @@ def test_office31_trains_evaluates_and_resumes_exactly(tmp_path, office31):
     assert [r["step"] for r in records] == [2, 4] and len(records[-1]["target_per_class_acc"]) == 31
     resumed = image_config(tmp_path / "b", office31)
     trainer = Trainer(resumed)
-    original = trainer.train_step
-
-    def interrupt_in_step_3():
-        if trainer.step == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        return original()
-
-    trainer.train_step = interrupt_in_step_3
+    sigint_during_step(trainer, 2)  # the third step
     with pytest.raises(KeyboardInterrupt):
         trainer.run()
     assert train(resumed)["last_target_acc"] == result["last_target_acc"]

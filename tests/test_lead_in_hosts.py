@@ -4,9 +4,9 @@ GH++ (the authors' released rule) is not symmetric: with the angle :math:`\\thet
 two gradients over the scope and :math:`\\beta = k(\\theta - 90)`, the *lead* loss is weighted
 :math:`1 + 2\\sin(\\beta/2)` and the other :math:`1 + 2\\sin((\\beta + 90 - \\theta)/2)`.  Each test
 wraps the harmonizer's backward: it probes both losses over the scope itself, computes the angle and
-the weights with its own formula below, then reads the gradient the scope actually received and
-solves for the two weights that produced it (``grad = t w_a g_a + w_c g_c``).  So it checks the
-weights the host *applied*, not the harmonizer's report of them, for ``lead="cls"`` and
+the weights with the rule written out in ``gh_reference``, then reads the gradient the scope actually
+received and solves for the two weights that produced it (``grad = t w_a g_a + w_c g_c``).  So it
+checks the weights the host *applied*, not the harmonizer's report of them, for ``lead="cls"`` and
 ``lead="align"``, and that the engine's ``lead: default`` is the host's own lead (MCD: ``cls``,
 SSRT: ``cls``, CDAN: ``align``).
 """
@@ -19,6 +19,7 @@ import pytest
 import torch
 from torch import nn
 
+from gh_reference import flat, flat_grad, ghpp_weights
 from gradharmony import Harmonizer
 from gradharmony.uda.engine import Trainer
 from gradharmony.uda.methods import Batch, Method, StepContext, build_method
@@ -35,20 +36,6 @@ HOSTS = {
 }
 
 
-def ghpp_weights(angle: float, k: float, lead: str) -> tuple[float, float]:
-    """``(w_align, w_cls)`` of the released GH++ rule, written out here (degrees)."""
-    if angle <= 90.0:
-        return 1.0, 1.0
-    beta = k * (angle - 90.0)
-    w_lead = 1.0 + 2.0 * math.sin(math.radians(beta / 2.0))
-    w_other = 1.0 + 2.0 * math.sin(math.radians((beta + 90.0 - angle) / 2.0))
-    return (w_lead, w_other) if lead == "align" else (w_other, w_lead)
-
-
-def flat(grads, params) -> torch.Tensor:
-    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)]).double()
-
-
 class Probe:
     """Wraps ``harmonizer.backward``: the probes before it, the scope's new gradient after it."""
 
@@ -57,8 +44,8 @@ class Probe:
         params, original = harmonizer.scope, harmonizer.backward
 
         def backward(**kwargs):
-            g_align = flat(torch.autograd.grad(kwargs["align"], params, retain_graph=True, allow_unused=True), params)
-            g_cls = flat(torch.autograd.grad(kwargs["cls"], params, retain_graph=True, allow_unused=True), params)
+            g_align = flat_grad(kwargs["align"], params).double()
+            g_cls = flat_grad(kwargs["cls"], params).double()
             held = [None if p.grad is None else p.grad.clone() for p in params]
             stats = original(**kwargs)
             new = [p.grad if h is None else p.grad - h for p, h in zip(params, held)]
@@ -66,7 +53,7 @@ class Probe:
                 {
                     "g_align": g_align,
                     "g_cls": g_cls,
-                    "grad": flat(new, params),
+                    "grad": flat(new, params).double(),
                     "trade_off": kwargs.get("trade_off", 1.0),
                     "stats": stats,
                 }

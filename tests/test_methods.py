@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from gh_reference import reference_weights
 from gradharmony import Harmonizer
 from gradharmony.uda.methods import (
     CDANE,
@@ -75,23 +76,6 @@ def flat_grad(loss: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat([torch.zeros(t.numel(), dtype=torch.float64) for t in tensors])
     gs = torch.autograd.grad(loss, tensors, retain_graph=True, allow_unused=True)
     return torch.cat([(torch.zeros_like(t) if g is None else g).reshape(-1).double() for g, t in zip(gs, tensors)])
-
-
-def reference_weights(
-    g_align: torch.Tensor, g_cls: torch.Tensor, mode: str, lead: str = "align", k: float = 0.5
-) -> tuple[float, float]:
-    """``(w_align, w_cls)`` written from DESIGN.md section 2 (not the library's weight function)."""
-    aa, cc, d = float(g_align @ g_align), float(g_cls @ g_cls), float(g_align @ g_cls)
-    if aa == 0.0 or cc == 0.0 or d >= 0.0:  # a missing gradient, or no conflict: unchanged
-        return 1.0, 1.0
-    if mode == "gh":
-        return 1.0 - d / aa, 1.0 - d / cc
-    assert mode == "gh++"
-    angle = math.degrees(math.acos(max(-1.0, d / math.sqrt(aa * cc))))
-    beta = k * (angle - 90.0)
-    w_lead = 1.0 + 2.0 * math.sin(math.radians(beta / 2.0))
-    w_other = 1.0 + 2.0 * math.sin(math.radians((beta + 90.0 - angle) / 2.0))
-    return (w_lead, w_other) if lead == "align" else (w_other, w_lead)
 
 
 # ----------------------------------------------------------------------------- registry

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from gh_reference import gh_weights_of
 from gradharmony import Harmonizer
 from gradharmony.uda.methods import METHODS, Batch, Losses, Method, StepContext, UpdateResult, build_method
 from gradharmony.uda.methods.dwl import (
@@ -105,20 +106,6 @@ class Recorder:
         return [name for name, _ in self.events]
 
 
-def flat(grads, params) -> torch.Tensor:
-    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)])
-
-
-def authors_gh(loss1: torch.Tensor, loss2: torch.Tensor, params: list[torch.Tensor]) -> tuple[float, float]:
-    """The authors' GH weights (gh1 on loss1, gh2 on loss2), measured over ``params``."""
-    g1 = flat(torch.autograd.grad(loss1, params, retain_graph=True, allow_unused=True), params)
-    g2 = flat(torch.autograd.grad(loss2, params, retain_graph=True, allow_unused=True), params)
-    dot = torch.dot(g1, g2)
-    if dot < 0:
-        return float(1 - dot / g1.dot(g1)), float(1 - dot / g2.dot(g2))
-    return 1.0, 1.0
-
-
 def params_of(*modules: nn.Module) -> list[torch.Tensor]:
     return [p for m in modules for p in m.parameters()]
 
@@ -134,7 +121,7 @@ def probing(harmonizer: Harmonizer, scope: list[torch.Tensor]) -> list[tuple[flo
     backward = harmonizer.backward
 
     def probed(**kwargs):
-        expected.append(authors_gh(kwargs["align"], kwargs["cls"], scope))
+        expected.append(gh_weights_of(kwargs["align"], kwargs["cls"], scope))
         return backward(**kwargs)
 
     harmonizer.backward = probed
@@ -307,7 +294,7 @@ def test_default_update_of_a_single_step_method():
     assert {"backbone", "bottleneck", "classifier", "discriminator"} == moved(before, snapshot(method))
     # by hand on the copy: GH over backbone + bottleneck + classifier, then one SGD step on the weighted loss
     losses = reference.compute_losses(x_s, y_s, x_t, 50)
-    w_align, w_cls = authors_gh(losses.align, losses.cls, params_of(*reference.scope_modules()))
+    w_align, w_cls = gh_weights_of(losses.align, losses.cls, params_of(*reference.scope_modules()))
     assert (result.stats.step, result.stats.trade_off) == (0, trade_off)
     assert (result.stats.w_align, result.stats.w_cls) == pytest.approx((w_align, w_cls), rel=1e-4)
     params = list(reference.parameters())
@@ -425,7 +412,7 @@ def test_mcd_update_equals_the_authors_step_by_hand(strategy):
     loss_a, _ = losses()
     step(generator + heads, loss_a)
     loss_c, disc = losses()
-    gh1, gh2 = authors_gh(loss_c, -disc, generator)  # measured on G, gh1 on loss_c
+    gh1, gh2 = gh_weights_of(loss_c, -disc, generator)  # measured on G, gh1 on loss_c
     step(heads, gh1 * loss_c + gh2 * -disc)
     for _ in range(2):
         step(generator, losses()[1])
@@ -514,8 +501,8 @@ def _gvb_by_hand(ref, x_s, y_s, x_t, step, lr, gh: bool, trade_off: float = 1.0)
     t = ref._terms(x_s, y_s, x_t, step)
     scope = params_of(ref.backbone, ref.bottleneck, ref.classifier)
     bridge_g, bridge_d = t.extra["bridge_g"], t.extra["bridge_d"]
-    w1, w2 = authors_gh(t.align, t.cls, scope) if gh else (1.0, 1.0)
-    w3, w4 = authors_gh(bridge_g, bridge_d, scope) if gh else (1.0, 1.0)
+    w1, w2 = gh_weights_of(t.align, t.cls, scope) if gh else (1.0, 1.0)
+    w3, w4 = gh_weights_of(bridge_g, bridge_d, scope) if gh else (1.0, 1.0)
     total = trade_off * w1 * t.align + w2 * t.cls + w3 * bridge_g + w4 * bridge_d
     params = list(ref.parameters())
     grads = torch.autograd.grad(total, params, allow_unused=True)
@@ -587,15 +574,22 @@ def test_dwl_update_order_and_what_moves():
     assert [id(p) for p in harmonizer.scope] == [id(p) for p in params_of(method.backbone, method.bottleneck)]
 
 
-def test_dwl_phase_three_gradient_is_the_weighted_harmonized_pair():
+def dwl_phase_three_losses():
+    """A DWL (no dropout) on one batch: ``(method, f_s, f_t, adv, dis)``, its features and the
+    phase-three losses of the generator (the reversed domain loss and the discrepancies)."""
     method = make("dwl", disc_dropout=0.0)
     x_s, _, x_t = batch()
-    weight, trade_off = 0.3, 0.9
-    generator = params_of(method.backbone, method.bottleneck)
     f_s, f_t = method.features(x_s), method.features(x_t)
     adv = -method.adv_weight * method._domain_loss(f_s, f_t)
     dis = method._discrepancies(f_t)
-    w_a, w_c = authors_gh(adv, dis, generator)  # probes before T and 1 - T
+    return method, f_s, f_t, adv, dis
+
+
+def test_dwl_phase_three_gradient_is_the_weighted_harmonized_pair():
+    method, f_s, f_t, adv, dis = dwl_phase_three_losses()
+    weight, trade_off = 0.3, 0.9
+    generator = params_of(method.backbone, method.bottleneck)
+    w_a, w_c = gh_weights_of(adv, dis, generator)  # probes before T and 1 - T
     assert w_a != 1.0  # a conflict in this batch
     g_adv = torch.autograd.grad(adv, generator, retain_graph=True)
     g_dis = torch.autograd.grad(dis, generator, retain_graph=True)
@@ -607,13 +601,9 @@ def test_dwl_phase_three_gradient_is_the_weighted_harmonized_pair():
 
 
 def test_dwl_phase_three_without_a_harmonizer_is_the_plain_weighted_sum():
-    method = make("dwl", disc_dropout=0.0)
-    x_s, _, x_t = batch()
+    method, f_s, f_t, adv, dis = dwl_phase_three_losses()
     weight, trade_off = 0.3, 0.9
     generator = params_of(method.backbone, method.bottleneck)
-    f_s, f_t = method.features(x_s), method.features(x_t)
-    adv = -method.adv_weight * method._domain_loss(f_s, f_t)
-    dis = method._discrepancies(f_t)
     g_adv = torch.autograd.grad(adv, generator, retain_graph=True)
     g_dis = torch.autograd.grad(dis, generator, retain_graph=True)
     assert method._generator_backward(None, adv, dis, weight, trade_off, [f_s, f_t]) is None
@@ -622,11 +612,7 @@ def test_dwl_phase_three_without_a_harmonizer_is_the_plain_weighted_sum():
 
 
 def test_dwl_phase_three_losses_reach_the_right_modules():
-    method = make("dwl", disc_dropout=0.0)
-    x_s, _, x_t = batch()
-    f_s, f_t = method.features(x_s), method.features(x_t)
-    adv = -method.adv_weight * method._domain_loss(f_s, f_t)
-    dis = method._discrepancies(f_t)
+    method, _, _, adv, dis = dwl_phase_three_losses()
     for module in (method.backbone, method.bottleneck, method.discriminator):
         assert reaches(adv, module)
     for module in (method.classifier, method.classifier1, method.classifier2):

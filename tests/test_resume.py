@@ -25,7 +25,9 @@ from gradharmony.uda.config import ConfigError
 from gradharmony.uda.engine import Trainer, TrainingDiverged, train
 from gradharmony.uda.engine import checkpoint as checkpoint_module
 from gradharmony.uda.runs import RunFolderBusy, RunFolderLock, RunLog, read_metrics, read_steps
+from processes import python_env
 from test_engine import config, tiny_domains, without_timing
+from trainer_faults import nan_cls_loss_from, sigint_during_step
 
 TESTS = Path(__file__).resolve().parent
 
@@ -67,14 +69,13 @@ class Zygote:
 
     def __init__(self, log: Path):
         self.log = log
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
         self.proc = subprocess.Popen(
             [sys.executable, "-c", ZYGOTE, str(TESTS)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=log.open("w"),
             text=True,
-            env=env,
+            env=python_env(),
         )
         assert self._line() == "ready", self.errors()
 
@@ -356,14 +357,7 @@ def test_config_yaml_is_written_first_and_kept(tmp_path, monkeypatch, one_thread
 
     monkeypatch.setattr(RunLog, "add_evaluation", add)
     interrupted = Trainer(cfg, tiny_domains())
-    original_step = interrupted.train_step
-
-    def step_then_interrupt():
-        if interrupted.step == 5:
-            os.kill(os.getpid(), signal.SIGINT)
-        return original_step()
-
-    interrupted.train_step = step_then_interrupt
+    sigint_during_step(interrupted, 5)
     with pytest.raises(KeyboardInterrupt):
         interrupted.run()
     assert written[0] == [".lock", "config.yaml"]
@@ -417,15 +411,7 @@ def test_a_run_that_diverged_is_retried_from_its_last_checkpoint_exactly(tmp_pat
     are not kept past that checkpoint when the run is started again."""
     cfg = config(tmp_path, steps=20, eval_every=4)
     trainer = Trainer(cfg, tiny_domains())
-    original = trainer.model.compute_losses
-
-    def poisoned(xs, ys, xt, step):
-        losses = original(xs, ys, xt, step)
-        if step >= 6:
-            losses.cls = losses.cls * torch.tensor(float("nan"))
-        return losses
-
-    trainer.model.compute_losses = poisoned
+    nan_cls_loss_from(trainer, 6)
     with pytest.raises(TrainingDiverged, match=r"the last checkpoint, of step 12, is") as error:
         trainer.run()
     assert "10 consecutive steps with non-finite losses" in str(error.value)

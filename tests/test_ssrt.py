@@ -5,8 +5,6 @@ from __future__ import annotations
 import copy
 import io
 import math
-import os
-import signal
 
 import numpy as np
 import pytest
@@ -16,6 +14,7 @@ from torch.nn import functional as F
 
 pytest.importorskip("timm")
 
+from gh_reference import flat_grad, gh_weights, reference_weights
 from gradharmony import Harmonizer
 from gradharmony.uda.methods import METHODS, Batch, Losses, StepContext, UpdateResult, build_method
 from gradharmony.uda.methods.ssrt import (
@@ -83,24 +82,6 @@ def reaches(loss: torch.Tensor, module: nn.Module) -> bool:
     params = [p for p in module.parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
     return any(g is not None and bool(g.abs().sum() > 0) for g in grads)
-
-
-def flat_grad(loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
-    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)])
-
-
-def authors_ghpp(g_align: torch.Tensor, g_cls: torch.Tensor, k: float = 0.5) -> tuple[float, float]:
-    """``(w_align, w_cls)`` of the authors' GH++ with ``cls`` leading (SSRT), written from DESIGN.md section 2."""
-    g_align, g_cls = g_align.double(), g_cls.double()
-    d = float(g_align @ g_cls)
-    if d >= 0:
-        return 1.0, 1.0
-    angle = math.degrees(math.acos(d / float(g_align.norm() * g_cls.norm())))
-    beta = k * (angle - 90.0)
-    w_lead = 1.0 + 2.0 * math.sin(math.radians(beta / 2.0))
-    w_other = 1.0 + 2.0 * math.sin(math.radians((beta + 90.0 - angle) / 2.0))
-    return w_other, w_lead
 
 
 def sr_by_hand(clean: torch.Tensor, perturbed: torch.Tensor, epsilon: float, clean_first: bool) -> torch.Tensor:
@@ -518,9 +499,13 @@ def test_gh_plus_plus_updates_change_parameters_and_stay_finite():
     harmonizer = Harmonizer(mode="gh++", scope=method.scope_modules(), lead="cls")
     # the weights of each call, from its two losses probed over the ViT here (before the harmonizer's probes)
     expected, backward, scope = [], harmonizer.backward, list(method.backbone.parameters())
-    harmonizer.backward = lambda **kw: (
-        expected.append(authors_ghpp(flat_grad(kw["align"], scope), flat_grad(kw["cls"], scope))) or backward(**kw)
-    )
+
+    def probed(**kw):
+        g_align, g_cls = (flat_grad(kw[loss], scope).double() for loss in ("align", "cls"))
+        expected.append(reference_weights(g_align, g_cls, "gh++", lead="cls"))
+        return backward(**kw)
+
+    harmonizer.backward = probed
     before = snapshot(method)
     for i, step in enumerate(range(300, 303)):
         x_s, y_s, x_t = batch(seed=i)
@@ -545,8 +530,7 @@ def test_gh_weights_are_the_authors_measured_over_the_vit():
     t = reference.terms(x_s, y_s, x_t, 600, r=reference.ramp(600))
     params = list(reference.backbone.parameters())
     g1, g2 = flat_grad(t.cls, params), flat_grad(t.align, params)  # loss1 = cls, loss2 = domain + r w sr
-    dot = torch.dot(g1, g2)
-    gh1, gh2 = (1 - dot / g1.dot(g1), 1 - dot / g2.dot(g2)) if dot < 0 else (torch.tensor(1.0), torch.tensor(1.0))
+    gh1, gh2 = gh_weights(g1, g2)
     assert result.stats.w_cls == pytest.approx(float(gh1), rel=1e-4)
     assert result.stats.w_align == pytest.approx(float(gh2), rel=1e-4)
     assert result.logs["cls_loss"] == pytest.approx(t.cls.item(), rel=1e-5)
@@ -631,6 +615,7 @@ def test_trains_and_resumes_exactly_through_the_engine(tmp_path):
     from gradharmony.uda.config import TrainConfig
     from gradharmony.uda.data import Domain
     from gradharmony.uda.engine import Trainer, train
+    from trainer_faults import sigint_during_step
 
     def domain(n: int, shift: float, seed: int) -> Domain:
         g = torch.Generator().manual_seed(seed)
@@ -665,14 +650,7 @@ def test_trains_and_resumes_exactly_through_the_engine(tmp_path):
     result = train(cfg(tmp_path / "a"), domains())
     assert result["steps"] == 6
     trainer = Trainer(cfg(tmp_path / "b"), domains())
-    original = trainer.train_step
-
-    def step_then_interrupt():
-        if trainer.step == 3:
-            os.kill(os.getpid(), signal.SIGINT)  # arrives mid-step: the step completes, then a checkpoint
-        return original()
-
-    trainer.train_step = step_then_interrupt
+    sigint_during_step(trainer, 3)  # arrives mid-step: the step completes, then a checkpoint
     with pytest.raises(KeyboardInterrupt, match="resume"):
         trainer.run()
     assert train(cfg(tmp_path / "b"), domains())["last_target_acc"] == result["last_target_acc"]

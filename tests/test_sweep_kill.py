@@ -24,6 +24,7 @@ import yaml
 
 from fakes.digits import write_fake_data_root
 from gradharmony.uda.sweep import expand, run_grid
+from processes import python_env
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds processes through /proc")
 
@@ -90,7 +91,7 @@ def workers_of(pid: int) -> list[int]:
 
 def start_sweep(grid_path: Path, tmp_path: Path, own_group: bool = False) -> subprocess.Popen:
     """``python -m gradharmony sweep GRID --workers 2`` (in a process group of its own if asked)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = python_env(PYTHONUNBUFFERED="1")
     return subprocess.Popen(
         [sys.executable, "-m", "gradharmony", "sweep", str(grid_path), "--workers", "2"],
         cwd=tmp_path,

@@ -26,7 +26,6 @@ _TOOLKIT_MODULES = (
     "models",
     "plots",
     "report",
-    "runlog",
     "sampler",
     "sweep",
 )

@@ -29,10 +29,15 @@ class World:
     size: int
 
 
-def resolve_world(mode: str, group: dist.ProcessGroup | None = None) -> World | None:
-    """The process group to synchronise over, or ``None`` when running in a single process."""
+def check_distributed(mode: str) -> None:
+    """Raise a clear ``ValueError`` unless ``mode`` is one of :data:`MODES`."""
     if mode not in MODES:
         raise ValueError(f"distributed must be one of {', '.join(MODES)}, got {mode!r}")
+
+
+def resolve_world(mode: str, group: dist.ProcessGroup | None = None) -> World | None:
+    """The process group to synchronise over, or ``None`` when running in a single process."""
+    check_distributed(mode)
     if mode == "off":
         return None
     active = dist.is_available() and dist.is_initialized()

@@ -76,8 +76,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradharmony.distributed import MODES as DISTRIBUTED_MODES
-from gradharmony.distributed import World, average_, averaged_new_gradients, resolve_world, sum_scalars
+from gradharmony.distributed import (
+    World,
+    average_,
+    averaged_new_gradients,
+    check_distributed,
+    resolve_world,
+    sum_scalars,
+)
 from gradharmony.gradients import Grads, accumulate, combine, feature_list, gramian_of, graph_leaves, probe
 from gradharmony.harmonize import HarmonizeResult, check_k_lead, check_mode, harmonize
 from gradharmony.stats import RunningStats, StepStats
@@ -161,8 +167,7 @@ class Harmonizer:
         self.on_nonfinite, self.probe_trade_off = on_nonfinite, probe_trade_off
         self.scope = _scope_parameters(scope) if strategy != "features" else None
         self.parameters = list(parameters) if parameters is not None else None
-        if distributed not in DISTRIBUTED_MODES:
-            raise ValueError(f"distributed must be one of {', '.join(DISTRIBUTED_MODES)}, got {distributed!r}")
+        check_distributed(distributed)
         self.distributed, self.process_group = distributed, process_group
         self.calls = 0
         self.world: World | None = None

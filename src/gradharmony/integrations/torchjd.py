@@ -73,7 +73,7 @@ class GHWeighting(Weighting):
     def forward(self, gramian: torch.Tensor, /) -> torch.Tensor:
         if gramian.shape != (2, 2):
             raise ValueError(f"GH and GH++ weight two losses: expected a 2x2 Gramian, got shape {tuple(gramian.shape)}")
-        aa, d, cc = (float(v) for v in gramian.detach().double().flatten()[[0, 1, 3]].tolist())
+        aa, d, cc = gramian.detach().double().flatten()[[0, 1, 3]].tolist()
         result = harmonize(aa, cc, d, mode=self.mode, k=self.k, lead=self._lead_name, max_weight=self.max_weight)
         return torch.tensor([result.w_align, result.w_cls], dtype=gramian.dtype, device=gramian.device)
 

@@ -33,16 +33,16 @@ from gradharmony.harmonize import check_mode
 from gradharmony.uda.config import (
     ConfigError,
     TrainConfig,
+    check_domain,
     field_choices,
     field_range,
+    field_type,
     unknown_name_message,
     yaml_error_line,
 )
 from gradharmony.uda.data import DOMAIN_NAMES, SPLITS, DatasetFormatError, DatasetNotFoundError
-from gradharmony.uda.runs import RunFolderBusy
+from gradharmony.uda.runs import CHECKPOINT_FILE, METRICS_FILE, RunFolderBusy
 
-# Fields with their own flag spelling or parsing.
-SPECIAL_FIELDS = ("method_params", "progress")
 #: Errors of the user's input: reported in one line with exit status 2, never as a traceback
 #: (see :func:`user_error_message`, which also takes file-system errors and divergence).
 USER_ERRORS = (ConfigError, RunFolderBusy, DatasetNotFoundError, DatasetFormatError)
@@ -93,9 +93,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def _flag_type(field: dataclasses.Field) -> Any:
-    hint = typing.get_type_hints(TrainConfig)[field.name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-    base = args[0]
+    base = field_type(field.name)
     return base if base in (int, float, str) else str
 
 
@@ -296,7 +294,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"{result.get('steps', cfg.steps)} steps: {accuracy}); nothing was changed in {cfg.out}"
         )
         return 0
-    print(f"finished {result['steps']} steps: {accuracy} as in the literature); log: {Path(cfg.out) / 'metrics.jsonl'}")
+    print(f"finished {result['steps']} steps: {accuracy} as in the literature); log: {Path(cfg.out) / METRICS_FILE}")
     return 0
 
 
@@ -304,32 +302,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """``gradharmony eval``: a checkpoint's accuracy and per-class accuracy on a domain."""
     import torch
 
-    from gradharmony.uda.engine import (
-        CheckpointError,
-        evaluate,
-        load_checkpoint,
-        load_eval_domain,
-        load_run,
-        resolve_device,
-    )
+    from gradharmony.uda.engine import evaluate, load_checkpoint, load_eval_domain, load_run, resolve_device
+    from gradharmony.uda.engine.builders import run_config
 
     state = load_checkpoint(args.checkpoint)  # refuses missing, corrupt and code-carrying files
-    try:
-        cfg = TrainConfig.from_dict(state["config"])
-    except (KeyError, TypeError, AttributeError):
-        raise CheckpointError(
-            f"checkpoint {args.checkpoint} is not a gradharmony run checkpoint (it holds no run configuration)"
-        ) from None
-    except ConfigError as e:
-        raise CheckpointError(
-            f"checkpoint {args.checkpoint} holds a configuration this version cannot use: {e}"
-        ) from None
-    del state
+    cfg = run_config(state, args.checkpoint)
     target = args.target or cfg.target
     domain = load_eval_domain(cfg, target, args.split, args.data_root or cfg.data_root, cache_dir=args.cache_dir)
     device = resolve_device(args.device)
     input_shape = tuple(domain.images.shape[1:]) if hasattr(domain, "images") else tuple(domain[0][0].shape)
-    run = load_run(args.checkpoint, domain.num_classes, input_shape, device)
+    run = load_run(args.checkpoint, domain.num_classes, input_shape, device, state=state)
+    del state
     with torch.no_grad():
         result = evaluate(run.model, domain, device)
     print(
@@ -355,10 +338,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from gradharmony.uda.runs import run_status
     from gradharmony.uda.sweep import expand, load_grid, run_grid
 
-    try:
-        grid = load_grid(args.grid)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"grid file {args.grid} is not valid YAML: {yaml_error_line(e)}") from None
+    grid = load_grid(args.grid)
     if args.dry_run:
         for run in expand(grid):
             print(
@@ -410,7 +390,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         seen = set()
         for labels, folder in sorted(labelled_runs(args.runs), key=lambda run: run[0]["seed"]):  # lowest seed per cell
             key = (labels["task"], labels["method"], labels["variant"])
-            if key in seen or not (folder / "last.pt").exists():
+            if key in seen or not (folder / CHECKPOINT_FILE).exists():
                 continue
             seen.add(key)
             name = "_".join(key).replace("->", "_to_").replace("/", "_").replace("+", "p")
@@ -419,16 +399,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def _domain_name(value: str) -> str:
-    if ":" in value:  # an image benchmark's domain
-        from gradharmony.uda.data.benchmarks import get_benchmark
-
-        benchmark, domain = value.split(":", 1)
-        try:
-            get_benchmark(benchmark).domain(domain)
-        except (KeyError, ValueError) as e:
-            raise argparse.ArgumentTypeError(f"{value!r}: {e}") from None
-    elif value not in DOMAIN_NAMES:
-        raise argparse.ArgumentTypeError(unknown_name_message("domain", value, DOMAIN_NAMES))
+    try:
+        check_domain(value)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return value
 
 

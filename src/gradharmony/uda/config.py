@@ -24,10 +24,11 @@ import inspect
 import json
 import math
 import numbers
+import operator
 import os
 import types
 import typing
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,12 @@ def _split_optional(hint: Any) -> tuple[type, bool]:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         return typing.get_origin(args[0]) or args[0], len(args) < len(typing.get_args(hint))
     return typing.get_origin(hint) or hint, False
+
+
+def field_type(name: str) -> type:
+    """The type of :class:`TrainConfig` field ``name``, without ``| None`` (``int`` for ``threads``,
+    ``dict`` for ``method_params``)."""
+    return _split_optional(_field_types()[name])[0]
 
 
 def _checked_value(name: str, hint: Any, value: Any) -> Any:
@@ -234,14 +241,30 @@ def _method_constructor_error(method: str, steps: int, bottleneck_dim: int, para
     return problem
 
 
-def _check_image_domain(role: str, name: str) -> None:
-    from gradharmony.uda.data.benchmarks import get_benchmark
+def _check_name(kind: str, value: str, valid: Collection[str]) -> None:
+    """A :class:`ConfigError` (:func:`unknown_name_message`) unless ``value`` is one of ``valid``."""
+    if value not in valid:
+        raise ConfigError(unknown_name_message(kind, value, valid))
 
-    benchmark, domain = name.split(":", 1)
-    try:
-        get_benchmark(benchmark).domain(domain)
-    except (KeyError, ValueError) as e:
-        raise ConfigError(f"{role} {name!r}: {e}") from None
+
+def check_domain(name: str, role: str | None = None) -> None:
+    """A :class:`ConfigError` unless ``name`` is a digit or feature domain, or an image benchmark's
+    ``benchmark:domain`` (e.g. ``office31:amazon``); ``role`` (``source``, ``target``) is named in it.
+
+    Shared by the validation of a config and the command line's ``eval --target``.
+    """
+    if ":" in name:  # an image benchmark's domain
+        from gradharmony.uda.data.benchmarks import get_benchmark
+
+        benchmark, domain = name.split(":", 1)
+        try:
+            get_benchmark(benchmark).domain(domain)
+        except (KeyError, ValueError) as e:
+            raise ConfigError(f"{f'{role} ' if role else ''}{name!r}: {e}") from None
+    else:
+        from gradharmony.uda.data import DOMAIN_NAMES
+
+        _check_name(f"{role} domain" if role else "domain", name, DOMAIN_NAMES)
 
 
 def _option(
@@ -302,36 +325,30 @@ def field_range(f: dataclasses.Field) -> str | None:
     return text + (" or none" if optional else "")
 
 
+#: Each bound of a field's metadata (see :func:`_option`), and whether a value is inside it.
+_INSIDE = {
+    "minimum": operator.ge,
+    "maximum": operator.le,
+    "exclusive_minimum": operator.gt,
+    "exclusive_maximum": operator.lt,
+}
+
+
 def _range_error(cfg: TrainConfig, f: dataclasses.Field) -> str | None:
     """Why the value of field ``f`` of ``cfg`` is out of its range (or not finite), or ``None`` if it is fine."""
     value = getattr(cfg, f.name)
     if value is None or isinstance(value, bool) or not isinstance(value, numbers.Real):
         return None
-    base = _split_optional(_field_types()[f.name])[0]
-    kind = "an integer" if base is int else "a finite number"
+    bounds = [(key, f.metadata[key]) for key in _INSIDE if key in f.metadata]  # a str bound: another field
+    finite = math.isfinite(value)
+    if finite and all(_INSIDE[key](value, getattr(cfg, b) if isinstance(b, str) else b) for key, b in bounds):
+        return None
+    kind = "an integer" if field_type(f.name) is int else "a finite number"
     allowed = field_range(f)
     message = f"{f.name} must be {kind}{f' {allowed}' if allowed else ''}, got {value!r}"
-    if not math.isfinite(value):
-        return message
-    meta = f.metadata
-    bounds: list[tuple[str, Any]] = []
-    for key in ("minimum", "maximum", "exclusive_minimum", "exclusive_maximum"):
-        if key in meta:
-            bound = meta[key]
-            if isinstance(bound, str):  # another field's value
-                message += f" ({bound} is {getattr(cfg, bound)!r})"
-                bound = getattr(cfg, bound)
-            bounds.append((key, bound))
-    for key, bound in bounds:
-        inside = {
-            "minimum": value >= bound,
-            "maximum": value <= bound,
-            "exclusive_minimum": value > bound,
-            "exclusive_maximum": value < bound,
-        }[key]
-        if not inside:
-            return message
-    return None
+    if finite:
+        message += "".join(f" ({b} is {getattr(cfg, b)!r})" for _, b in bounds if isinstance(b, str))
+    return message
 
 
 WHAT = "what to train"
@@ -529,58 +546,44 @@ class TrainConfig:
             self.harmonizer = check_mode(self.harmonizer)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
-        if self.scope not in SCOPES:
-            raise ConfigError(f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
-        if self.lead not in LEAD_CHOICES:
-            raise ConfigError(f"lead must be 'align', 'cls' or 'default', got {self.lead!r}")
+        choices = field_choices()  # the same names and messages as the command line's
+        for name in ("strategy", "scope", "lead"):
+            _check_name(name, getattr(self, name), choices[name])
         if self.channels not in (1, 3):
             raise ConfigError(f"channels must be 1 or 3, got {self.channels}")
-        if self.amp not in AMP_MODES:
-            raise ConfigError(f"amp must be none, bf16 or fp16, got {self.amp!r}")
-        self._validate_names()
+        _check_name("amp", self.amp, choices["amp"])
+        self._validate_names(choices)
         self._validate_method_params()
 
-    def _validate_names(self) -> None:
-        """Method, its hyper-parameters, backbone and domains: checked before any data is read."""
-        from gradharmony.uda.data import DOMAIN_NAMES
-        from gradharmony.uda.methods import METHODS
+    def _validate_names(self, choices: dict[str, tuple[str, ...]]) -> None:
+        """Method, backbone and domains (``choices``: :func:`field_choices`): checked before any data is read."""
         from gradharmony.uda.models.backbones import IMAGE_BACKBONE_NAMES
 
-        def check(kind: str, value: str, valid) -> None:
-            if value not in valid:
-                raise ConfigError(unknown_name_message(kind, value, valid))
-
-        choices = field_choices()
-        check("method", self.method, choices["method"])
-        check("backbone", self.backbone, choices["backbone"])
+        _check_name("method", self.method, choices["method"])
+        _check_name("backbone", self.backbone, choices["backbone"])
         if self.pretrained is not None and self.backbone not in IMAGE_BACKBONE_NAMES:
             raise ConfigError(
                 f"pretrained weights apply to the image backbones ({', '.join(IMAGE_BACKBONE_NAMES)}), "
                 f"not to {self.backbone!r}"
             )
-        for role, name in (("source", self.source), ("target", self.target)):
-            if ":" in name:  # an image benchmark's domain, e.g. office31:amazon
-                _check_image_domain(role, name)
-            else:
-                check(f"{role} domain", name, DOMAIN_NAMES)
+        check_domain(self.source, "source")
+        check_domain(self.target, "target")
         if (":" in self.source) != (":" in self.target):
             raise ConfigError(
                 f"source {self.source!r} and target {self.target!r} must both be image-benchmark "
                 f"domains (benchmark:domain) or both not"
             )
-        accepted = METHODS[self.method].hparam_defaults()
-        accepted.pop("bottleneck_dim", None)  # a config field of its own
-        for key in self.method_params:
-            check(f"hyper-parameter of {self.method}", key, accepted)
 
     def _validate_method_params(self) -> None:
-        """The method's hyper-parameters: the types of their defaults, finite, and accepted by the method."""
+        """The method's hyper-parameters: names it accepts, the types of their defaults, finite, and
+        accepted by the method's constructor."""
         from gradharmony.uda.methods import METHODS
 
         cls = METHODS[self.method]
         defaults = cls.hparam_defaults()
+        accepted = {key: value for key, value in defaults.items() if key != "bottleneck_dim"}  # a field of its own
+        for key in self.method_params:
+            _check_name(f"hyper-parameter of {self.method}", key, accepted)
         checked = {}
         for key, value in self.method_params.items():
             expected = _hparam_type(cls, key, defaults[key])
@@ -642,10 +645,6 @@ class TrainConfig:
             if k not in NON_OUTCOME_FIELDS and not (k in ADDED_FIELD_DEFAULTS and v == ADDED_FIELD_DEFAULTS[k])
         }
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
-
-    def save(self, path: str | Path) -> None:
-        """Write the config as YAML to ``path``."""
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 def yaml_error_line(error: yaml.YAMLError) -> str:

@@ -78,11 +78,9 @@ def _group_runs(root: Path) -> dict[tuple[str, str], dict[str, list[Path]]]:
     return groups
 
 
-def _mean_curve(folders: list[Path], key: str, smooth: int) -> tuple[np.ndarray, np.ndarray]:
-    curves = []
-    for folder in folders:
-        rows = read_steps(folder)
-        curves.append(np.array([r.get(key, math.nan) for r in rows], dtype=float))
+def _mean_curve(runs: list[list[dict]], key: str, smooth: int) -> tuple[np.ndarray, np.ndarray]:
+    """Step index and the mean over ``runs`` (each a run's :func:`read_steps` rows) of ``key``, smoothed."""
+    curves = [np.array([r.get(key, math.nan) for r in rows], dtype=float) for rows in runs]
     length = min(len(c) for c in curves)
     stacked = np.stack([_smooth(c[:length], smooth) for c in curves])
     # Mean over the seeds that have a value at each step; NaN where none has (unmeasured steps).
@@ -105,12 +103,13 @@ def plot_sweep(root: str | Path, out_dir: str | Path, smooth: int = 100) -> list
         fig, axes = plt.subplots(2, 3, figsize=(16, 8))
         (hist, angle, conflict), (w_align, w_cls, accuracy) = axes
         for variant, folders in sorted(variants.items()):
-            angles = np.concatenate([[r["angle"] for r in read_steps(f) if r.get("measured")] for f in folders])
+            steps_of = [read_steps(f) for f in folders]  # each run's steps.csv, read once
+            angles = np.concatenate([[r["angle"] for r in rows if r.get("measured")] for rows in steps_of])
             angles = angles[np.isfinite(angles)]
             if len(angles):
                 hist.hist(angles, bins=60, histtype="step", density=True, label=variant)
             for ax, key in ((angle, "angle"), (w_align, "w_align"), (w_cls, "w_cls")):
-                x, y = _mean_curve(folders, key, smooth)
+                x, y = _mean_curve(steps_of, key, smooth)
                 ax.plot(x, y, label=variant, linewidth=1.2)
             records = [read_metrics(f) for f in folders if (f / METRICS_FILE).exists()]
             if records:

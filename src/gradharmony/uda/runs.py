@@ -231,14 +231,17 @@ class RunLog:
             keep = [
                 line
                 for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and _json_step(line) is not None and _json_step(line) <= step
+                if line.strip() and (recorded := _json_step(line)) is not None and recorded <= step
             ]
             atomic_write_bytes(self.metrics_path, "".join(line + "\n" for line in keep).encode())
             self.metrics_records = len(keep)
         if self.steps_path.exists():
             with self.steps_path.open(newline="") as f:
-                rows = [r for r in csv.DictReader(f) if _int_or_none(r.get("step")) is not None]
-            rows = [r for r in rows if int(r["step"]) < step]
+                rows = [
+                    r
+                    for r in csv.DictReader(f)
+                    if (row_step := _int_or_none(r.get("step"))) is not None and row_step < step
+                ]
             self.steps_path.unlink()
             self.steps_records = 0
             self._write_steps(rows)

@@ -37,6 +37,7 @@ them back (statuses, labelled folders, logs) is :mod:`gradharmony.uda.runs`'s to
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import multiprocessing as mp
 import os
@@ -55,7 +56,7 @@ from typing import Any
 import yaml
 from tqdm import tqdm
 
-from gradharmony.uda.config import ConfigError, TrainConfig
+from gradharmony.uda.config import ConfigError, TrainConfig, yaml_error_line
 from gradharmony.uda.runs import RunFolderBusy, RunFolderLock, clear_error, write_error, write_labels
 from gradharmony.uda.runs import run_status as folder_status
 
@@ -79,11 +80,17 @@ class PlannedRun:
 
 
 def load_grid(path: str | Path) -> dict[str, Any]:
-    """The grid mapping of a YAML file (see the module's docstring); :func:`expand` checks it."""
+    """The grid mapping of a YAML file (see the module's docstring); :func:`expand` checks it.
+
+    A missing file, invalid YAML or anything but a mapping is a :class:`ConfigError`.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"grid file {path} does not exist")
-    grid = yaml.safe_load(path.read_text()) or {}
+    try:
+        grid = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"grid file {path} is not valid YAML: {yaml_error_line(e)}") from None
     if not isinstance(grid, dict):
         raise ConfigError(f"grid file {path} must hold a mapping")
     return grid
@@ -127,8 +134,9 @@ def expand(grid: dict[str, Any]) -> list[PlannedRun]:
                         "progress": False,
                     }
                     values.setdefault("threads", 1)
-                    cfg = TrainConfig.from_dict(values)
-                    cfg = cfg.with_overrides({"out": str(root / cfg.outcome_hash())})
+                    cfg = TrainConfig.from_dict(copy.deepcopy(values))  # no run shares the grid's dicts
+                    # ``out`` is not in the hash and any path is valid: set, not validated a second time
+                    cfg.out = str(root / cfg.outcome_hash())
                     name = variant if variant is not None else cfg.harmonizer
                     runs.append(PlannedRun(task, method, name, int(seed), cfg))
     return runs
@@ -540,14 +548,13 @@ def run_grid(
     if runs_per_process < 1:
         raise ConfigError(f"runs_per_process must be at least 1, got {runs_per_process}")
     runs = expand(grid)
-    statuses = {id(r): folder_status(r.out, r.config.steps) for r in runs}
-    todo = [
-        r for r in runs if statuses[id(r)] in ("pending", "partial") or (retry_failed and statuses[id(r)] == "failed")
-    ]
+    statuses = [folder_status(r.out, r.config.steps) for r in runs]
+    wanted = ("pending", "partial", "failed") if retry_failed else ("pending", "partial")
+    todo = [r for r, status in zip(runs, statuses) if status in wanted]
     workers = workers or int(grid.get("workers") or 1)
     if workers < 1:
         raise ConfigError(f"workers must be at least 1, got {workers}")
-    done = sum(s == "done" for s in statuses.values())
+    done = statuses.count("done")
     print(
         f"grid: {len(runs)} runs, {done} already done, {len(todo)} to run with {workers} process(es); "
         f"results under {grid['out']}/",
@@ -556,7 +563,7 @@ def run_grid(
     for run in todo:
         _label_run(run)
     _prepare_data(todo)
-    counts = {"done": done, "failed": sum(s == "failed" for s in statuses.values()) if not retry_failed else 0}
+    counts = {"done": done, "failed": 0 if retry_failed else statuses.count("failed")}
     started = time.perf_counter()
     with _Interrupts() as interrupts:
         for i, (run, outcome, note) in enumerate(_run_workers(todo, workers, runs_per_process, interrupts), 1):

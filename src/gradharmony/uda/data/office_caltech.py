@@ -87,5 +87,5 @@ def load_feature_domain(name: str, split: str = "train", data_root: str | Path |
         raise DatasetFormatError(
             path, f"one label in 1..10 per feature row; got {len(features)} rows and {len(labels)} labels"
         )
-    images = torch.from_numpy(_preprocess(kind, np.asarray(features)).astype(np.float32))
+    images = torch.from_numpy(_preprocess(kind, features).astype(np.float32))
     return Domain(name, split, images, torch.from_numpy(labels), 10, f"{path} ({kind})")

@@ -112,18 +112,38 @@ class LoadedRun:
     step: int
 
 
+def run_config(state: dict, path: str | Path) -> TrainConfig:
+    """The configuration a run checkpoint was trained with (``state``: read by :func:`load_checkpoint`).
+
+    A checkpoint without one, or with one this version refuses, is a :class:`CheckpointError`.
+    """
+    try:
+        return TrainConfig.from_dict(state["config"])
+    except (KeyError, TypeError, AttributeError):
+        raise CheckpointError(
+            f"checkpoint {path} is not a gradharmony run checkpoint (it holds no run configuration)"
+        ) from None
+    except ConfigError as e:
+        raise CheckpointError(f"checkpoint {path} holds a configuration this version cannot use: {e}") from None
+
+
 def load_run(
-    checkpoint: str | Path, num_classes: int, input_shape: tuple[int, ...], device: torch.device | str = "cpu"
+    checkpoint: str | Path,
+    num_classes: int,
+    input_shape: tuple[int, ...],
+    device: torch.device | str = "cpu",
+    state: dict | None = None,
 ) -> LoadedRun:
     """Rebuild the model of ``checkpoint`` (read safely: tensors and plain types only), in eval mode.
 
     ``num_classes`` and ``input_shape`` (one example's shape) come from the data it will be
-    evaluated on; a mismatch with the trained weights is a :class:`CheckpointError`.
+    evaluated on; a mismatch with the trained weights is a :class:`CheckpointError`.  ``state``:
+    the checkpoint already read by :func:`load_checkpoint` (it is then not read again).
     """
     path = Path(checkpoint)
-    state = load_checkpoint(path)
+    state = load_checkpoint(path) if state is None else state
+    cfg = run_config(state, path)
     try:
-        cfg = TrainConfig.from_dict(state["config"])
         step = int(state["step"])
         model_state = state["model"]
     except (KeyError, TypeError, ValueError) as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -12,17 +13,16 @@ from gradharmony.uda.data import Domain, default_data_root, load_domain
 from gradharmony.uda.engine.evaluation import num_classes_of
 
 
-def _limited(domain: Domain, limit: int | None, seed: int) -> Domain:
-    if limit is None or limit >= len(domain):
-        return domain
-    keep = torch.randperm(len(domain), generator=torch.Generator().manual_seed(seed))[:limit]
-    return Domain(
-        name=domain.name,
-        split=domain.split,
-        images=domain.images[keep],
-        labels=domain.labels[keep],
-        num_classes=domain.num_classes,
-    )
+def _limited(data: Domain | Dataset, limit: int | None, seed: int) -> Domain | Dataset:
+    """``limit`` examples of ``data`` drawn without replacement (seeded), or ``data`` itself."""
+    if limit is None or limit >= len(data):
+        return data
+    keep = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:limit]
+    if isinstance(data, Domain):
+        return replace(data, images=data.images[keep], labels=data.labels[keep])
+    subset = Subset(data, keep.tolist())
+    subset.num_classes = data.num_classes
+    return subset
 
 
 def load_domains(cfg: TrainConfig) -> dict[str, Domain | Dataset]:
@@ -33,16 +33,16 @@ def load_domains(cfg: TrainConfig) -> dict[str, Domain | Dataset]:
     written into ``cfg.data_root``.
     """
     root = Path(cfg.data_root) if cfg.data_root else default_data_root()
-    if is_image_task(cfg.source):
-        domains = _load_image_domains(cfg, root)
-    else:
-        common = dict(data_root=root, image_size=cfg.image_size, channels=cfg.channels, cache_dir=cfg.cache_dir)
-        domains = {
-            "source": _limited(load_domain(cfg.source, "train", **common), cfg.source_limit, 0),
-            "target": _limited(load_domain(cfg.target, "train", **common), cfg.target_limit, 1),
-            "source_test": _limited(load_domain(cfg.source, "test", **common), cfg.source_eval_size, 2),
-            "target_test": load_domain(cfg.target, "test", **common),
-        }
+
+    def load(name: str, split: str, train: bool) -> Domain | Dataset:
+        return _load(cfg, name, split, root, train=train, cache_dir=cfg.cache_dir)
+
+    domains = {
+        "source": _limited(load(cfg.source, "train", True), cfg.source_limit, 0),
+        "target": _limited(load(cfg.target, "train", True), cfg.target_limit, 1),
+        "source_test": _limited(load(cfg.source, "test", False), cfg.source_eval_size, 2),
+        "target_test": load(cfg.target, "test", False),
+    }
     if num_classes_of(domains["source"]) != num_classes_of(domains["target"]):
         raise ConfigError(
             f"{cfg.source} has {num_classes_of(domains['source'])} classes but {cfg.target} has "
@@ -69,41 +69,19 @@ def load_eval_domain(
     folder); nothing is written into the data root.
     """
     root = Path(data_root) if data_root else default_data_root()
+    return _load(cfg, name, split, root, train=False, cache_dir=cache_dir if cache_dir is not None else cfg.cache_dir)
+
+
+def _load(
+    cfg: TrainConfig, name: str, split: str, root: Path, *, train: bool, cache_dir: str | Path | None
+) -> Domain | Dataset:
+    """One domain in the run's input space: an image benchmark's Dataset (train or evaluation
+    transforms), or a digit or feature :class:`Domain` (cached in ``cache_dir``)."""
     if is_image_task(name):
         from gradharmony.uda.data.image_domains import load_image_domain
 
         benchmark, domain = name.split(":", 1)
-        return load_image_domain(benchmark, domain, split, root, train=False, resize=cfg.resize, crop=cfg.crop)
-    return load_domain(
-        name,
-        split,
-        data_root=root,
-        image_size=cfg.image_size,
-        channels=cfg.channels,
-        cache_dir=cache_dir if cache_dir is not None else cfg.cache_dir,
-    )
-
-
-def _subset(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
-    if limit is None or limit >= len(dataset):
-        return dataset
-    keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:limit]
-    subset = Subset(dataset, keep.tolist())
-    subset.num_classes = dataset.num_classes
-    return subset
-
-
-def _load_image_domains(cfg: TrainConfig, root: Path) -> dict[str, Dataset]:
-    """Image benchmarks through DataLoaders: train transforms for training, evaluation ones for tests."""
-    from gradharmony.uda.data.image_domains import load_image_domain
-
-    def load(name: str, split: str, train: bool) -> Dataset:
-        benchmark, domain = name.split(":", 1)
         return load_image_domain(benchmark, domain, split, root, train=train, resize=cfg.resize, crop=cfg.crop)
-
-    return {
-        "source": _subset(load(cfg.source, "train", True), cfg.source_limit, 0),
-        "target": _subset(load(cfg.target, "train", True), cfg.target_limit, 1),
-        "source_test": _subset(load(cfg.source, "test", False), cfg.source_eval_size, 2),
-        "target_test": load(cfg.target, "test", False),
-    }
+    return load_domain(
+        name, split, data_root=root, image_size=cfg.image_size, channels=cfg.channels, cache_dir=cache_dir
+    )

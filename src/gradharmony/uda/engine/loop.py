@@ -62,6 +62,7 @@ import os
 import random
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,7 @@ from gradharmony.uda.engine.domains import load_domains
 from gradharmony.uda.engine.evaluation import evaluate, num_classes_of
 from gradharmony.uda.engine.process import init_distributed, summary_writer, synchronised_batch_norm
 from gradharmony.uda.methods import Batch, StepContext, UpdateResult
+from gradharmony.uda.methods.steps import norms_finite
 from gradharmony.uda.runs import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
@@ -159,9 +161,7 @@ class Trainer:
         for key in ("source", "target"):  # keep training tensors on the device: no loader overhead
             d = self.domains[key]
             if isinstance(d, Domain):
-                self.domains[key] = Domain(
-                    d.name, d.split, d.images.to(self.device), d.labels.to(self.device), d.num_classes
-                )
+                self.domains[key] = replace(d, images=d.images.to(self.device), labels=d.labels.to(self.device))
         source = self.domains["source"]
         input_shape = tuple(source.images.shape[1:]) if isinstance(source, Domain) else tuple(source[0][0].shape)
         self.model = build_model(cfg, num_classes_of(source), input_shape).to(self.device)
@@ -395,8 +395,7 @@ class Trainer:
     # ------------------------------------------------------------------ finiteness
     def _model_tensors(self) -> list[torch.Tensor]:
         """Every parameter and floating buffer of the model (what a step may make non-finite)."""
-        tensors = [p.detach() for p in self.model.parameters()]
-        return tensors + [b for b in self.model.buffers() if b.is_floating_point()]
+        return [*self.model.parameters(), *(b for b in self.model.buffers() if b.is_floating_point())]
 
     def _state_tensors(self) -> list[torch.Tensor]:
         """The model's tensors and the optimizers' floating state (what a checkpoint holds)."""
@@ -409,11 +408,14 @@ class Trainer:
     def _all_finite(self, tensors: list[torch.Tensor], collective: bool = True) -> bool:
         """Whether every value of ``tensors`` is finite (on every process, if ``collective``).
 
-        The fast test (:func:`_norms_finite`) costs one device synchronisation; only when it fails
-        (a non-finite value, or a norm that overflowed) does the exact one run.
+        The fast test (:func:`~gradharmony.uda.methods.steps.norms_finite`) costs one device
+        synchronisation; only when it fails (a non-finite value, or a norm that overflowed) does the
+        exact one run.
         """
-        for test in (_norms_finite, _values_finite):
-            finite = test(tensors, self.device)
+        if not tensors:
+            return True
+        for test in (norms_finite, _values_finite):
+            finite = test(tensors)
             if collective and self.world > 1:
                 finite = finite.to(torch.float32)
                 dist.all_reduce(finite, op=dist.ReduceOp.MIN)
@@ -500,10 +502,10 @@ class Trainer:
         else:
             self.consecutive_nonfinite += 1
             self.interval["skipped_nonfinite"] += 1
-            record["guards"] = (record.get("guards", "") + "|skipped_step").strip("|")
+            _add_guard(record, "skipped_step")
         state_finite = self._all_finite(self._model_tensors())
         if not state_finite:
-            record["guards"] = (record.get("guards", "") + "|nonfinite_state").strip("|")
+            _add_guard(record, "nonfinite_state")
         record.update(step=self.step, loss_cls=loss_cls, loss_align=loss_align)
         self.interval["loss_cls"] += loss_cls if finite else 0.0
         self.interval["loss_align"] += loss_align if finite else 0.0
@@ -718,30 +720,8 @@ def _covered_metrics(state: dict[str, Any] | None) -> int | None:
     return int(records["metrics_records"]) if records else None
 
 
-def _norms_finite(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """A 0-dim tensor: whether the 2-norm of every tensor is finite.
-
-    One fused reduction (``torch._foreach_norm`` of order 2: the fastest of the reductions tried on
-    CPU, about 0.5-0.7 ms for the 1.7 million values of a LeNet DANN on one thread, where
-    ``isfinite`` takes 12 ms and the order-infinity norm 10 ms), then ``isfinite().all()``; the
-    caller's ``.item()`` is the only device synchronisation.  A NaN or an infinity makes a norm
-    non-finite; so do finite values beyond about 1e19 (their squares overflow float32), which
-    :func:`_values_finite` then tells apart.
-    """
-    if not tensors:
-        return torch.ones((), dtype=torch.bool, device=device)
-    with torch.no_grad():
-        if hasattr(torch, "_foreach_norm"):
-            norms = torch._foreach_norm(tensors, 2)
-        else:  # pragma: no cover - every supported torch has it
-            norms = [torch.linalg.vector_norm(t) for t in tensors]
-        return torch.stack(norms).isfinite().all()
-
-
-def _values_finite(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """A 0-dim tensor: whether every value of ``tensors`` is finite (exact, slower)."""
-    if not tensors:
-        return torch.ones((), dtype=torch.bool, device=device)
+def _values_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """A 0-dim tensor: whether every value of ``tensors`` is finite (exact, slower than :func:`norms_finite`)."""
     with torch.no_grad():
         return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
 
@@ -757,6 +737,11 @@ def _step_record(result: UpdateResult) -> dict[str, Any]:
     }
     record["guards"] = "|".join(result.stats.guards)
     return record
+
+
+def _add_guard(record: dict[str, Any], guard: str) -> None:
+    """Append ``guard`` to the step record's ``|``-separated ``guards``."""
+    record["guards"] = (record.get("guards", "") + "|" + guard).strip("|")
 
 
 def train(cfg: TrainConfig, domains: dict[str, Domain] | None = None) -> dict[str, Any]:

@@ -41,10 +41,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from gradharmony.distributed import MODES as DISTRIBUTED_MODES
-from gradharmony.distributed import World, averaged_new_gradients, resolve_world
+from gradharmony.distributed import World, averaged_new_gradients, check_distributed, resolve_world
 from gradharmony.reversal import GradientReversal
-from gradharmony.uda.methods.steps import pair_backward, zero_grads
+from gradharmony.uda.methods.steps import grads_finite, pair_backward, zero_grads
 from gradharmony.uda.models.heads import Bottleneck, ClassifierHead
 
 if TYPE_CHECKING:
@@ -119,8 +118,7 @@ class StepContext:
     process_group: Any = None
 
     def __post_init__(self) -> None:
-        if self.distributed not in DISTRIBUTED_MODES:
-            raise ValueError(f"distributed must be one of {', '.join(DISTRIBUTED_MODES)}, got {self.distributed!r}")
+        check_distributed(self.distributed)
 
     @property
     def world(self) -> World | None:
@@ -154,6 +152,23 @@ class UpdateResult:
     def finite(self) -> bool:
         """Whether the step was taken: both losses finite."""
         return math.isfinite(self.loss_cls) and math.isfinite(self.loss_align)
+
+    @classmethod
+    def of_phases(
+        cls, stats: StepStats | None, logs: dict[str, float], taken: bool, harmonizer: Harmonizer | None
+    ) -> UpdateResult:
+        """The result of a multi-phase step: the losses are ``logs["cls_loss"]`` and
+        ``logs["transfer_loss"]`` (NaN where absent, and both NaN unless ``taken``, i.e. when a phase
+        was skipped for non-finite gradients); ``guards`` is ``plain`` without a harmonizer,
+        ``no_harmonizer`` if one was given but no phase went through it."""
+        nan = math.nan
+        return cls(
+            stats=stats,
+            loss_cls=logs.get("cls_loss", nan) if taken else nan,
+            loss_align=logs.get("transfer_loss", nan) if taken else nan,
+            logs=logs,
+            guards=("plain",) if harmonizer is None else ("no_harmonizer",) if stats is None else (),
+        )
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -192,7 +207,8 @@ class Method(nn.Module):
     name: ClassVar[str] = ""
     default_lead: ClassVar[str] = "align"
     #: ``True`` for methods that override :meth:`update` with several phases (MCD, GVB-GD, DWL,
-    #: SSRT).  Informational only: the engine calls :meth:`update` for every method alike.
+    #: SSRT); set for every subclass from whether it overrides :meth:`update`.  Informational
+    #: only: the engine calls :meth:`update` for every method alike.
     multi_step: ClassVar[bool] = False
     #: Why the method cannot train data-parallel (``None``: it can); the engine refuses to start
     #: it in several processes with this reason.  The built-in multi-step methods can: every
@@ -225,6 +241,10 @@ class Method(nn.Module):
         self.backbone = backbone
         self.bottleneck = Bottleneck(in_features, bottleneck_dim, dropout=bottleneck_dropout)
         self.classifier: nn.Module = ClassifierHead(bottleneck_dim, num_classes)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.multi_step = cls.update is not Method.update
 
     # ------------------------------------------------------------------ hyper-parameters
     @classmethod
@@ -382,7 +402,7 @@ class Method(nn.Module):
                         None, cls=losses.cls, align=losses.align, trade_off=context.trade_off, scaler=context.scaler
                     )
             guards = ("no_align",) if no_align else ("plain",)
-        logs = dict(losses.logs)
+        logs = losses.logs
         loss_cls = logs["cls_loss"] if "cls_loss" in logs else float(losses.cls.detach())
         loss_align = logs["transfer_loss"] if "transfer_loss" in logs else float(losses.align.detach())
         if context.scaler is not None:  # the scaler skips overflowing steps itself and lowers its scale
@@ -390,13 +410,7 @@ class Method(nn.Module):
                 context.scaler.step(optimizer)
             context.scaler.update()
             return UpdateResult(stats, loss_cls, loss_align, logs, guards)
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        finite = (
-            math.isfinite(loss_cls)
-            and math.isfinite(loss_align)
-            and bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
-        )
-        if finite:
+        if math.isfinite(loss_cls) and math.isfinite(loss_align) and grads_finite(self.parameters()):
             for optimizer in every:
                 optimizer.step()
         else:

@@ -69,7 +69,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from gradharmony.distributed import average_, resolve_world, sum_
+from gradharmony.distributed import World, average_, sum_
 from gradharmony.uda.methods.base import Batch, Losses, Method, StepContext, UpdateResult, scalars
 from gradharmony.uda.methods.mcd import DiscrepancyHead, classifier_discrepancy
 from gradharmony.uda.methods.steps import step_if_finite, zero_grads
@@ -181,7 +181,6 @@ class DWL(Method):
 
     name = "dwl"
     default_lead = "align"
-    multi_step = True
 
     def __init__(
         self,
@@ -304,8 +303,11 @@ class DWL(Method):
         return Losses(cls=cls, align=align, features=torch.cat((f_s, f_t)), logs=logs)
 
     # ------------------------------------------------------------------ the dynamic weight
-    def _accumulate(self, x_s: torch.Tensor, y_s: torch.Tensor, x_t: torch.Tensor) -> None:
-        """After the step: the generator features of both batches (no gradient), then maybe close the window."""
+    def _accumulate(self, x_s: torch.Tensor, y_s: torch.Tensor, x_t: torch.Tensor, world: World | None) -> None:
+        """After the step: the generator features of both batches (no gradient), then maybe close the window.
+
+        ``world``: the step's process group (:attr:`StepContext.world`), whose batches make the global one.
+        """
         with torch.no_grad():
             f_s, f_t = self.features(x_s), self.features(x_t)
             pseudo = self.classifier(f_t).argmax(dim=1)
@@ -318,13 +320,12 @@ class DWL(Method):
             state = self.dwl_state.tolist()
             if self.mmd_per_step:
                 means = [f_s.mean(0), f_t.mean(0)]
-                world = resolve_world("auto")
                 if world is not None:  # the global batch's means (equal batch sizes per process)
                     average_(means, world)
                 self._update_alignment(state, float((means[0] - means[1]).pow(2).sum()))
             state[STEPS] += 1
             if state[STEPS] >= self.stats_window:
-                self._close_window(state)
+                self._close_window(state, world)
             self.dwl_state.copy_(torch.tensor(state, dtype=torch.float64))
 
     @staticmethod
@@ -333,9 +334,8 @@ class DWL(Method):
         state[A_MIN] = min(abs(state[A_MIN]), abs(a))
         state[A_NORM] = abs(a - state[A_MIN]) / (state[A_MAX] - state[A_MIN] + _EPS)
 
-    def _close_window(self, state: list[float]) -> None:
+    def _close_window(self, state: list[float], world: World | None = None) -> None:
         k = self.num_classes
-        world = resolve_world("auto")
         if world is not None:  # the window's statistics over every process's batches: sums add up
             sum_([self.dwl_scatter, self.dwl_class_sums, self.dwl_class_counts], world)
         if not self.mmd_per_step:
@@ -449,17 +449,8 @@ class DWL(Method):
             skipped += not step_if_finite([gen, clf], world=world)
         zero_grads(every)
 
-        self._accumulate(x_s, y_s, x_t)
+        self._accumulate(x_s, y_s, x_t, world)
         logs = scalars(**values)
         state = self.dwl_state.tolist()
         logs.update(dwl_T=weight, dwl_A_norm=state[A_NORM], dwl_J_norm=state[J_NORM], skipped_phases=float(skipped))
-        nan = float("nan")
-        ok = not skipped
-        guards = ("plain",) if harmonizer is None else ("no_harmonizer",) if stats is None else ()
-        return UpdateResult(
-            stats=stats,
-            loss_cls=logs.get("cls_loss", nan) if ok else nan,
-            loss_align=logs.get("transfer_loss", nan) if ok else nan,
-            logs=logs,
-            guards=guards,
-        )
+        return UpdateResult.of_phases(stats, logs, not skipped, harmonizer)

@@ -167,7 +167,6 @@ class GVB(AdversarialMethod):
 
     name = "gvb"
     default_lead = "align"
-    multi_step = True
 
     def __init__(
         self,
@@ -328,11 +327,4 @@ class GVB(AdversarialMethod):
                 bridge_w_cls=bridge_stats.w_cls,
                 bridge_conflict=float(bridge_stats.conflict),
             )
-        nan = float("nan")
-        return UpdateResult(
-            stats=stats,
-            loss_cls=logs["cls_loss"] if finite else nan,
-            loss_align=logs["transfer_loss"] if finite else nan,
-            logs=logs,
-            guards=("plain",) if harmonizer is None else (),
-        )
+        return UpdateResult.of_phases(stats, logs, finite, harmonizer)

@@ -126,7 +126,6 @@ class MCD(Method):
 
     name = "mcd"
     default_lead = "cls"
-    multi_step = True
 
     def __init__(
         self,
@@ -276,11 +275,4 @@ class MCD(Method):
 
         logs = scalars(cls_loss=a.cls, transfer_loss=disc_c, cls_loss_b=b.cls, discrepancy_b=b.align, **a.logs)
         logs.update(generator_updates=float(self.num_k), skipped_phases=float(skipped))
-        nan = float("nan")
-        return UpdateResult(
-            stats=stats,
-            loss_cls=logs["cls_loss"] if not skipped else nan,
-            loss_align=logs["transfer_loss"] if not skipped else nan,
-            logs=logs,
-            guards=("plain",) if harmonizer is None else (),
-        )
+        return UpdateResult.of_phases(stats, logs, not skipped, harmonizer)

@@ -295,7 +295,6 @@ class SSRT(Method):
 
     name = "ssrt"
     default_lead = "cls"
-    multi_step = True
 
     def __init__(
         self,
@@ -562,16 +561,15 @@ class SSRT(Method):
         """Safe-training bookkeeping, one forward, one backward (harmonized, or plain without a
         harmonizer), every optimizer steps."""
         x_s, y_s, x_t, step = batch.source, batch.source_labels, batch.target, context.step
-        optimizers, harmonizer = context.optimizers, context.harmonizer
+        optimizers, harmonizer, world = context.optimizers, context.harmonizer, context.world
         every = list(optimizers.values())
         zero_grads(every)
         events = self._begin_step(step, optimizers)
         t = self.terms(x_s, y_s, x_t, step)
         stats = pair_backward(harmonizer, cls=t.cls, align=t.align, trade_off=context.trade_off, features=t.features)
-        stepped = step_if_finite(every, harmonizer, context.world)
+        stepped = step_if_finite(every, harmonizer, world)
         zero_grads(every)
         predicted = t.extra["target_logits"].detach().argmax(dim=1)
-        world = context.world
         if world is not None:  # the global batch's diversity: every process decides restarts alike
             predicted = gather_rows(predicted, world)
         diversity = int(predicted.unique().numel())
@@ -584,11 +582,4 @@ class SSRT(Method):
             safe_period=float(self.safe.period),
             safe_restores=float(self.safe.restores),
         )
-        nan = float("nan")
-        return UpdateResult(
-            stats=stats,
-            loss_cls=logs["cls_loss"] if stepped else nan,
-            loss_align=logs["transfer_loss"] if stepped else nan,
-            logs=logs,
-            guards=("plain",) if harmonizer is None else (),
-        )
+        return UpdateResult.of_phases(stats, logs, stepped, harmonizer)
