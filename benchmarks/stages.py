@@ -16,8 +16,20 @@ ROOT = Path(__file__).resolve().parent.parent
 GRIDS = ROOT / "configs" / "benchmarks"
 
 
+#: ``gradharmony``'s exit status for an interrupted command (Ctrl-C, SIGTERM).
+INTERRUPTED = 130
+
+
 def run_stages(benchmark: str, args: list[str]) -> int:
-    """Sweep every stage of ``benchmark`` with the flags ``args``; the highest exit status of the stages."""
+    """Sweep every stage of ``benchmark`` with the flags ``args``; the highest exit status of the stages.
+
+    An interrupted stage (Ctrl-C, SIGTERM) ends the sequence there: the stages after it do not start.
+    """
     os.chdir(ROOT)
-    stages = sorted(GRIDS.glob(f"{benchmark}_stage*.yaml"))
-    return max(main(["sweep", str(stage.relative_to(ROOT)), *args]) for stage in stages)
+    status = 0
+    for stage in sorted(GRIDS.glob(f"{benchmark}_stage*.yaml")):
+        code = main(["sweep", str(stage.relative_to(ROOT)), *args])
+        if code == INTERRUPTED:
+            return code
+        status = max(status, code)
+    return status

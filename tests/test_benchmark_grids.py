@@ -1,6 +1,7 @@
 """The benchmark stages in configs/benchmarks/ expand to the runs the Python stage tables defined.
 
-The expected cells were computed from the stage tables of benchmarks/digits.py, office_caltech.py
+The digits_parity stages were written as YAML from the start (their hashes are frozen so their runs
+resume).  The other expected cells were computed from the stage tables of benchmarks/digits.py, office_caltech.py
 and efficientnet_lite.py before those became these YAML grids: (task, method, variant, seed,
 TrainConfig.outcome_hash) of a few runs per stage, plus each stage's number of runs.  The hash names
 the run's folder, so a grid that still matches them resumes and skips the runs already done.
@@ -72,6 +73,52 @@ EXPECTED = {
             ("mnist->mnistm", "dann", "gh++exact/align", 1, "600f7d8df1b893bf"),
             ("mnist->usps", "dann", "gh++exact/align", 2, "75aa9eaecc33cd8f"),
             ("mnist->mnistm", "mcc", "gh++exact/align", 2, "fa877785155cb616"),
+        ],
+    ),
+    "digits_parity_stage1": (
+        6,
+        [
+            ("mnist->usps", "source_only", "none", 0, "7a7282c632c33d82"),
+            ("mnist->usps", "dann", "none", 0, "e8178d0e91af73d4"),
+        ],
+    ),
+    "digits_parity_stage2": (
+        15,
+        [
+            ("mnist->usps", "dann", "none", 0, "e8178d0e91af73d4"),  # stage 1's run: trained once
+            ("mnist->usps", "dann", "gh", 0, "9f765cb510bee8d0"),
+            ("mnist->usps", "dann", "gh++", 0, "89764eaf9da35629"),
+            ("mnist->usps", "dann", "none", 3, "ecd1031dde66a119"),
+        ],
+    ),
+    "digits_parity_stage3": (
+        9,
+        [
+            ("mnist->usps", "cdan", "none", 0, "3400d0e1ffcd785a"),
+            ("mnist->usps", "mdd", "none", 0, "a7aa900ee21a67af"),
+            ("mnist->usps", "mcc", "none", 0, "3f2bbb4183b4b9f7"),
+        ],
+    ),
+    "digits_parity_stage4": (
+        15,
+        [
+            ("mnist->usps", "mcd", "none", 0, "494a1d6fa80ad651"),
+            ("mnist->usps", "mcd", "gh++", 0, "c51529f66a75f470"),
+        ],
+    ),
+    "digits_parity_stage5": (
+        6,
+        [
+            ("usps->mnist", "source_only", "none", 0, "91f1160c5b598a99"),
+            ("usps->mnist", "mdd", "none", 0, "66820cd4d19887fe"),
+        ],
+    ),
+    "digits_parity_stage6": (
+        15,
+        [
+            ("mnist->usps", "dann", "gh++@bottleneck", 0, "9fb067e3534c6f25"),
+            ("mnist->usps", "dann", "gh++@features", 0, "5e1bc5ba171c2b8f"),
+            ("mnist->usps", "dann", "gh++@refresh4", 0, "72d5e9655e2e2b0a"),
         ],
     ),
     "office_caltech_stage1": (
@@ -182,7 +229,7 @@ def test_stage_expands_to_the_frozen_runs(expanded, name):
 
 
 def test_stages_of_a_benchmark_share_one_runs_folder(expanded):
-    for benchmark in ("digits", "office_caltech", "efficientnet_lite"):
+    for benchmark in ("digits", "digits_parity", "office_caltech", "efficientnet_lite"):
         outs = {load_grid(GRIDS / f"{name}.yaml")["out"] for name in EXPECTED if name.startswith(benchmark + "_stage")}
         assert outs == {f"runs/{benchmark}"}
 
@@ -196,3 +243,20 @@ def test_the_measured_baseline_uses_measure_every(expanded):
                 assert (run.config.harmonizer, run.config.measure_every) == ("none", 1)
             elif run.variant == "none":
                 assert (run.config.harmonizer, run.config.measure_every, run.config.refresh_every) == ("none", 10, 1)
+
+
+@pytest.mark.parametrize(("first_status", "stages_run", "status"), [(130, 1, 130), (1, 2, 1), (0, 2, 0)])
+def test_an_interrupted_stage_ends_the_sequence(monkeypatch, tmp_path, first_status, stages_run, status):
+    """benchmarks/stages.py: after an interrupted stage (exit 130) no later stage starts; a failed one goes on."""
+    monkeypatch.syspath_prepend(str(GRIDS.parents[1] / "benchmarks"))
+    import stages
+
+    for n in (1, 2):
+        (tmp_path / f"bench_stage{n}.yaml").write_text("out: runs/bench\n")
+    calls = []
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(stages, "ROOT", tmp_path)
+    monkeypatch.setattr(stages, "GRIDS", tmp_path)
+    monkeypatch.setattr(stages, "main", lambda argv: calls.append(argv[1]) or (first_status if len(calls) == 1 else 0))
+    assert stages.run_stages("bench", ["--workers", "1"]) == status
+    assert calls == ["bench_stage1.yaml", "bench_stage2.yaml"][:stages_run]

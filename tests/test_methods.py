@@ -152,6 +152,27 @@ def test_source_only_align_is_a_constant_zero():
     assert losses.align.item() == 0.0 and not losses.align.requires_grad
 
 
+def test_source_only_without_the_target_forward_normalises_by_the_source_alone():
+    """``forward_target=False`` (TLlib's erm.py): batch norm's statistics come from the source batch only."""
+    x_s, y_s, x_t = batch(n_s=6, n_t=5)
+    for forward_target, rows in ((True, 11), (False, 6)):
+        method = make("source_only", forward_target=forward_target)
+        seen: list[torch.Tensor] = []
+        method.bottleneck[1].register_forward_hook(lambda module, args, out, seen=seen: seen.append(args[0]))
+        losses = method.compute_losses(x_s, y_s, x_t, step=0)
+        assert seen[0].shape[0] == rows and losses.features.shape[0] == rows
+        momentum = method.bottleneck[1].momentum
+        expected = momentum * seen[0].detach().mean(0)  # running mean starts at 0
+        assert torch.allclose(method.bottleneck[1].running_mean, expected, atol=1e-6)
+    x_t_changed = torch.rand_like(x_t)
+    strict, strict_again = make("source_only", forward_target=False), make("source_only", forward_target=False)
+    torch.manual_seed(3)
+    a = strict.compute_losses(x_s, y_s, x_t, step=0).cls
+    torch.manual_seed(3)
+    b = strict_again.compute_losses(x_s, y_s, x_t_changed, step=0).cls
+    assert torch.equal(a, b)  # the target batch has no influence at all
+
+
 ALIGN_REACHES = {  # module -> does align reach it
     "dann": {"backbone": True, "bottleneck": True, "classifier": False, "adversary": True},
     "cdan": {"backbone": True, "bottleneck": True, "classifier": False, "adversary": True},

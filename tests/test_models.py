@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from gradharmony.uda.models import DTN, Bottleneck, ClassifierHead, DomainDiscriminator, LeNet, build_backbone
+from gradharmony.uda.models import DTN, Bottleneck, ClassifierHead, DomainDiscriminator, LeNet, LeNet500, build_backbone
 
 
 def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -19,7 +19,7 @@ def normalise(layer: nn.BatchNorm1d, x: torch.Tensor, training: bool) -> torch.T
     return (x - mean) / torch.sqrt(var + layer.eps) * layer.weight + layer.bias
 
 
-@pytest.mark.parametrize("name", ["lenet", "dtn"])
+@pytest.mark.parametrize("name", ["lenet", "lenet500", "dtn"])
 @pytest.mark.parametrize("in_channels", [1, 3])
 @pytest.mark.parametrize("image_size", [28, 32])
 def test_backbone_out_features_match_the_output(name, in_channels, image_size):
@@ -33,6 +33,18 @@ def test_known_out_features():
     assert LeNet(3, 32).out_features == 50 * 5 * 5
     assert DTN(3, 32).out_features == 256 * 4 * 4
     assert DTN(1, 28).out_features == 256 * 4 * 4
+
+
+def test_lenet500_is_tllibs_digit_lenet():
+    """TLlib's ``lenet``: the two convolutions, then Linear(800, 500) - ReLU - Dropout(0.5); 426,070 weights."""
+    net = LeNet500(1, 28)
+    layers = list(net)
+    assert [type(m) for m in layers[-3:]] == [nn.Linear, nn.ReLU, nn.Dropout]
+    assert (layers[-3].in_features, layers[-3].out_features, layers[-1].p) == (800, 500, 0.5)
+    convolutions = sum(p.numel() for m in layers[:-3] for p in m.parameters())
+    assert convolutions == (1 * 20 * 25 + 20) + (20 * 50 * 25 + 50)
+    assert sum(p.numel() for p in net.parameters()) == convolutions + 800 * 500 + 500
+    assert net.out_features == 500 and net(torch.rand(2, 1, 28, 28)).shape == (2, 500)
 
 
 def test_build_backbone_names():

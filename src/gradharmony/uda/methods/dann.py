@@ -10,9 +10,10 @@ features reach it through a gradient-reversal layer :math:`R_\lambda`, so one lo
 
 with :math:`f = \mathrm{bottleneck}(\mathrm{backbone}(x))`.  :math:`R_\lambda` is the identity
 forward and multiplies the gradient by :math:`-\lambda(i)` backward, with the warm-start ramp
-:math:`\lambda(i) = 2(h-l)/(1+e^{-\alpha i/N}) - (h-l) + l` (TLlib: :math:`\alpha=10, l=0, h=1`,
-:math:`N` = training steps).  The two domain means are averaged, so unequal batch sizes weigh
-the domains equally.
+:math:`\lambda(i) = 2(h-l)/(1+e^{-\alpha i/N}) - (h-l) + l`, by default :math:`\alpha=10,
+l=0, h=1, N` = training steps (the DANN paper's schedule).  TLlib's ``DomainAdversarialLoss``
+ramps more slowly, :math:`\alpha=1, N=1000` (``grl_alpha=1, grl_max_steps=1000``: its digit recipe).
+The two domain means are averaged, so unequal batch sizes weigh the domains equally.
 """
 
 from __future__ import annotations

@@ -2,8 +2,11 @@ r"""Source only: the classifier trained on labelled source data, no alignment.
 
 .. math:: L_{cls} = \frac{1}{n_s} \sum_{i} \mathrm{CE}(C(F(x^s_i)), y^s_i), \qquad L_{align} = 0.
 
-The target batch still goes through the forward (its features are returned, and batch-norm sees
-both domains, as for the adaptation methods), but no loss depends on it.  ``align`` is a zero
+By default the target batch still goes through the forward (its features are returned, and
+batch-norm sees both domains, as for the adaptation methods), but no loss depends on it.  With
+``forward_target=False`` only the source batch is forwarded, so batch-norm statistics are the
+source's alone (TLlib's ``erm.py``; a stricter source-only baseline, since batch-norm statistics
+that include target data already adapt the model a little).  ``align`` is a zero
 tensor that does not require grad, so a harmonizer sees a zero alignment gradient (its
 ``tiny_norm`` guard then applies weights 1: plain training).
 """
@@ -12,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from gradharmony.uda.methods.base import Method
+from gradharmony.uda.methods.base import Losses, Method
 
 
 class SourceOnly(Method):
@@ -20,6 +23,8 @@ class SourceOnly(Method):
 
     GH++ lead: ``align`` (irrelevant: the two losses never conflict).  Scope: backbone +
     bottleneck + classifier.
+
+    Hyper-parameters: ``forward_target=True`` (``False``: forward the source batch alone).
 
     Example:
         >>> import torch
@@ -30,10 +35,30 @@ class SourceOnly(Method):
         >>> losses = method.compute_losses(x_s, y_s, x_t, step=0)
         >>> losses.align.item(), losses.align.requires_grad, tuple(losses.features.shape)
         (0.0, False, (8, 256))
+        >>> strict = SourceOnly(build_backbone("lenet", 1, 28), num_classes=10, max_steps=100, forward_target=False)
+        >>> tuple(strict.compute_losses(x_s, y_s, x_t, step=0).features.shape)
+        (4, 256)
     """
 
     name = "source_only"
     default_lead = "align"
+
+    def __init__(
+        self,
+        backbone: torch.nn.Module,
+        num_classes: int,
+        max_steps: int,
+        bottleneck_dim: int = 256,
+        *,
+        forward_target: bool = True,
+        **base_hparams,
+    ):
+        super().__init__(backbone, num_classes, max_steps, bottleneck_dim, **base_hparams)
+        self.forward_target = forward_target
+
+    def compute_losses(self, x_s: torch.Tensor, y_s: torch.Tensor, x_t: torch.Tensor, step: int) -> Losses:
+        """The base class's forward, of the source batch alone when ``forward_target`` is off."""
+        return super().compute_losses(x_s, y_s, x_t if self.forward_target else x_t[:0], step)
 
     def alignment(
         self, features: torch.Tensor, logits: torch.Tensor, n_source: int

@@ -1,7 +1,7 @@
 """Backbones, heads, discriminators and the step-driven gradient-reversal layer."""
 
 from gradharmony.reversal import GradientReversal, reverse_gradient, warm_start_coefficient
-from gradharmony.uda.models.digits import BACKBONES, DTN, LeNet, build_backbone
+from gradharmony.uda.models.digits import BACKBONES, DTN, LeNet, LeNet500, build_backbone
 from gradharmony.uda.models.heads import Bottleneck, ClassifierHead, DomainDiscriminator
 from gradharmony.uda.models.mlp import MLP
 
@@ -18,6 +18,7 @@ __all__ = [
     "DomainDiscriminator",
     "GradientReversal",
     "LeNet",
+    "LeNet500",
     "build_backbone",
     "reverse_gradient",
     "warm_start_coefficient",

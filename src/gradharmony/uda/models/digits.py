@@ -12,6 +12,8 @@ Example:
     (800, torch.Size([2, 800]))
     >>> build_backbone("dtn", in_channels=3, image_size=32).out_features
     4096
+    >>> build_backbone("lenet500", in_channels=1, image_size=28).out_features
+    500
 """
 
 from __future__ import annotations
@@ -55,6 +57,21 @@ class LeNet(nn.Sequential):
         self.out_features = 50 * side * side
 
 
+class LeNet500(nn.Sequential):
+    r"""LeNet with its fully-connected layer: TLlib's digit ``lenet`` (and the ADDA / MCD LeNet).
+
+    :class:`LeNet`, then ``Linear(out, 500) - ReLU - Dropout(p)``; ``out_features`` is 500.  With a
+    bottleneck on top this is the network of TLlib's digit benchmark (``-a lenet --no-pool``):
+    ``conv - pool - conv - pool - fc500 - bottleneck 256 - classifier``.
+    """
+
+    def __init__(self, in_channels: int = 1, image_size: int = 28, dropout: float = 0.5, width: int = 500):
+        convolutions = LeNet(in_channels, image_size, dropout)
+        super().__init__(*convolutions, nn.Linear(convolutions.out_features, width), nn.ReLU(), nn.Dropout(dropout))
+        self.in_channels, self.image_size = in_channels, image_size
+        self.out_features = width
+
+
 class DTN(nn.Sequential):
     r"""The DTN digit network (MNIST -> SVHN / MNIST-M setups), without its fully-connected layer.
 
@@ -82,11 +99,11 @@ class DTN(nn.Sequential):
         self.out_features = channels * side * side
 
 
-BACKBONES: dict[str, Callable[[int, int], nn.Module]] = {"lenet": LeNet, "dtn": DTN}
+BACKBONES: dict[str, Callable[[int, int], nn.Module]] = {"lenet": LeNet, "lenet500": LeNet500, "dtn": DTN}
 
 
 def build_backbone(name: str, in_channels: int, image_size: int) -> nn.Module:
-    """A backbone by name (``lenet`` or ``dtn``); the module has an ``out_features`` attribute."""
+    """A backbone by name (``lenet``, ``lenet500`` or ``dtn``); the module has an ``out_features`` attribute."""
     key = name.lower()
     if key not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(sorted(BACKBONES))}")

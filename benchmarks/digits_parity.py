@@ -1,0 +1,233 @@
+"""Digits at TLlib's own recipe: baselines against TLlib's published table, then GH/GH++ on top.
+
+The stages are the sweep grids ``configs/benchmarks/digits_parity_stage*.yaml`` (see
+configs/benchmarks/README.md); all write into ``runs/digits_parity``.
+
+    python benchmarks/digits_parity.py run                 # every stage in order; resumable
+    python benchmarks/digits_parity.py run --dry-run       # each run and its status
+    python benchmarks/digits_parity.py report              # tables on stdout and in docs/digits_parity/
+
+``report`` prints three tables: parity (each baseline's target accuracy, last, best over the
+evaluations, best at TLlib's epoch ends, beside TLlib's published number), GH on top (paired
+deltas against ``none`` with the same seed, a paired t-test and the gradient geometry), and the
+cheap scopes (step-time ratio to plain training from the runs' own timings, and the share of the
+full-scope paired delta each keeps).  Runs that have not finished are listed as unfinished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from scipy import stats as scipy_stats
+from stages import ROOT, run_stages
+
+from gradharmony.uda.runs import METRICS_FILE, labelled_runs, read_metrics
+
+RUNS = ROOT / "runs" / "digits_parity"
+DOCS = ROOT / "docs" / "digits_parity"
+#: TLlib's published digit table (its documentation before 2022): best epoch of 20 x 2500 iterations.
+PUBLISHED = {
+    "mnist->usps": {"source_only": 82.1, "dann": 91.7, "cdan": 96.0, "mcd": 94.1, "mdd": 94.8, "mcc": 95.1},
+    "usps->mnist": {"source_only": 74.6, "dann": 95.2, "cdan": 97.7, "mcd": 97.6, "mdd": 97.8, "mcc": 94.6},
+}
+#: TLlib's own scripts run on this machine at the same budget (../shared/anchors.md), MNIST -> USPS seed 0.
+ANCHORS = {("mnist->usps", "dann"): "93.0 at 3000", ("mnist->usps", "cdan"): "94.52 at 5000"}
+EPOCH = 2500  # TLlib's iterations per epoch: its protocol keeps the best epoch-end evaluation
+BASELINE = "none"
+#: A cheap-scope variant is named ``<full variant>@<scope>`` (``gh++@bottleneck``): the same
+#: harmonizer as ``<full variant>`` over a cheaper scope, strategy or refresh interval.
+SCOPE_MARK = "@"
+
+
+def load_runs(root: Path) -> dict[tuple[str, str, str], dict[int, dict]]:
+    """``(task, method, variant) -> seed -> summary`` of every finished labelled run under ``root``.
+
+    A summary holds ``last``, ``best`` (over evaluations), ``epoch_best`` (over the evaluations at
+    multiples of 2500 steps), the run's mean ``seconds_per_step`` and geometry means; an unfinished
+    run has ``unfinished = (step, steps)`` only.
+    """
+    cells: dict[tuple[str, str, str], dict[int, dict]] = defaultdict(dict)
+    for labels, folder in labelled_runs(root):
+        key = (labels["task"], labels["method"], labels["variant"])
+        records = read_metrics(folder) if (folder / METRICS_FILE).is_file() else []
+        steps = records[-1]["config"]["steps"] if records else None
+        if not records or records[-1]["step"] < steps:
+            cells[key][int(labels["seed"])] = {"unfinished": (records[-1]["step"] if records else 0, steps)}
+            continue
+        accuracy = [100 * r["target_acc"] for r in records]
+        at_epochs = [100 * r["target_acc"] for r in records if r["step"] % EPOCH == 0]
+        cells[key][int(labels["seed"])] = {
+            "last": accuracy[-1],
+            "best": max(accuracy),
+            "epoch_best": max(at_epochs) if at_epochs else math.nan,
+            "seconds_per_step": statistics.mean(r["seconds_per_step"] for r in records),
+            "conflict_rate": _mean(r["harmonizer"].get("conflict_rate") for r in records),
+            "mean_angle": _mean(r["harmonizer"].get("mean_angle") for r in records),
+            "mean_w_align": _mean(r["harmonizer"].get("mean_w_align") for r in records),
+            "mean_w_cls": _mean(r["harmonizer"].get("mean_w_cls") for r in records),
+        }
+    return cells
+
+
+def _mean(values) -> float:
+    present = [v for v in values if v is not None]
+    return statistics.mean(present) if present else math.nan
+
+
+def _finished(runs: dict[int, dict]) -> dict[int, dict]:
+    return {seed: run for seed, run in runs.items() if "unfinished" not in run}
+
+
+def _mean_std(values: list[float], digits: int = 2) -> str:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return "-"
+    text = f"{statistics.mean(values):.{digits}f}"
+    return text + (f" +- {statistics.stdev(values):.{digits}f}" if len(values) > 1 else "")
+
+
+def _unfinished_note(runs: dict[int, dict]) -> str:
+    waiting = sorted((seed, run["unfinished"]) for seed, run in runs.items() if "unfinished" in run)
+    return ", ".join(f"seed {seed} at {step}/{steps}" for seed, (step, steps) in waiting)
+
+
+def parity_table(cells) -> str:
+    lines = [
+        "| task | method | seeds | last | best (every 500) | best at epoch ends (TLlib) | TLlib published "
+        "| ours (epoch ends) - published | TLlib script here | unfinished |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (task, method, variant), runs in sorted(cells.items()):
+        if variant != BASELINE:
+            continue
+        done = _finished(runs)
+        published = PUBLISHED.get(task, {}).get(method)
+        epoch_best = [run["epoch_best"] for run in done.values() if not math.isnan(run["epoch_best"])]
+        gap = f"{statistics.mean(epoch_best) - published:+.2f}" if epoch_best and published is not None else "-"
+        lines.append(
+            f"| {task} | {method} | {len(done)} | {_mean_std([r['last'] for r in done.values()])} "
+            f"| {_mean_std([r['best'] for r in done.values()])} | {_mean_std(epoch_best)} "
+            f"| {published if published is not None else '-'} | {gap} | {ANCHORS.get((task, method), '-')} "
+            f"| {_unfinished_note(runs) or '-'} |"
+        )
+    return "\n".join(lines)
+
+
+def paired_deltas(cells, task: str, method: str, variant: str, which: str = "last") -> dict[int, float]:
+    """Seed -> accuracy of ``variant`` minus ``none`` with the same seed (finished pairs only)."""
+    runs, baseline = (
+        _finished(cells.get((task, method, variant), {})),
+        _finished(cells.get((task, method, BASELINE), {})),
+    )
+    return {seed: runs[seed][which] - baseline[seed][which] for seed in sorted(runs.keys() & baseline.keys())}
+
+
+def _paired_summary(deltas: list[float]) -> tuple[str, str]:
+    if not deltas:
+        return "-", "-"
+    text = f"{statistics.mean(deltas):+.2f}" + (f" +- {statistics.stdev(deltas):.2f}" if len(deltas) > 1 else "")
+    text += f" ({sum(d > 0 for d in deltas)}/{len(deltas)} up)"
+    if len(deltas) < 2 or statistics.pstdev(deltas) == 0:
+        return text, "-"
+    return text, f"{scipy_stats.ttest_1samp(deltas, 0.0).pvalue:.3f}"
+
+
+def gh_table(cells) -> str:
+    lines = [
+        "| task | method | variant | seeds | last | paired delta, last | p | paired delta, best | p "
+        "| conflict rate % | mean angle | mean w_align | mean w_cls | unfinished |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    harmonized = {(t, m) for t, m, v in cells if v != BASELINE and SCOPE_MARK not in v}
+    for (task, method, variant), runs in sorted(cells.items()):
+        if (task, method) not in harmonized or SCOPE_MARK in variant:
+            continue
+        done = _finished(runs)
+        last_delta, last_p = _paired_summary(list(paired_deltas(cells, task, method, variant).values()))
+        best_delta, best_p = _paired_summary(list(paired_deltas(cells, task, method, variant, "best").values()))
+        if variant == BASELINE:
+            last_delta = last_p = best_delta = best_p = "(baseline)"
+        geometry = [
+            _mean_std([100 * r["conflict_rate"] for r in done.values()], 1),
+            _mean_std([r["mean_angle"] for r in done.values()], 1),
+            _mean_std([r["mean_w_align"] for r in done.values()], 3),
+            _mean_std([r["mean_w_cls"] for r in done.values()], 3),
+        ]
+        lines.append(
+            f"| {task} | {method} | {variant} | {len(done)} | {_mean_std([r['last'] for r in done.values()])} "
+            f"| {last_delta} | {last_p} | {best_delta} | {best_p} | {' | '.join(geometry)} "
+            f"| {_unfinished_note(runs) or '-'} |"
+        )
+    return "\n".join(lines)
+
+
+def scope_table(cells) -> str:
+    """Each cheap scope against plain training (time) and against the full scope (effect)."""
+    lines = [
+        "| task | method | variant | seeds | step time / plain | paired delta, last | share of the full-scope delta "
+        "| unfinished |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (task, method, variant), runs in sorted(cells.items()):
+        if SCOPE_MARK not in variant:
+            continue
+        done = _finished(runs)
+        full_variant = variant.split(SCOPE_MARK)[0]
+        plain = _finished(cells.get((task, method, BASELINE), {}))
+        ratio = [done[s]["seconds_per_step"] / plain[s]["seconds_per_step"] for s in sorted(done.keys() & plain.keys())]
+        deltas = paired_deltas(cells, task, method, variant)
+        full = paired_deltas(cells, task, method, full_variant)
+        common = sorted(deltas.keys() & full.keys())
+        full_mean = statistics.mean(full[s] for s in common) if common else math.nan
+        share = (
+            f"{statistics.mean(deltas[s] for s in common) / full_mean:.2f}" if common and abs(full_mean) > 1e-9 else "-"
+        )
+        lines.append(
+            f"| {task} | {method} | {variant} | {len(done)} | {_mean_std(ratio)} "
+            f"| {_paired_summary(list(deltas.values()))[0]} | {share} | {_unfinished_note(runs) or '-'} |"
+        )
+    return "\n".join(lines)
+
+
+def report(root: Path, out: Path | None) -> str:
+    cells = load_runs(root)
+    text = (
+        f"# Digits at TLlib's recipe\n\nRuns: `{root.relative_to(ROOT) if root.is_relative_to(ROOT) else root}`. "
+        "Accuracies in %, mean +- standard deviation over seeds.\n\n"
+        f"## Parity\n\n{parity_table(cells)}\n\n## GH and GH++ on top\n\n{gh_table(cells)}\n\n"
+        f"## Cheap exact scopes\n\n{scope_table(cells)}\n"
+    )
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.md").write_text(text)
+    return text
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("run", help="sweep every stage in order (other flags go to gradharmony sweep)")
+    report_parser = commands.add_parser("report", help="print the tables and write them to --out")
+    report_parser.add_argument("--runs", type=Path, default=RUNS, help="the runs folder (default runs/digits_parity)")
+    report_parser.add_argument(
+        "--out", type=Path, default=DOCS, help="folder for report.md (default docs/digits_parity)"
+    )
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "run":
+        return run_stages("digits_parity", rest)
+    if rest:
+        parser.error(f"unrecognised arguments: {' '.join(rest)}")
+    if not args.runs.is_dir():
+        print(f"error: no runs folder {args.runs}: run the stages first", file=sys.stderr)
+        return 2
+    print(report(args.runs, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
