@@ -102,8 +102,8 @@ EXPECTED = {
     "digits_parity_stage4": (
         15,
         [
-            ("mnist->usps", "mcd", "none", 0, "494a1d6fa80ad651"),
-            ("mnist->usps", "mcd", "gh++", 0, "c51529f66a75f470"),
+            ("mnist->usps", "mcd", "none", 0, "7e4144b73bd55788"),
+            ("mnist->usps", "mcd", "gh++", 0, "7c4bf751c8ad53b2"),
         ],
     ),
     "digits_parity_stage5": (

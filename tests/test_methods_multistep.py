@@ -435,6 +435,33 @@ def test_mcd_eval_heads_and_generator_momentum_groups():
     assert "momentum" not in method.optimizer_groups(0.01)["classifiers"][0]
 
 
+def test_mcd_tllib_heads_own_their_first_layer():
+    """``shared_bottleneck=False``: no bottleneck, G is the backbone, each head is TLlib's
+    Dropout-Linear(in, bottleneck)-BN-ReLU-Dropout-Linear(bottleneck, hidden)-BN-ReLU-Linear."""
+    method = make("mcd", shared_bottleneck=False, head_hidden=5)
+    assert isinstance(method.bottleneck, nn.Identity)
+    for head in (method.classifier, method.classifier2):
+        kinds = [type(m) for m in head]
+        assert kinds == [nn.Dropout, nn.Linear, nn.BatchNorm1d, nn.ReLU] * 2 + [nn.Linear]
+        assert [(m.in_features, m.out_features) for m in head if isinstance(m, nn.Linear)] == [
+            (16, DIM),
+            (DIM, 5),
+            (5, NUM_CLASSES),
+        ]
+    assert method.classifier[1].weight.data_ptr() != method.classifier2[1].weight.data_ptr()
+    generator = method.optimizer_groups(0.1)["generator"]
+    assert [g["name"] for g in generator] == ["backbone"]  # the empty bottleneck group is left out
+    harmonizer = harmonizer_for(method)
+    assert [id(p) for p in harmonizer.scope] == [id(p) for p in method.backbone.parameters()]
+    optimizers = sgd(method)
+    rec = Recorder(method, optimizers, harmonizer)
+    x_s, y_s, x_t = batch()
+    result = method.update(Batch(x_s, y_s, x_t), StepContext(0, optimizers, harmonizer, 1.0))
+    assert result.finite and rec.names() == ["generator", "classifiers", "gh", "classifiers", "generator", "generator"]
+    c_moves = set().union(*(m for n, m in rec.events[rec.names().index("gh") + 2 :]))
+    assert c_moves == {"backbone"}
+
+
 def test_mcd_skips_a_phase_with_non_finite_gradients():
     method = make("mcd", num_k=1)
     optimizers = sgd(method)

@@ -39,9 +39,12 @@ classifiers use the optimizer's momentum).  TLlib keeps the learning rate fixed 
 original paper"): use a recipe with ``lr_gamma: 0`` to match.
 
 Architecture.  TLlib's heads are ``Dropout-Linear-BN-ReLU-Dropout-Linear-BN-ReLU-Linear`` on the
-backbone features; here the first ``Linear-BN-ReLU`` is the shared bottleneck (inside :math:`G`, so
-GH's scope "the generator" includes it) and each head is ``Dropout-Linear-BN-ReLU-Linear`` of width
-``head_hidden`` (``None``: ``bottleneck_dim``; ``0``: a single ``Linear``).
+backbone features.  By default here the first ``Linear-BN-ReLU`` is the shared bottleneck (inside
+:math:`G`, so GH's scope "the generator" includes it) and each head is ``Dropout-Linear-BN-ReLU-Linear``
+of width ``head_hidden`` (``None``: ``bottleneck_dim``; ``0``: a single ``Linear``).  With
+``shared_bottleneck=False`` the layout is TLlib's: no bottleneck (:math:`G` is the backbone alone)
+and each head is ``Dropout-Linear(in, bottleneck_dim)-BN-ReLU-Dropout-Linear(bottleneck_dim,
+head_hidden)-BN-ReLU-Linear``, its own first layer and dropout masks included.
 
 Evaluation: :meth:`MCD.forward` returns :math:`F_1 + F_2` (Saito's "ensemble" output;
 ``eval_head="f1"`` or ``"f2"`` for one head).  TLlib and the authors report both heads and keep the
@@ -52,6 +55,8 @@ Plain training (``context.harmonizer`` is ``None``): step B back-propagates
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -75,16 +80,21 @@ def mean_prediction_entropy(p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 class DiscrepancyHead(nn.Sequential):
-    """``[Dropout] - Linear - BatchNorm1d - ReLU - Linear`` (``hidden > 0``), or one ``Linear``."""
+    """A block ``[Dropout] - Linear - BatchNorm1d - ReLU`` per width in ``hidden``, then ``Linear``.
 
-    def __init__(self, in_features: int, num_classes: int, hidden: int = 0, dropout: float = 0.0):
+    ``hidden`` is one width (``0``: no block, a single ``Linear``) or a sequence of widths (TLlib's
+    MCD heads: ``(1024, 1024)``).
+    """
+
+    def __init__(self, in_features: int, num_classes: int, hidden: int | Sequence[int] = 0, dropout: float = 0.0):
+        widths = [hidden] if isinstance(hidden, int) else list(hidden)
         layers: list[nn.Module] = []
         width = in_features
-        if hidden > 0:
+        for block in (w for w in widths if w > 0):
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
-            layers += [nn.Linear(in_features, hidden), nn.BatchNorm1d(hidden), nn.ReLU()]
-            width = hidden
+            layers += [nn.Linear(width, block), nn.BatchNorm1d(block), nn.ReLU()]
+            width = block
         layers.append(nn.Linear(width, num_classes))
         super().__init__(*layers)
         self.in_features, self.num_classes = in_features, num_classes
@@ -103,7 +113,7 @@ class MCD(Method):
 
     Hyper-parameters: ``num_k=4, entropy_weight=0.01, head_hidden=None`` (= ``bottleneck_dim``),
     ``head_dropout=0.5, generator_momentum=0.0`` (``None``: the optimizer's), ``eval_head="ensemble"``,
-    ``bottleneck_dim=1024``.
+    ``bottleneck_dim=1024``, ``shared_bottleneck=True`` (``False``: TLlib's heads, see the module).
 
     Example:
         >>> import torch
@@ -140,6 +150,7 @@ class MCD(Method):
         head_dropout: float = 0.5,
         generator_momentum: float | None = 0.0,
         eval_head: str = "ensemble",
+        shared_bottleneck: bool = True,
         **base_hparams,
     ):
         super().__init__(backbone, num_classes, max_steps, bottleneck_dim, **base_hparams)
@@ -152,9 +163,14 @@ class MCD(Method):
         self.num_k, self.entropy_weight = num_k, entropy_weight
         self.head_hidden, self.head_dropout = head_hidden, head_dropout
         self.generator_momentum, self.eval_head = generator_momentum, eval_head
+        self.shared_bottleneck = shared_bottleneck
         hidden = bottleneck_dim if head_hidden is None else head_hidden
-        self.classifier = DiscrepancyHead(bottleneck_dim, num_classes, hidden, head_dropout)
-        self.classifier2 = DiscrepancyHead(bottleneck_dim, num_classes, hidden, head_dropout)
+        in_features, widths = bottleneck_dim, (hidden,)
+        if not shared_bottleneck:  # TLlib's layout: each head owns the first layer
+            self.bottleneck = nn.Identity()
+            in_features, widths = backbone.out_features, (bottleneck_dim, hidden)
+        self.classifier = DiscrepancyHead(in_features, num_classes, widths, head_dropout)
+        self.classifier2 = DiscrepancyHead(in_features, num_classes, widths, head_dropout)
 
     # ------------------------------------------------------------------ model
     def forward(self, x: torch.Tensor) -> torch.Tensor:
