@@ -78,7 +78,7 @@ EXPECTED = {
     "digits_parity_stage1": (
         6,
         [
-            ("mnist->usps", "source_only", "none", 0, "7a7282c632c33d82"),
+            ("mnist->usps", "source_only", "none", 0, "8683fb008aedd843"),
             ("mnist->usps", "dann", "none", 0, "e8178d0e91af73d4"),
         ],
     ),
@@ -109,7 +109,7 @@ EXPECTED = {
     "digits_parity_stage5": (
         6,
         [
-            ("usps->mnist", "source_only", "none", 0, "91f1160c5b598a99"),
+            ("usps->mnist", "source_only", "none", 0, "c109d349805f16c9"),
             ("usps->mnist", "mdd", "none", 0, "66820cd4d19887fe"),
         ],
     ),
@@ -119,6 +119,36 @@ EXPECTED = {
             ("mnist->usps", "dann", "gh++@bottleneck", 0, "9fb067e3534c6f25"),
             ("mnist->usps", "dann", "gh++@features", 0, "5e1bc5ba171c2b8f"),
             ("mnist->usps", "dann", "gh++@refresh4", 0, "72d5e9655e2e2b0a"),
+        ],
+    ),
+    "model_selection_stage1": (
+        72,
+        [
+            ("digits mnist->mnistm", "cdan", "gh", 0, "eeefe85c460654fd"),
+            ("digits mnist->mnistm", "mcc", "none", 0, "d052e9121cf5f649"),
+            ("digits mnist->usps", "cdan", "gh", 0, "680f65d7ac021d6b"),
+            ("digits mnist->usps", "mdd", "none", 2, "54ebd04efae18469"),
+            ("digits mnist->mnistm", "cdan", "none", 1, "274835181a0ebd82"),
+        ],
+    ),
+    "model_selection_stage2": (
+        216,
+        [
+            ("surf A->C", "cdan", "gh", 0, "5039c9a71bfffae8"),
+            ("surf C->D", "cdan", "gh", 0, "72e4d4f8dcc26ade"),
+            ("surf D->A", "cdan", "gh", 0, "a640507f82a4696a"),
+            ("surf W->D", "dann", "none", 2, "0564c388684c1e68"),
+            ("surf A->C", "cdan", "none", 1, "5815c077f1a1c87c"),
+        ],
+    ),
+    "model_selection_stage3": (
+        216,
+        [
+            ("surf A->C", "mcc", "gh", 0, "8ef0bacda1604c08"),
+            ("surf C->D", "mcc", "gh", 0, "f0a729010f827540"),
+            ("surf D->A", "mcc", "gh", 0, "d46f440be2b9b0b7"),
+            ("surf W->D", "mdd", "none", 2, "25a781457b271280"),
+            ("surf A->C", "mcc", "none", 1, "f8de275899035e4b"),
         ],
     ),
     "office_caltech_stage1": (
@@ -229,7 +259,7 @@ def test_stage_expands_to_the_frozen_runs(expanded, name):
 
 
 def test_stages_of_a_benchmark_share_one_runs_folder(expanded):
-    for benchmark in ("digits", "digits_parity", "office_caltech", "efficientnet_lite"):
+    for benchmark in ("digits", "digits_parity", "office_caltech", "efficientnet_lite", "model_selection"):
         outs = {load_grid(GRIDS / f"{name}.yaml")["out"] for name in EXPECTED if name.startswith(benchmark + "_stage")}
         assert outs == {f"runs/{benchmark}"}
 

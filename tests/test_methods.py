@@ -173,6 +173,20 @@ def test_source_only_without_the_target_forward_normalises_by_the_source_alone()
     assert torch.equal(a, b)  # the target batch has no influence at all
 
 
+def test_source_only_without_a_bottleneck_is_tllibs_erm_classifier():
+    method = make("source_only", forward_target=False, use_bottleneck=False)
+    assert isinstance(method.bottleneck, nn.Identity)
+    head = [m for m in method.classifier.modules() if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in head] == [(800, NUM_CLASSES)]
+    x_s, y_s, x_t = batch()
+    torch.manual_seed(3)
+    losses = method.compute_losses(x_s, y_s, x_t, step=0)
+    method.eval()
+    logits = method.classifier(method.backbone(x_s))
+    torch.testing.assert_close(method(x_s), logits)
+    assert losses.features.shape == (4, 800) and not any(isinstance(m, nn.BatchNorm1d) for m in method.modules())
+
+
 ALIGN_REACHES = {  # module -> does align reach it
     "dann": {"backbone": True, "bottleneck": True, "classifier": False, "adversary": True},
     "cdan": {"backbone": True, "bottleneck": True, "classifier": False, "adversary": True},
