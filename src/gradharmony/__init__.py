@@ -14,8 +14,16 @@ with ``pip install 'gradharmony[uda]'``; ``import gradharmony`` never imports it
 """
 
 from gradharmony import _legacy
-from gradharmony.harmonize import MODES, HarmonizeResult, harmonize, harmonize_vectors, harmonize_weights
-from gradharmony.harmonizer import STRATEGIES, Harmonizer, StepStats
+from gradharmony.harmonize import (
+    MODES,
+    GramianResult,
+    HarmonizeResult,
+    harmonize,
+    harmonize_gramian,
+    harmonize_vectors,
+    harmonize_weights,
+)
+from gradharmony.harmonizer import STRATEGIES, Harmonizer, LossesStats, StepStats
 from gradharmony.reversal import GradientReversal, reverse_gradient
 
 _legacy.install()
@@ -24,10 +32,13 @@ __all__ = [
     "MODES",
     "STRATEGIES",
     "GradientReversal",
+    "GramianResult",
     "HarmonizeResult",
     "Harmonizer",
+    "LossesStats",
     "StepStats",
     "harmonize",
+    "harmonize_gramian",
     "harmonize_vectors",
     "harmonize_weights",
     "reverse_gradient",

@@ -46,29 +46,33 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-def gramian_of(g_align: Grads, g_cls: Grads) -> tuple[float, float, float]:
-    """``(aa, cc, d)`` summed over paired per-tensor gradients; ``None`` counts as zero.
+def gramian(grads: Sequence[Grads]) -> list[list[float]]:
+    """:math:`G_{ij}` summed over paired per-tensor gradients of K losses; ``None`` counts as zero.
 
-    Per-tensor dot products run in the gradients' precision (float32 for half types) and are
-    summed in float64; the three values come back with a single device synchronisation.
+    Per-tensor dot products run in the gradients' precision (float32 for half types) and are summed
+    in float64; the values come back with a single device synchronisation.
     """
-    aa_terms: list[torch.Tensor] = []
-    cc_terms: list[torch.Tensor] = []
-    d_terms: list[torch.Tensor] = []
-    for a, c in zip(g_align, g_cls):
-        fa = _flat(a) if a is not None else None
-        fc = _flat(c) if c is not None else None
-        if fa is not None:
-            aa_terms.append(torch.dot(fa, fa))
-        if fc is not None:
-            cc_terms.append(torch.dot(fc, fc))
-        if fa is not None and fc is not None:
-            d_terms.append(torch.dot(fa, fc))
-    device = next((t.device for t in aa_terms + cc_terms), torch.device("cpu"))
+    count = len(grads)
+    flats = [[None if g is None else _flat(g) for g in per_loss] for per_loss in grads]
+    entries = [(i, j) for i in range(count) for j in range(i, count)]
+    terms: list[list[torch.Tensor]] = [[] for _ in entries]
+    for position in range(len(grads[0])):
+        for slot, (i, j) in enumerate(entries):
+            a, b = flats[i][position], flats[j][position]
+            if a is not None and b is not None:
+                terms[slot].append(torch.dot(a, b))
+    device = next((t[0].device for t in terms if t), torch.device("cpu"))
     zero = torch.zeros((), dtype=torch.float64, device=device)
-    sums = [torch.stack(t).double().sum() if t else zero for t in (aa_terms, cc_terms, d_terms)]
-    aa, cc, d = torch.stack(sums).tolist()
-    return aa, cc, d
+    sums = torch.stack([torch.stack(t).double().sum() if t else zero for t in terms]).tolist()
+    return symmetric(count, entries, sums)
+
+
+def symmetric(count: int, entries: Sequence[tuple[int, int]], values: Sequence[float]) -> list[list[float]]:
+    """The symmetric ``count x count`` matrix whose entries ``(i, j)`` and ``(j, i)`` are ``values``."""
+    gram = [[0.0] * count for _ in range(count)]
+    for (i, j), value in zip(entries, values):
+        gram[i][j] = gram[j][i] = value
+    return gram
 
 
 def feature_list(features: torch.Tensor | Sequence[torch.Tensor] | None) -> list[torch.Tensor]:

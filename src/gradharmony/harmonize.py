@@ -1,4 +1,4 @@
-r"""The maths of Gradient Harmonization: from the 2x2 Gramian to two loss weights.
+r"""The maths of Gradient Harmonization: from the Gramian of the gradients to the loss weights.
 
 Everything here is pure: floats in, floats out (vector helpers take tensors for tests and
 diagnostics).  Nothing here knows about modules, optimizers or UDA.
@@ -37,13 +37,45 @@ Modes
     :math:`v' = \frac{\sin(\theta-\varphi)}{\sin\theta} v
     + \frac{\|v\|}{\|u\|}\frac{\sin\varphi}{\sin\theta} u`, hence norm-dependent weights.
 
+More than two losses
+--------------------
+:func:`harmonize_gramian` takes the :math:`K \times K` Gramian :math:`G_{ij} = \langle g_i, g_j \rangle`
+of :math:`K` gradients and returns one weight per loss, so that the update is
+:math:`\sum_j w_j g_j` (the gradient of :math:`\sum_j w_j L_j` with the weights held constant).
+
+*Pair by pair* (``pairs``, any mode): each pair :math:`(i, j)` is harmonized with its own
+:math:`2 \times 2` Gramian :math:`(G_{ii}, G_{jj}, G_{ij})` exactly as :func:`harmonize` does,
+:math:`i` in the alignment slot and :math:`j` in the classification slot; a loss in no pair keeps
+weight 1.
+
+*GH over all K* (``mode="gh"``, no pairs): projection in a fixed order, the PCGrad form made
+deterministic.  For :math:`i = 1, \dots, K` in turn, start from :math:`g_i' = g_i` and for
+:math:`j = 1, \dots, K`, :math:`j \ne i`, in turn:
+
+.. math::
+    \text{if } \langle g_i', g_j \rangle < 0: \qquad
+    g_i' \leftarrow g_i' - \frac{\langle g_i', g_j \rangle}{\|g_j\|^2}\, g_j
+
+(projected against the *original* :math:`g_j`, the conflict tested with the current
+:math:`g_i'`).  Every :math:`g_i'` stays a combination of the originals, :math:`g_i' = \sum_m
+A_{im} g_m` with :math:`A` starting at the identity, and :math:`\langle g_i', g_j \rangle =
+(A G)_{ij}`, so the whole procedure runs on the Gramian: a projection subtracts
+:math:`(AG)_{ij} / G_{jj}` from :math:`A_{ij}`.  The update is :math:`\sum_i g_i' = \sum_j w_j g_j`
+with :math:`w_j = \sum_i A_{ij}`.  For :math:`K = 2` this is GH exactly:
+:math:`w_1 = 1 - G_{12}/G_{11}`, :math:`w_2 = 1 - G_{12}/G_{22}` (bit for bit).  For
+:math:`K > 2` a projected :math:`g_i'` is orthogonal to the last :math:`g_j` it was projected on,
+not necessarily to every earlier one (as in PCGrad), and the result depends on the order.
+
+GH++ and GH++exact are defined for two gradients: with more than two, pass ``pairs``.
+
 Guards (each reported in :attr:`HarmonizeResult.guards`)
 --------------------------------------------------------
 ``nonfinite``
     a Gramian entry is NaN or inf: no harmonization (weights 1, 1).
 ``tiny_norm``
     a squared norm is below ``abs_eps`` or below ``rel_eps`` times the other (a norm ratio under
-    1e-8 with the default, which is below float32 resolution of the summed update): weights 1, 1.
+    1e-8 with the default, which is below float32 resolution of the summed update): weights 1, 1
+    (over K losses: that pair's projections are skipped).
 ``cos_clamped``
     rounding put :math:`|\cos\theta|` above 1; it was clamped before ``acos``.
 ``antiparallel``
@@ -62,11 +94,14 @@ Example
 >>> w_align, w_cls = harmonize_weights(1.0, 1.0, -0.5, mode="gh++", k=0.5, lead="align")
 >>> round(w_align, 6), round(w_cls, 6)
 (1.261052, 0.738948)
+>>> harmonize_gramian([[1.0, -0.5, 0.0], [-0.5, 1.0, 0.0], [0.0, 0.0, 4.0]], mode="gh").weights
+(1.5, 1.5, 1.0)
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -126,6 +161,11 @@ def check_k_lead(k: float, lead: str) -> None:
         raise ValueError(f"k must lie in [0, 1], got {k}")
     if lead not in LEADS:
         raise ValueError(f"lead must be 'align' or 'cls', got {lead!r}")
+
+
+def _too_small(aa: float, cc: float, abs_eps: float, rel_eps: float) -> bool:
+    """Whether one of two squared norms is too small to harmonize against (the ``tiny_norm`` guard)."""
+    return min(aa, cc) <= max(abs_eps, rel_eps * max(aa, cc))
 
 
 def _gh_weights(aa: float, cc: float, d: float) -> tuple[float, float]:
@@ -191,7 +231,7 @@ def harmonize(
 
     if not (math.isfinite(aa) and math.isfinite(cc) and math.isfinite(d)):
         return HarmonizeResult(1.0, 1.0, math.nan, math.nan, False, ("nonfinite",))
-    if min(aa, cc) <= max(abs_eps, rel_eps * max(aa, cc)):
+    if _too_small(aa, cc, abs_eps, rel_eps):
         return HarmonizeResult(1.0, 1.0, math.nan, math.nan, False, ("tiny_norm",))
 
     norm_a, norm_c = math.sqrt(aa), math.sqrt(cc)
@@ -246,6 +286,166 @@ def harmonize_weights(
     """
     r = harmonize(aa, cc, d, mode=mode, k=k, lead=lead, max_weight=max_weight)
     return r.w_align, r.w_cls
+
+
+@dataclass(frozen=True)
+class GramianResult:
+    """Weights of K losses (:func:`harmonize_gramian`) and what produced them (plain floats)."""
+
+    weights: tuple[float, ...]
+    conflict: bool  # some two of the gradients conflict (negative inner product, both norms usable)
+    guards: tuple[str, ...] = field(default_factory=tuple)
+    pairs: tuple[HarmonizeResult, ...] = field(default_factory=tuple)  # one per pair, when given pairs
+
+    @classmethod
+    def of_pairs(
+        cls, count: int, pairs: Sequence[tuple[int, int]], results: Sequence[HarmonizeResult], conflict: bool
+    ) -> GramianResult:
+        """The K weights of harmonized pairs: each pair ``(i, j)`` gives ``w_i = w_align``,
+        ``w_j = w_cls``; a loss in no pair keeps 1.  Guards: those of the pairs, in order, once each."""
+        weights = [1.0] * count
+        for (i, j), r in zip(pairs, results):
+            weights[i], weights[j] = r.w_align, r.w_cls
+        guards = tuple(dict.fromkeys(g for r in results for g in r.guards))
+        return cls(tuple(weights), conflict, guards, tuple(results))
+
+
+def _check_gramian(gram: Sequence[Sequence[float]] | torch.Tensor) -> list[list[float]]:
+    rows = gram.detach().double().tolist() if isinstance(gram, torch.Tensor) else [list(map(float, r)) for r in gram]
+    if not rows or any(len(row) != len(rows) for row in rows):
+        raise ValueError(
+            f"the Gramian must be a non-empty square matrix, got {len(rows)} rows of lengths "
+            f"{[len(row) for row in rows]}"
+        )
+    return rows
+
+
+def _check_pairs(pairs: Sequence[tuple[int, int]], count: int) -> list[tuple[int, int]]:
+    checked: list[tuple[int, int]] = []
+    seen: set[int] = set()
+    for pair in pairs:
+        i, j = pair
+        if not (0 <= i < count and 0 <= j < count) or i == j:
+            raise ValueError(f"pair {pair} must name two different losses among 0..{count - 1}")
+        if i in seen or j in seen:
+            raise ValueError(f"pair {pair}: a loss may be in one pair only")
+        seen.update((i, j))
+        checked.append((i, j))
+    return checked
+
+
+def _projected_weights(gram: list[list[float]], abs_eps: float, rel_eps: float) -> tuple[list[float], bool]:
+    """GH over all K gradients in the fixed order of the module docstring; also whether a pair was skipped.
+
+    ``rows[i]`` holds the coefficients of the projected :math:`g_i'` on the original gradients.
+    """
+    count = len(gram)
+    rows = [[1.0 if m == i else 0.0 for m in range(count)] for i in range(count)]
+    skipped = False
+    for i in range(count):
+        for j in range(count):
+            if j == i:
+                continue
+            if _too_small(gram[i][i], gram[j][j], abs_eps, rel_eps):
+                skipped = True
+                continue
+            along = math.fsum(rows[i][m] * gram[m][j] for m in range(count))  # <g_i', g_j>
+            if along < 0.0:
+                rows[i][j] -= along / gram[j][j]
+    return [math.fsum(rows[i][j] for i in range(count)) for j in range(count)], skipped
+
+
+def harmonize_gramian(
+    gram: Sequence[Sequence[float]] | torch.Tensor,
+    mode: str = "gh",
+    pairs: Sequence[tuple[int, int]] | None = None,
+    k: float = 0.5,
+    lead: str = "align",
+    max_weight: float | None = None,
+    abs_eps: float = ABS_EPS,
+    rel_eps: float = REL_EPS,
+) -> GramianResult:
+    r"""One weight per loss from the :math:`K \times K` Gramian of their gradients.
+
+    The update :math:`\sum_j w_j g_j` is the gradient of :math:`\sum_j w_j L_j` with the weights
+    held constant.  See "More than two losses" in this module's docstring for the maths.
+
+    Args:
+        gram: :math:`G_{ij} = \langle g_i, g_j \rangle` (nested sequences or a tensor).
+        mode: ``none`` (weights 1), ``gh``, ``gh++`` or ``gh++exact``.
+        pairs: index pairs ``(i, j)`` harmonized each with its own :math:`2 \times 2` Gramian, ``i``
+            in the alignment slot (it leads in GH++ when ``lead="align"``), ``j`` in the
+            classification slot; each loss in one pair at most; a loss in no pair keeps weight 1.
+            ``None``: GH over all K losses (``gh``; K = 2 is GH exactly), or the single pair
+            ``(0, 1)`` when K = 2 (``gh++``, ``gh++exact``).
+        k, lead, max_weight, abs_eps, rel_eps: as in :func:`harmonize`.
+
+    Raises:
+        ValueError: GH++ or GH++exact over more than two losses without ``pairs``; a malformed
+            Gramian or pair.
+
+    Example:
+        >>> g = [[1.0, -0.5, 0.0], [-0.5, 1.0, 0.0], [0.0, 0.0, 4.0]]   # losses 0 and 1 conflict
+        >>> harmonize_gramian(g, mode="gh").weights
+        (1.5, 1.5, 1.0)
+        >>> r = harmonize_gramian(g, mode="gh++", pairs=[(0, 1)], k=0.5, lead="align")
+        >>> [round(w, 6) for w in r.weights], r.pairs[0].conflict
+        ([1.261052, 0.738948, 1.0], True)
+    """
+    mode = check_mode(mode)
+    check_k_lead(k, lead)
+    rows = _check_gramian(gram)
+    count = len(rows)
+    if pairs is None and mode in ("gh++", "gh++exact") and count > 2:
+        raise ValueError(
+            f"{mode} is defined for two losses; for {count} losses pass pairs=[(i, j), ...] to harmonize "
+            "them pair by pair, or use mode='gh'"
+        )
+    if pairs is None and count == 2 and mode != "gh":
+        pairs = [(0, 1)]
+    if pairs is not None:
+        checked = _check_pairs(pairs, count)
+        results = tuple(
+            harmonize(
+                rows[i][i],
+                rows[j][j],
+                rows[i][j],
+                mode=mode,
+                k=k,
+                lead=lead,
+                max_weight=max_weight,
+                abs_eps=abs_eps,
+                rel_eps=rel_eps,
+            )
+            for i, j in checked
+        )
+        conflict = all(map(math.isfinite, _entries(rows))) and _any_conflict(rows, abs_eps, rel_eps)
+        return GramianResult.of_pairs(count, checked, results, conflict)
+
+    if not all(map(math.isfinite, _entries(rows))):
+        return GramianResult((1.0,) * count, False, ("nonfinite",))
+    conflict = _any_conflict(rows, abs_eps, rel_eps)
+    if mode == "none" or count == 1:
+        return GramianResult((1.0,) * count, conflict, ())
+    weights, skipped = _projected_weights(rows, abs_eps, rel_eps)
+    guards = ["tiny_norm"] if skipped else []
+    if max_weight is not None and max(weights) > max_weight:
+        guards.append("clipped")
+        weights = [min(w, max_weight) for w in weights]
+    return GramianResult(tuple(weights), conflict, tuple(guards))
+
+
+def _entries(rows: list[list[float]]) -> list[float]:
+    return [v for row in rows for v in row]
+
+
+def _any_conflict(rows: list[list[float]], abs_eps: float, rel_eps: float) -> bool:
+    count = len(rows)
+    return any(
+        rows[i][j] < 0.0 and not _too_small(rows[i][i], rows[j][j], abs_eps, rel_eps)
+        for i in range(count)
+        for j in range(i + 1, count)
+    )
 
 
 def gramian(g_align: torch.Tensor, g_cls: torch.Tensor) -> tuple[float, float, float]:

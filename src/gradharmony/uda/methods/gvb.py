@@ -29,17 +29,18 @@ base network (backbone + bottleneck + classifier, the bridge included): pair 1 =
 (:math:`L_{align}`, :math:`L_{cls}`) and pair 2 = (:math:`L_{bg}`, :math:`L_{bd}`), the first of
 each pair leading in GH++, and do one backward of
 :math:`t w_1 L_{align} + w_2 L_{cls} + \lambda w_3 L_{bg} + \mu w_4 L_{bd}`.  :meth:`GVB.update`
-does the same with two harmonized backward passes over the same graph, whose gradients add up in
-``.grad`` (each pass accumulates, as ``loss.backward()`` does): the engine's harmonizer for pair 1
-(``align`` = :math:`L_{align}`, ``cls`` = :math:`L_{cls}`, ``trade_off`` = :math:`t`), and a second
-harmonizer with the same settings (mode, scope, strategy, k, lead, ...) for pair 2 with
-:math:`L_{bg}` in the ``align`` slot (so it leads like the authors' first loss), :math:`\mu L_{bd}`
-in the ``cls`` slot and ``trade_off`` = :math:`\lambda`.  The probes are taken before :math:`t` and
-:math:`\lambda` (as the authors do); :math:`\mu` is inside the second probe, which matches them
-exactly for their :math:`\mu = 1` and for GH++ (angle-only) at any :math:`\mu`.  One optimizer step
-follows.  The second harmonizer's state (calls, cached weights, statistics) is saved with the
-model's ``state_dict``.  Plain training (no harmonizer in the step's context): one backward of the
-authors' total loss :math:`t L_{align} + L_{cls} + \lambda L_{bg} + \mu L_{bd}`.
+does the same with one call of the engine's harmonizer over four named losses,
+``losses = {align:`` :math:`L_{align}`, ``cls:`` :math:`L_{cls}`, ``bridge_g:`` :math:`L_{bg}`,
+``bridge_d:`` :math:`\mu L_{bd}` ``}``, ``trade_offs = {align:`` :math:`t`, ``bridge_g:``
+:math:`\lambda` ``}`` and ``pairs = [(align, cls), (bridge_g, bridge_d)]``: each pair is harmonized
+with its own Gramian (:meth:`gradharmony.Harmonizer.backward`), :math:`L_{bg}` in the ``align``
+slot (so it leads like the authors' first loss) and :math:`\mu L_{bd}` in the ``cls`` slot.  The
+probes are taken before :math:`t` and :math:`\lambda` (as the authors do); :math:`\mu` is inside
+the fourth probe, which matches them exactly for their :math:`\mu = 1` and for GH++ (angle-only) at
+any :math:`\mu`.  One optimizer step follows.  The step's statistics are pair 1's; pair 2's are
+logged as ``bridge_angle``, ``bridge_w_align``, ``bridge_w_cls``, ``bridge_conflict``.  Plain
+training (no harmonizer in the step's context): one backward of the authors' total loss
+:math:`t L_{align} + L_{cls} + \lambda L_{bg} + \mu L_{bd}`.
 
 :meth:`GVB.compute_losses` gives the single-pair form for a plain loop:
 ``cls`` = :math:`L_{cls} + \lambda L_{bg}`, ``align`` = :math:`L_{align} + \mu L_{bd}`.
@@ -65,7 +66,6 @@ from gradharmony.uda.methods.steps import pair_backward, step_if_finite, zero_gr
 from gradharmony.uda.models.heads import hidden_layers
 
 if TYPE_CHECKING:
-    from gradharmony.harmonizer import Harmonizer
     from gradharmony.stats import StepStats
 
 
@@ -130,11 +130,11 @@ class GVB(AdversarialMethod):
     r"""GVB-GD: generator and discriminator bridges; GH on (align, cls) and on (bridge_g, bridge_d).
 
     Roles, pair 1: ``align`` = the entropy-weighted domain BCE through :math:`R_\lambda`, ``cls`` =
-    source CE of the bridged logits.  Pair 2: ``align`` slot = :math:`L_{bg}`, ``cls`` slot =
-    :math:`\mu L_{bd}`.  GH++ lead: ``align`` (the authors').  Scope: backbone + bottleneck +
-    classifier (the classifier holds the generator bridge).  ``multi_step``: :meth:`update` does the
-    two harmonized backward passes and one step of every optimizer (a single ``all`` optimizer by
-    default).
+    source CE of the bridged logits.  Pair 2: ``bridge_g`` = :math:`L_{bg}` (``align`` slot),
+    ``bridge_d`` = :math:`\mu L_{bd}` (``cls`` slot).  GH++ lead: ``align`` (the authors').  Scope:
+    backbone + bottleneck + classifier (the classifier holds the generator bridge).  ``multi_step``:
+    :meth:`update` does one harmonized backward of the four losses, pair by pair, and one step of
+    every optimizer (a single ``all`` optimizer by default).
 
     Gradients: ``align`` reaches the discriminator plainly and, reversed, the classifier (``fc`` and
     ``bridge``), bottleneck and backbone; ``cls`` reaches backbone, bottleneck and classifier, not
@@ -159,8 +159,8 @@ class GVB(AdversarialMethod):
         >>> harmonizer = Harmonizer(mode="gh++", scope=method.scope_modules(), lead=method.default_lead)
         >>> context = StepContext(step=5, optimizers=optimizers, harmonizer=harmonizer, trade_off=1.0)
         >>> result = method.update(Batch(x_s, y_s, x_t), context)
-        >>> method.grl.step, harmonizer.calls, method.bridge_harmonizer(harmonizer).calls
-        (5, 1, 1)
+        >>> method.grl.step, harmonizer.calls
+        (5, 1)
         >>> sorted(k for k in result.logs if k.startswith("bridge_"))
         ['bridge_angle', 'bridge_conflict', 'bridge_w_align', 'bridge_w_cls']
     """
@@ -202,9 +202,6 @@ class GVB(AdversarialMethod):
         self.discriminator = BridgedDiscriminator(
             num_classes, disc_hidden, disc_batch_norm, disc_dropout, use_bridge=gvbd_weight != 0
         )
-        self._bridge_harmonizer: Harmonizer | None = None
-        self._bridge_source: Harmonizer | None = None
-        self._bridge_state: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ losses
     def _terms(self, x_s: torch.Tensor, y_s: torch.Tensor, x_t: torch.Tensor, step: int) -> Losses:
@@ -255,47 +252,21 @@ class GVB(AdversarialMethod):
             extra=t.extra,
         )
 
-    # ------------------------------------------------------------------ the second harmonizer
-    def bridge_harmonizer(self, harmonizer: Harmonizer) -> Harmonizer:
-        """The harmonizer of pair 2: same settings as ``harmonizer``, its own state (created once)."""
-        if self._bridge_harmonizer is None or self._bridge_source is not harmonizer:
-            from gradharmony.harmonizer import Harmonizer
-
-            h = harmonizer
-            self._bridge_harmonizer = Harmonizer(
-                mode=h.mode,
-                scope=h.scope,
-                strategy=h.strategy,
-                k=h.k,
-                lead=h.lead,
-                refresh_every=h.refresh_every,
-                max_weight=h.max_weight,
-                on_nonfinite=h.on_nonfinite,
-                probe_trade_off=h.probe_trade_off,
-                parameters=h.parameters,
-                distributed=h.distributed,
-                process_group=h.process_group,
-            )
-            self._bridge_source = harmonizer
-            if self._bridge_state is not None:
-                self._bridge_harmonizer.load_state_dict(self._bridge_state)
-                self._bridge_state = None
-        return self._bridge_harmonizer
-
+    # ------------------------------------------------------------------ checkpoints
     def get_extra_state(self) -> dict[str, Any]:
-        state = self._bridge_harmonizer.state_dict() if self._bridge_harmonizer is not None else self._bridge_state
-        return {"bridge_harmonizer": state}
+        """Nothing of its own: both pairs' cached weights live in the engine's harmonizer."""
+        return {}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        saved = state.get("bridge_harmonizer")
-        if self._bridge_harmonizer is not None and saved is not None:
-            self._bridge_harmonizer.load_state_dict(saved)
-        else:
-            self._bridge_state = saved
+        """Accepts checkpoints written when a second harmonizer, saved here, handled pair 2.
+
+        Its state (cached weights, statistics) is not carried over: it mattered only for
+        ``refresh_every > 1``, where the first reusing step after such a resume measures afresh.
+        """
 
     # ------------------------------------------------------------------ training step
     def update(self, batch: Batch, context: StepContext) -> UpdateResult:
-        """One forward; harmonized backward of pair 1, then of pair 2 (added to ``.grad``); one step.
+        """One forward; one harmonized backward of both pairs (each with its own Gramian); one step.
 
         Without a harmonizer: one plain backward of the total loss, then the step.
         """
@@ -311,13 +282,16 @@ class GVB(AdversarialMethod):
             cls = t.cls + self.gvbd_weight * bridge_d + self.gvbg_weight * bridge_g if bridges else t.cls
             pair_backward(None, cls=cls, align=t.align, trade_off=trade_off)
         else:
-            stats = harmonizer.backward(
-                cls=t.cls, align=t.align, trade_off=trade_off, features=t.features, retain_graph=bridges
-            )
+            losses = {"align": t.align, "cls": t.cls}
+            trade_offs = {"align": trade_off}
+            pairs = [("align", "cls")]
             if bridges:
-                bridge_stats = self.bridge_harmonizer(harmonizer).backward(
-                    cls=self.gvbd_weight * bridge_d, align=bridge_g, trade_off=self.gvbg_weight, features=t.features
-                )
+                losses.update(bridge_g=bridge_g, bridge_d=self.gvbd_weight * bridge_d)
+                trade_offs["bridge_g"] = self.gvbg_weight
+                pairs.append(("bridge_g", "bridge_d"))
+            harmonized = harmonizer.backward(losses=losses, trade_offs=trade_offs, pairs=pairs, features=t.features)
+            stats, *others = harmonized.pairs
+            bridge_stats = others[0] if others else None
         finite = step_if_finite(every, harmonizer, context.world)
         logs = scalars(**t.logs, grl_coeff=self.grl.coefficient)
         if bridge_stats is not None:
