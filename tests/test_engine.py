@@ -12,7 +12,7 @@ import torch
 from gradharmony.uda.config import ConfigError, TrainConfig
 from gradharmony.uda.data import Domain
 from gradharmony.uda.engine import CheckpointError, Trainer, TrainingDiverged, train
-from gradharmony.uda.runs import read_metrics, read_steps
+from gradharmony.uda.runs import TIMING_FIELDS, read_metrics, read_steps
 from trainer_faults import nan_cls_loss_from, sigint_during_step
 
 
@@ -64,7 +64,7 @@ def without_timing(records):
     """Records without wall-clock times and output paths (which legitimately differ)."""
     out = []
     for r in records:
-        r = {k: v for k, v in r.items() if k != "seconds_per_step"}
+        r = {k: v for k, v in r.items() if k not in TIMING_FIELDS}
         r["config"] = {k: v for k, v in r["config"].items() if k != "out"}
         out.append(r)
     return out

@@ -1,8 +1,8 @@
 """Runs lose nothing: exact resume after a kill at any moment, finished runs untouched, one writer
 and one configuration per run folder, and divergence that never saves a non-finite state.
 
-Records are compared with the timing field ``seconds_per_step`` removed (wall-clock time differs
-between any two runs) and with the ``out`` path removed from their config (see
+Records are compared with the timing fields (``seconds_per_step``, ``validate_seconds``) removed
+(wall-clock time differs between any two runs) and with the ``out`` path removed from their config (see
 ``test_engine.without_timing``); ``steps.csv`` is compared byte for byte, weights bit for bit.
 """
 
@@ -292,7 +292,12 @@ def test_a_run_stopped_by_a_second_signal_resumes_exactly(tmp_path, one_thread):
 
 # ----------------------------------------------------------------------------- finished runs
 def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
-    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
+    """Every file under ``folder`` (the validators' predictions and picks included): bytes and mtime."""
+    return {
+        p.relative_to(folder).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_a_finished_run_started_again_changes_no_file(tmp_path, one_thread):

@@ -23,6 +23,7 @@ from gradharmony.uda.report import (
     variant_comparison_markdown,
 )
 from gradharmony.uda.runs import (
+    TIMING_FIELDS,
     RunFolderLock,
     labelled_runs,
     read_config,
@@ -184,7 +185,7 @@ def test_a_reused_worker_trains_the_same_runs_as_fresh_ones(tmp_path):
     for a, b in zip(expand(fresh), expand(reused)):
         records = [(r.out / "metrics.jsonl").read_text().splitlines() for r in (a, b)]
         drop_paths = [
-            [{k: v for k, v in json.loads(line).items() if k not in ("config", "seconds_per_step")} for line in lines]
+            [{k: v for k, v in json.loads(line).items() if k not in ("config", *TIMING_FIELDS)} for line in lines]
             for lines in records
         ]
         assert drop_paths[0] == drop_paths[1]

@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from fakes.digits import write_fake_data_root
+from gradharmony.uda.runs import TIMING_FIELDS
 from gradharmony.uda.sweep import expand, run_grid
 from processes import python_env
 
@@ -130,8 +131,8 @@ def records(folder: Path) -> tuple[list[dict], list[int]]:
     """A run's evaluation records (without timings and paths) and the steps of its step rows."""
     evaluations = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
     for record in evaluations:
-        record.pop("seconds_per_step", None)
-        record.pop("config", None)
+        for key in (*TIMING_FIELDS, "config"):
+            record.pop(key, None)
     with (folder / "steps.csv").open(newline="") as f:
         steps = [int(row["step"]) for row in csv.DictReader(f)]
     return evaluations, steps

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import difflib
 import errno
+import math
 import os
 import re
 import sys
@@ -127,7 +128,10 @@ def _help_text(field: dataclasses.Field, default: Any) -> str:
     text = field.metadata.get("help", "")
     if field.name == "source":
         text += f": {domain_help()}"
-    shown = "none" if default is None else str(default).lower() if isinstance(default, bool) else default
+    if isinstance(default, list):
+        shown = ",".join(default) or "none"
+    else:
+        shown = "none" if default is None else str(default).lower() if isinstance(default, bool) else default
     allowed = field_range(field)
     detail = f"{allowed}; default: {shown}" if allowed else f"default: {shown}"
     return (text + f" ({detail})").replace("%", "%%")
@@ -150,7 +154,15 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         group = groups.get(title) or groups.setdefault(title, parser.add_argument_group(title))
         flag = "--" + field.name.replace("_", "-")
         default = field.default if field.default is not dataclasses.MISSING else None
-        if field.name == "method_params":
+        if field.default_factory is not dataclasses.MISSING and field_type(field.name) is list:
+            group.add_argument(
+                flag,
+                type=str,
+                default=argparse.SUPPRESS,
+                metavar="NAME,...",
+                help=_help_text(field, field.default_factory()),
+            )
+        elif field.name == "method_params":
             group.add_argument(
                 "--method-param",
                 action="append",
@@ -295,7 +307,38 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
         return 0
     print(f"finished {result['steps']} steps: {accuracy} as in the literature); log: {Path(cfg.out) / METRICS_FILE}")
+    pick = result.get("pick")
+    if pick:
+        print(
+            f"label-free pick ({pick['validator']}, no target labels): step {pick['step']}, target accuracy "
+            f"{_percent(pick['target_acc'])}"
+        )
     return 0
+
+
+def _selected_checkpoint(path: Path, validator: str | None) -> Path:
+    """The checkpoint ``gradharmony eval`` reads: ``path`` itself, a run folder's ``last.pt``, or with
+    ``validator`` the checkpoint that validator picked in the run folder (its ``select``)."""
+    from gradharmony.uda.engine import load_checkpoint
+    from gradharmony.uda.runs import selected_path
+    from gradharmony.uda.validators import ORACLE, VALIDATORS
+
+    folder = path if path.is_dir() else None
+    if validator is not None and validator not in (*VALIDATORS, ORACLE):
+        raise ConfigError(unknown_name_message("validator", validator, (*VALIDATORS, ORACLE)))
+    if validator is None:
+        return folder / CHECKPOINT_FILE if folder is not None else path
+    if folder is None:
+        raise ConfigError(f"--select {validator} needs the run folder as --checkpoint (got the file {path})")
+    state = load_checkpoint(folder / CHECKPOINT_FILE)
+    picks = state.get("picks") or {}
+    if validator not in picks:
+        kept = ", ".join(sorted(picks)) or "none (the run's select was empty)"
+        raise ConfigError(
+            f"{folder} kept no checkpoint picked by {validator!r}; kept: {kept}. Train with --select {validator} "
+            f"to keep it"
+        )
+    return selected_path(folder, validator, int(picks[validator]["step"]))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -305,18 +348,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from gradharmony.uda.engine import evaluate, load_checkpoint, load_eval_domain, load_run, resolve_device
     from gradharmony.uda.engine.builders import run_config
 
-    state = load_checkpoint(args.checkpoint)  # refuses missing, corrupt and code-carrying files
-    cfg = run_config(state, args.checkpoint)
+    checkpoint = _selected_checkpoint(args.checkpoint, args.select)
+    state = load_checkpoint(checkpoint)  # refuses missing, corrupt and code-carrying files
+    cfg = run_config(state, checkpoint)
     target = args.target or cfg.target
     domain = load_eval_domain(cfg, target, args.split, args.data_root or cfg.data_root, cache_dir=args.cache_dir)
     device = resolve_device(args.device)
     input_shape = tuple(domain.images.shape[1:]) if hasattr(domain, "images") else tuple(domain[0][0].shape)
-    run = load_run(args.checkpoint, domain.num_classes, input_shape, device, state=state)
+    run = load_run(checkpoint, domain.num_classes, input_shape, device, state=state)
     del state
     with torch.no_grad():
         result = evaluate(run.model, domain, device)
+    picked = f", picked by {args.select}" if args.select else ""
     print(
-        f"{cfg.method}+{cfg.harmonizer} (trained {cfg.source}->{cfg.target}, step {run.step}) "
+        f"{cfg.method}+{cfg.harmonizer} (trained {cfg.source}->{cfg.target}, step {run.step}{picked}) "
         f"on {target}/{args.split} ({len(domain)} images, {device})"
     )
     print(f"accuracy {100 * result.accuracy:.2f}%   mean per-class accuracy {100 * result.mean_class_accuracy:.2f}%")
@@ -332,12 +377,62 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+#: The ``sweep`` flags that only a cluster launcher uses: their argparse destination -> flag.
+CLUSTER_FLAGS = {
+    "slurm_partition": "--slurm-partition",
+    "slurm_time": "--slurm-time",
+    "slurm_gpus_per_job": "--slurm-gpus-per-job",
+    "slurm_cpus_per_task": "--slurm-cpus-per-task",
+    "slurm_mem_gb": "--slurm-mem-gb",
+    "slurm_array_parallelism": "--slurm-array-parallelism",
+    "slurm_account": "--slurm-account",
+    "slurm_qos": "--slurm-qos",
+    "submitit_folder": "--submitit-folder",
+    "no_wait": "--no-wait",
+}
+
+
+def _check_launcher_flags(args: argparse.Namespace) -> None:
+    """A flag of one launcher given to the other is a :class:`ConfigError` naming it."""
+    if args.launcher == "local":
+        given = [flag for dest, flag in CLUSTER_FLAGS.items() if getattr(args, dest) not in (None, False)]
+        if given:
+            raise ConfigError(
+                f"{', '.join(given)} applies to --launcher submitit only; the local launcher "
+                "(the default) trains on this machine"
+            )
+    elif args.workers is not None:
+        raise ConfigError(
+            "--workers applies to --launcher local only; with submitit, limit the jobs running at once "
+            "with --slurm-array-parallelism"
+        )
+
+
+def _cluster_options(args: argparse.Namespace) -> Any:
+    """The :class:`gradharmony.uda.launchers.ClusterOptions` of the ``sweep`` flags."""
+    from gradharmony.uda.launchers import CLUSTERS, DEFAULT_TIME_MIN, ClusterOptions
+
+    return ClusterOptions(
+        cluster=CLUSTERS[args.launcher],
+        partition=args.slurm_partition,
+        time_min=args.slurm_time if args.slurm_time is not None else DEFAULT_TIME_MIN,
+        gpus_per_job=args.slurm_gpus_per_job,
+        cpus_per_task=args.slurm_cpus_per_task,
+        mem_gb=args.slurm_mem_gb,
+        array_parallelism=args.slurm_array_parallelism,
+        account=args.slurm_account,
+        qos=args.slurm_qos,
+        folder=args.submitit_folder,
+    )
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
-    """``gradharmony sweep``: run (or list) every run of a grid, then write its report."""
+    """``gradharmony sweep``: run (or list, or submit to SLURM) every run of a grid, then write its report."""
     from gradharmony.uda.report import write_report
     from gradharmony.uda.runs import run_status
     from gradharmony.uda.sweep import expand, load_grid, run_grid
 
+    _check_launcher_flags(args)
     grid = load_grid(args.grid)
     if args.dry_run:
         for run in expand(grid):
@@ -345,7 +440,24 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                 f"{run_status(run.out, run.config.steps):8s} {run.task} {run.method} {run.variant} seed {run.seed} -> {run.out}"
             )
         return 0
-    counts = run_grid(grid, workers=args.workers, retry_failed=args.retry_failed)
+    if args.launcher == "local":
+        counts = run_grid(grid, workers=args.workers, retry_failed=args.retry_failed)
+    else:
+        from gradharmony.uda.launchers import submit_grid
+
+        counts = submit_grid(
+            grid,
+            _cluster_options(args),
+            wait=not args.no_wait,
+            retry_failed=args.retry_failed,
+            job_name=f"gradharmony-{args.grid.stem}",
+        )
+        if args.no_wait:
+            print(
+                f"runs: {counts}; not waiting: run the same command again (without --no-wait) to wait for "
+                "the jobs, resubmit the unfinished runs and write the report"
+            )
+            return 1 if counts.get("failed") or counts.get("busy") else 0
     try:
         md, _ = write_report(grid["out"])
         report = f"report: {md}"
@@ -357,7 +469,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             f"{counts['busy']} run(s) were being written by another process and were left to it; "
             "run the same command again once it has finished"
         )
-    return 1 if counts.get("failed") or counts.get("busy") else 0
+    if args.launcher != "local" and (counts.get("failed") or counts.get("interrupted")):
+        print(
+            "run the same command again to resubmit the unfinished runs (add --retry-failed for runs "
+            "that recorded an error)"
+        )
+    return 1 if counts.get("failed") or counts.get("busy") or counts.get("interrupted") else 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -366,6 +483,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     if not args.runs.is_dir():
         raise ConfigError(f"runs folder {args.runs} does not exist")
+    select = _selectors(args.select)  # an unknown name is refused before any run is read
     cells = collect(args.runs)
     comparison = None
     if args.compare:  # checked before anything is written: a wrong variant name is a clear error
@@ -373,7 +491,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             comparison = variant_comparison_markdown(cells, *args.compare)
         except ValueError as error:
             raise ConfigError(str(error)) from None
-    md, csv_path = write_report(args.runs, args.out, cells)
+    md, csv_path = write_report(args.runs, args.out, cells, select=select)
     print(md.read_text())
     print(f"written: {md}, {csv_path}")
     if comparison is not None:
@@ -396,6 +514,33 @@ def cmd_report(args: argparse.Namespace) -> int:
             name = "_".join(key).replace("->", "_to_").replace("/", "_").replace("+", "p")
             print(f"t-SNE: {plot_tsne(folder, (args.out or args.runs) / f'tsne_{name}.png', args.tsne_samples)}")
     return 0
+
+
+def _number_at_least(kind: type, minimum: float) -> Callable[[str], Any]:
+    """An argparse type: a number of ``kind`` (``int`` or ``float``) no smaller than ``minimum``."""
+
+    def parse(value: str) -> Any:
+        try:
+            number = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {value!r}"
+            ) from None
+        if not math.isfinite(number) or number < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum:g}, got {value}")
+        return number
+
+    return parse
+
+
+def _selectors(values: list[str] | None) -> list[str]:
+    """The ``--select`` names (repeatable, or comma-separated), each checked; ``all``: every selector."""
+    from gradharmony.uda.selection import check_selectors
+
+    names = [name.strip() for value in values or [] for name in value.split(",") if name.strip()]
+    if "all" in names:
+        return ["all"]  # every selector the runs can be picked by (report.check_report_selectors)
+    return check_selectors(list(dict.fromkeys(names)))
 
 
 def _domain_name(value: str) -> str:
@@ -443,7 +588,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint",
         type=Path,
         required=True,
-        help="a run's checkpoint (<out>/last.pt); read safely: tensors and plain values only",
+        help="a run's checkpoint (<out>/last.pt, or a kept pick under <out>/selected/), or its run folder; "
+        "read safely: tensors and plain values only",
+    )
+    ev.add_argument(
+        "--select",
+        metavar="VALIDATOR",
+        default=None,
+        help="evaluate the checkpoint this validator picked (or oracle), kept by a run trained with "
+        "--select VALIDATOR; --checkpoint is then the run folder",
     )
     ev.add_argument(
         "--target",
@@ -472,7 +625,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a grid of tasks x methods x variants x seeds (resumable)",
         description="Run every run of a grid (tasks x methods x harmonizer variants x seeds), "
         "each in <out>/<config hash>/, skipping finished runs and resuming "
-        "interrupted ones; then write the report.",
+        "interrupted ones; then write the report. On this machine (default), or on a SLURM cluster "
+        "with --launcher submitit: one job array per grid file; the same command again resubmits "
+        "what did not finish.",
     )
     sweep.add_argument(
         "grid", type=Path, help="grid YAML: out, base, tasks, methods, variants, seeds (see gradharmony.uda.sweep)"
@@ -486,6 +641,55 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--dry-run", action="store_true", help="list the runs and their status only")
     sweep.add_argument(
         "--retry-failed", action="store_true", help="also run again the runs that failed (those with an error.txt)"
+    )
+    sweep.add_argument(
+        "--launcher",
+        choices=("local", "submitit", "submitit-local"),
+        default="local",
+        help="local: worker processes on this machine (default); submitit: one SLURM job array per grid "
+        "file, through submitit (pip install 'gradharmony[slurm]'); submitit-local: the same jobs as "
+        "processes on this machine, for testing",
+    )
+    cluster = sweep.add_argument_group("SLURM (--launcher submitit)")
+    cluster.add_argument(
+        "--slurm-partition", default=None, metavar="NAME", help="partition to submit to (default: SLURM's)"
+    )
+    cluster.add_argument(
+        "--slurm-time",
+        type=_number_at_least(int, 1),
+        default=None,
+        metavar="MINUTES",
+        help="time limit of each run's job, in minutes (default: 60)",
+    )
+    cluster.add_argument(
+        "--slurm-gpus-per-job", type=_number_at_least(int, 0), default=None, metavar="N", help="GPUs per job"
+    )
+    cluster.add_argument(
+        "--slurm-cpus-per-task", type=_number_at_least(int, 1), default=None, metavar="N", help="CPUs per job"
+    )
+    cluster.add_argument(
+        "--slurm-mem-gb", type=_number_at_least(float, 0.001), default=None, metavar="GB", help="memory per job"
+    )
+    cluster.add_argument(
+        "--slurm-array-parallelism",
+        type=_number_at_least(int, 1),
+        default=None,
+        metavar="K",
+        help="at most K jobs of the array running at once",
+    )
+    cluster.add_argument("--slurm-account", default=None, metavar="NAME", help="account to charge")
+    cluster.add_argument("--slurm-qos", default=None, metavar="NAME", help="quality of service")
+    cluster.add_argument(
+        "--submitit-folder",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="folder for submitit's files and the jobs' logs (default: <grid out>/submitit)",
+    )
+    cluster.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="submit and return; the same command without it later waits for the jobs (never submitting them twice)",
     )
     sweep.set_defaults(func=cmd_sweep, parser=sweep)
 
@@ -507,6 +711,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar=("A", "B"),
         default=None,
         help="also pair variant A with variant B seed by seed (e.g. gh++/align gh++/cls)",
+    )
+    report.add_argument(
+        "--select",
+        action="append",
+        metavar="VALIDATOR",
+        default=None,
+        help="also the target accuracy at each of these validators' picks, with the regret to the oracle "
+        "(repeatable or comma-separated; validators, ensv, last, oracle, or all); the first label-free one "
+        "is the pick of the main tables and decides GH on or off (default: the runs' select_by)",
     )
     report.add_argument("--tsne", action="store_true", help="also a t-SNE of source/target features per cell")
     report.add_argument(

@@ -53,7 +53,17 @@ NON_OUTCOME_FIELDS = (
     "tensorboard",
     "cache_dir",
     "overwrite",
+    "select_by",  # which validator's pick the reports show: chosen again at report time
 )
+#: The validators computed at every evaluation unless the config says otherwise: the cheap,
+#: target-only ones (one forward of the target subset, plus MixVal's mixtures).  The source-based
+#: ones (``source_val``, ``dev``) need ``source_val_fraction > 0``.
+DEFAULT_VALIDATORS = ("entropy", "im", "bnm", "snd", "mixval")
+#: The label-free pick the reports show when a config's ``select_by`` is none (provisional: the
+#: model-selection benchmark, benchmarks/model_selection.py, is what should decide it).
+DEFAULT_SELECT_BY = "mixval"
+#: Target train and source validation samples scored at each evaluation when the config gives no size.
+DEFAULT_VALIDATION_SIZE = 1000
 # Fields added after runs were first keyed by their hash: left out of the hash while at these
 # defaults, so that run folders named by earlier versions keep their names (and resume).
 ADDED_FIELD_DEFAULTS: dict[str, Any] = {
@@ -63,6 +73,15 @@ ADDED_FIELD_DEFAULTS: dict[str, Any] = {
     "crop": 224,
     "sync_batchnorm": False,
     "measure_every": 0,
+    # label-free model selection: none of these changes the weights a run trains, but they change
+    # its records (validators, select) or its training data (source_val_fraction), so they count
+    # once they differ from the values below (the validators computed by default follow
+    # DEFAULT_VALIDATORS: a default config keeps its hash, and earlier run folders resume)
+    "validators": list(DEFAULT_VALIDATORS),
+    "select": [],
+    "source_val_fraction": 0.0,
+    "target_val_size": None,
+    "source_val_size": None,
 }
 
 
@@ -143,7 +162,19 @@ def _checked_value(name: str, hint: Any, value: Any) -> Any:
         return os.fspath(value)
     if base is dict and isinstance(value, dict):
         return value
-    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a mapping"}
+    if base is list:  # a list of names: a YAML list, or one string "a,b" (the command line's form)
+        if isinstance(value, str):
+            value = [] if value.strip().lower() in ("", "none", "[]") else [v.strip() for v in value.split(",")]
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) and v for v in value):
+            return list(value)
+    names = {
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        bool: "true or false",
+        dict: "a mapping",
+        list: "a list of names (or one string, comma-separated)",
+    }
     expected = names.get(base, getattr(base, "__name__", str(base))) + (" or null" if optional else "")
     raise ConfigError(f"{name} must be {expected}, got {value!r} ({type(value).__name__})")
 
@@ -356,6 +387,7 @@ HARMONIZATION = "gradient harmonization"
 OPTIMISATION = "optimisation (TLlib's digit recipe: SGD, nesterov, inverse decay)"
 DATA = "data"
 RUN = "evaluation, logging, hardware, reproducibility"
+SELECTION = "label-free model selection (validators scored at each evaluation; see gradharmony.uda.validators)"
 
 
 @dataclass
@@ -511,6 +543,53 @@ class TrainConfig:
     loader_workers: int = _option(
         0, "image benchmarks: DataLoader worker processes (0: load in the training process)", group=RUN, minimum=0
     )
+    # label-free model selection
+    validators: list[str] = field(
+        default_factory=lambda: list(DEFAULT_VALIDATORS),
+        metadata={
+            "help": "label-free validators scored at each evaluation on a fixed subset of the target train "
+            "split (and the source validation split), written to metrics.jsonl with the subset's "
+            "predictions: source_val, entropy, im, bnm, snd, dev, mixval (comma-separated; none: no "
+            "validation)",
+            "group": SELECTION,
+        },
+    )
+    select: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "keep the checkpoint each of these validators picks (and/or oracle, the best on target "
+            "test labels) under <out>/selected/, for gradharmony eval --select (comma-separated)",
+            "group": SELECTION,
+        },
+    )
+    select_by: str | None = _option(
+        None,
+        f"the label-free pick the reports show beside last and the oracle: a validator, or ensv; "
+        f"none: {DEFAULT_SELECT_BY} (not part of the run: reports may choose again)",
+        group=SELECTION,
+    )
+    source_val_fraction: float = _option(
+        0.0,
+        "share of the source training split held out (stratified, never trained on) for source_val "
+        "and dev; 0: none. Off by default because holding out changes the training data, so runs of "
+        "earlier versions and their results stay as they were",
+        group=SELECTION,
+        minimum=0,
+        maximum=0.5,
+    )
+    target_val_size: int | None = _option(
+        None,
+        f"target train samples scored at each evaluation (a fixed subset, the same for every run of "
+        f"the target); none: up to {DEFAULT_VALIDATION_SIZE}",
+        group=SELECTION,
+        minimum=2,
+    )
+    source_val_size: int | None = _option(
+        None,
+        f"held-out source samples scored at each evaluation; none: up to {DEFAULT_VALIDATION_SIZE}",
+        group=SELECTION,
+        minimum=2,
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -552,6 +631,7 @@ class TrainConfig:
         if self.channels not in (1, 3):
             raise ConfigError(f"channels must be 1 or 3, got {self.channels}")
         _check_name("amp", self.amp, choices["amp"])
+        self._validate_selection()
         self._validate_names(choices)
         self._validate_method_params()
 
@@ -573,6 +653,58 @@ class TrainConfig:
                 f"source {self.source!r} and target {self.target!r} must both be image-benchmark "
                 f"domains (benchmark:domain) or both not"
             )
+
+    def _validate_selection(self) -> None:
+        """Validator names (each known, in its canonical order, once), what they need, and what is kept."""
+        from gradharmony.uda.validators import ORACLE, POOL_VALIDATORS, SOURCE_VALIDATORS, VALIDATORS
+
+        for name in self.validators:
+            if name in POOL_VALIDATORS:
+                raise ConfigError(
+                    f"validators: {name} scores a pool of candidates, not one model; it is computed from the "
+                    f"stored predictions by gradharmony report --select {name} (leave it out of validators)"
+                )
+            if name == ORACLE:
+                raise ConfigError(
+                    "validators: the oracle (target test accuracy) is always measured; leave it out of validators"
+                )
+            _check_name("validator", name, VALIDATORS)
+        canonical = [name for name in VALIDATORS if name in self.validators]
+        if canonical != self.validators:
+            self.validators = canonical
+        needs_source = [name for name in self.validators if name in SOURCE_VALIDATORS]
+        if needs_source and self.source_val_fraction == 0:
+            raise ConfigError(
+                f"{' and '.join(needs_source)} need{'s' if len(needs_source) == 1 else ''} a held-out source "
+                f"validation split: set source_val_fraction (e.g. 0.1)"
+            )
+        if self.source_val_size is not None and self.source_val_fraction == 0:
+            raise ConfigError("source_val_size needs a held-out source validation split: set source_val_fraction")
+        for name in self.select:
+            if name in POOL_VALIDATORS:
+                raise ConfigError(
+                    f"select: {name} scores a pool, so its pick is known only once the pool is complete; "
+                    f"gradharmony report --select {name} gives it (keep it out of select)"
+                )
+            _check_name("validator to select by", name, (*VALIDATORS, ORACLE))
+            if name != ORACLE and name not in self.validators:
+                raise ConfigError(f"select: {name} is not computed; add it to validators")
+        selected = [name for name in (*VALIDATORS, ORACLE) if name in self.select]
+        if selected != self.select:
+            self.select = selected
+        if self.select_by is not None:
+            if self.select_by == ORACLE:
+                raise ConfigError(
+                    "select_by must be label-free; the oracle (target test accuracy) is always reported beside it"
+                )
+            _check_name("validator to select by", self.select_by, (*VALIDATORS, *POOL_VALIDATORS))
+            if self.select_by in POOL_VALIDATORS and not self.validators:
+                raise ConfigError(
+                    f"select_by {self.select_by} needs the target predictions stored with the validators: "
+                    f"validators must not be none"
+                )
+            if self.select_by in VALIDATORS and self.select_by not in self.validators:
+                raise ConfigError(f"select_by: {self.select_by} is not computed; add it to validators")
 
     def _validate_method_params(self) -> None:
         """The method's hyper-parameters: names it accepts, the types of their defaults, finite, and

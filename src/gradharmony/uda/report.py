@@ -1,10 +1,17 @@
-"""Tables from a folder of runs: mean +- std (last and best), paired GH-minus-baseline deltas.
+"""Tables from a folder of runs: mean +- std (last, label-free pick, best), paired GH-minus-baseline deltas.
 
 A GH claim is a paired comparison: for each (task, method, variant) the per-seed difference to the
 ``none`` variant of the same task and method, on the seeds both have finished, with its mean, its
 standard deviation, the number of seeds where the variant won, and a two-sided paired t-test.
 Unfinished runs are listed as unfinished, never averaged in.  The runs are read through
 :mod:`gradharmony.uda.runs` only.
+
+Model selection (:mod:`gradharmony.uda.selection`): beside the last evaluation and the best one on
+target test labels (``best*``, the oracle), the tables show the evaluation a label-free validator
+picks (the runs' ``select_by``, or the one asked for), with its regret (oracle minus pick) and how
+often it picked the run's worst evaluation; "GH on or off?" lets the validator choose among the
+variants of each task, method and seed (every evaluation of every variant is a candidate) and
+says whether the oracle would have chosen the same.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import csv
 import math
 import statistics
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +29,18 @@ from scipy import stats as scipy_stats
 
 from gradharmony.uda.config import ConfigError
 from gradharmony.uda.runs import METRICS_FILE, labelled_runs, read_metrics
+from gradharmony.uda.selection import (
+    LAST,
+    ORACLE,
+    Candidate,
+    Outcome,
+    candidates,
+    check_selectors,
+    outcome,
+    rank_correlation,
+    resolve_select_by,
+)
+from gradharmony.uda.validators import VALIDATORS
 
 BASELINE = "none"
 
@@ -35,6 +55,8 @@ class Cell:
     conflict_rate: dict[int, float] = field(default_factory=dict)
     mean_angle: dict[int, float] = field(default_factory=dict)
     unfinished: dict[int, tuple[int, int | None]] = field(default_factory=dict)  # seed -> (step, steps)
+    pools: dict[int, list[Candidate]] = field(default_factory=dict)  # seed -> the run's evaluations
+    select_by: dict[int, str | None] = field(default_factory=dict)  # seed -> the run's label-free validator
 
 
 def _mean_std(values: list[float]) -> str:
@@ -77,7 +99,15 @@ def collect(root: str | Path) -> dict[tuple[str, str, str], Cell]:
                 f"reading {folder.name} only: move the other out of {root}",
                 stacklevel=2,
             )
-            for values in (cell.last, cell.best, cell.conflict_rate, cell.mean_angle, cell.unfinished):
+            for values in (
+                cell.last,
+                cell.best,
+                cell.conflict_rate,
+                cell.mean_angle,
+                cell.unfinished,
+                cell.pools,
+                cell.select_by,
+            ):
                 values.pop(seed, None)
         seen[(*key, seed)] = folder
         records = read_metrics(folder) if (folder / METRICS_FILE).exists() else []
@@ -89,7 +119,216 @@ def collect(root: str | Path) -> dict[tuple[str, str, str], Cell]:
         cell.best[seed] = 100 * records[-1]["best_target_acc"]
         cell.conflict_rate[seed] = 100 * _run_means(records, "conflict_rate")
         cell.mean_angle[seed] = _run_means(records, "mean_angle")
+        cell.pools[seed] = candidates(folder, records)
+        cell.select_by[seed] = resolve_select_by(records[-1].get("config") or {})
     return cells
+
+
+# ---------------------------------------------------------------------------------------- model selection
+def report_validator(cells: dict[tuple[str, str, str], Cell], requested: str | None = None) -> str | None:
+    """The label-free validator of the default tables: ``requested``, else the one most runs name
+    (:func:`~gradharmony.uda.selection.resolve_select_by`; ``None`` if no run computed one)."""
+    if requested is not None:
+        return requested
+    counts = Counter(v for cell in cells.values() for v in cell.select_by.values() if v is not None)
+    return counts.most_common(1)[0][0] if counts else None
+
+
+def check_report_selectors(cells: dict[tuple[str, str, str], Cell], names: list[str]) -> list[str]:
+    """``names`` if each is a selector that some finished run can be picked by, else a :class:`ConfigError`.
+
+    ``all`` stands for every validator some run computed, EnsV if runs stored predictions, ``last``
+    and ``oracle``.
+    """
+    stored = {name for cell in cells.values() for pool in cell.pools.values() for c in pool for name in c.scores}
+    predictions = any(c.predictions for cell in cells.values() for pool in cell.pools.values() for c in pool)
+    if "all" in names:
+        names = [*(v for v in VALIDATORS if v in stored), *(["ensv"] if predictions else []), LAST, ORACLE]
+    check_selectors(names)
+    for name in names:
+        if name in (LAST, ORACLE):
+            continue
+        if name == "ensv" and not predictions:
+            raise ConfigError("no run stored target predictions (they are stored with validators): EnsV has no pool")
+        if name != "ensv" and name not in stored:
+            computed = ", ".join(sorted(stored)) or "none"
+            raise ConfigError(f"no run computed the validator {name!r} (computed: {computed})")
+    return names
+
+
+def _outcomes(cell: Cell, selector: str) -> dict[int, Outcome]:
+    """Per seed, what ``selector`` picks among the run's evaluations (seeds it scores none of are left out)."""
+    found = {seed: outcome(pool, selector) for seed, pool in sorted(cell.pools.items())}
+    return {seed: o for seed, o in found.items() if o is not None}
+
+
+def _pick_summary(outcomes: dict[int, Outcome]) -> tuple[str, str, str]:
+    """``(accuracy at the pick, mean regret, worst picks k/n)`` as table cells (percent)."""
+    if not outcomes:
+        return "-", "-", "-"
+    accuracy = _mean_std([100 * o.accuracy for o in outcomes.values()])
+    regret = f"{statistics.mean(100 * o.regret for o in outcomes.values()):.2f}"
+    worst = f"{sum(o.picked_worst for o in outcomes.values())}/{len(outcomes)}"
+    return accuracy, regret, worst
+
+
+def selection_rows(cells: dict[tuple[str, str, str], Cell], selectors: list[str]) -> list[dict[str, Any]]:
+    """Per task, method and variant: the accuracy at each selector's pick (mean +- std over seeds), its mean
+    regret to the oracle and how many seeds it picked the run's worst evaluation."""
+    rows = []
+    for (task, method, variant), cell in _sorted_cells(cells):
+        row: dict[str, Any] = {"task": task, "method": method, "variant": variant, "seeds": len(cell.pools)}
+        for selector in selectors:
+            row[selector], row[f"{selector}_regret"], row[f"{selector}_worst"] = _pick_summary(
+                _outcomes(cell, selector)
+            )
+        rows.append(row)
+    return rows
+
+
+def selection_markdown(rows: list[dict[str, Any]], selectors: list[str]) -> str:
+    """The table of :func:`selection_rows`: one column per selector, ``accuracy (regret r, worst k/n)``."""
+    lines = [
+        "### Model selection: target accuracy (%) at each validator's pick",
+        "",
+        "| task | method | variant | seeds | " + " | ".join(selectors) + " |",
+        "|---|---|---|---:|" + "---:|" * len(selectors),
+    ]
+    for r in rows:
+        cells = [
+            r[s] if r[s] == "-" or s == ORACLE else f"{r[s]} (regret {r[f'{s}_regret']}, worst {r[f'{s}_worst']})"
+            for s in selectors
+        ]
+        lines.append(f"| {r['task']} | {r['method']} | {r['variant']} | {r['seeds']} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Each run's evaluations are its candidates; a validator picks the one it scores highest (EnsV: the "
+        "one agreeing most with the candidates' averaged predictions). Mean +- std over seeds; regret = "
+        "oracle (best on target test labels) minus pick, in points; worst = seeds where the pick was the "
+        "run's worst evaluation.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def gh_decision_rows(cells: dict[tuple[str, str, str], Cell], selector: str) -> list[dict[str, Any]]:
+    """ "GH on or off?" per task and method, decided by ``selector`` over the pool of every variant's evaluations.
+
+    For each seed that has a ``none`` run and a GH run (harmonizer other than none), the candidates
+    are every evaluation of every variant of that seed; the selector's pick decides "on" when it
+    comes from a GH run.  The oracle decides the same way on target test accuracy.
+    """
+    by_task: dict[tuple[str, str], dict[int, list[Candidate]]] = {}
+    for (task, method, _), cell in _sorted_cells(cells):  # `none` first: the first of equal scores is GH off
+        for seed, pool in cell.pools.items():
+            by_task.setdefault((task, method), {}).setdefault(seed, []).extend(pool)
+    rows = []
+    for (task, method), pools in sorted(by_task.items()):
+        decisions = []
+        for seed, pool in sorted(pools.items()):
+            if len({c.harmonizer == "none" for c in pool}) < 2:  # GH on and off both needed
+                continue
+            picked, best = outcome(pool, selector), outcome(pool, ORACLE)
+            if picked is None or best is None:
+                continue
+            decisions.append((seed, picked, best))
+        if not decisions:
+            continue
+        rows.append(
+            {
+                "task": task,
+                "method": method,
+                "seeds": len(decisions),
+                "on": sum(p.harmonizer != "none" for _, p, _ in decisions),
+                "oracle_on": sum(b.harmonizer != "none" for _, _, b in decisions),
+                "agree": sum((p.harmonizer != "none") == (b.harmonizer != "none") for _, p, b in decisions),
+                "regret": statistics.mean(100 * p.regret for _, p, _ in decisions),
+            }
+        )
+    return rows
+
+
+def gh_decision_markdown(rows: list[dict[str, Any]], selector: str) -> str:
+    lines = [
+        f"### GH on or off? Decided by {selector} over the pool of every variant's evaluations",
+        "",
+        f"| task | method | seeds | {selector}: GH on | oracle: GH on | same decision | regret (points) |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        n = r["seeds"]
+        lines.append(
+            f"| {r['task']} | {r['method']} | {n} | {r['on']}/{n} | {r['oracle_on']}/{n} | {r['agree']}/{n} | "
+            f"{r['regret']:.2f} |"
+        )
+    lines += [
+        "",
+        f"Per seed, the candidates are the evaluations of every variant (GH off: `none`; on: any harmonizer); "
+        f"{selector} picks one without target labels, the oracle picks the most accurate on target test "
+        f"labels. Regret = the oracle's accuracy minus that of {selector}'s pick, mean over seeds.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def selection_benchmark(cells: dict[tuple[str, str, str], Cell], selectors: list[str]) -> list[dict[str, Any]]:
+    """How well each selector chooses, over every finished run of ``cells``.
+
+    Per selector: the mean target accuracy at its pick among each run's evaluations, the mean
+    regret to the oracle, the share of runs where it picked the run's worst evaluation, the mean
+    over runs of Spearman's rank correlation between its scores and the target accuracy of the
+    run's evaluations, and the share of "GH on or off?" decisions (:func:`gh_decision_rows`) that
+    match the oracle's.
+    """
+    rows = []
+    for selector in selectors:
+        outcomes = [o for cell in cells.values() for o in _outcomes(cell, selector).values()]
+        correlations = [
+            rank_correlation(pool, selector)
+            for cell in cells.values()
+            for pool in cell.pools.values()
+            if selector not in (LAST, ORACLE)
+        ]
+        correlations = [c for c in correlations if math.isfinite(c)]
+        decisions = gh_decision_rows(cells, selector)
+        decided = sum(r["seeds"] for r in decisions)
+        rows.append(
+            {
+                "validator": selector,
+                "runs": len(outcomes),
+                "mean_acc": statistics.mean(100 * o.accuracy for o in outcomes) if outcomes else math.nan,
+                "mean_regret": statistics.mean(100 * o.regret for o in outcomes) if outcomes else math.nan,
+                "worst_rate": statistics.mean(o.picked_worst for o in outcomes) if outcomes else math.nan,
+                "spearman": statistics.mean(correlations) if correlations else math.nan,
+                "gh_decisions": decided,
+                "gh_match_rate": sum(r["agree"] for r in decisions) / decided if decided else math.nan,
+            }
+        )
+    return rows
+
+
+def selection_benchmark_markdown(rows: list[dict[str, Any]]) -> str:
+    def number(value: float, digits: int = 2, percent: bool = False) -> str:
+        if math.isnan(value):
+            return "-"
+        return f"{100 * value:.0f}%" if percent else f"{value:.{digits}f}"
+
+    lines = [
+        "| validator | runs | mean acc at pick (%) | mean regret (points) | picked the worst | Spearman (mean over runs) | GH on/off decisions | same as oracle |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['validator']} | {r['runs']} | {number(r['mean_acc'])} | {number(r['mean_regret'])} | "
+            f"{number(r['worst_rate'], percent=True)} | {number(r['spearman'], 3)} | {r['gh_decisions']} | "
+            f"{number(r['gh_match_rate'], percent=True)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _sorted_cells(cells: dict[tuple[str, str, str], Cell]) -> list[tuple[tuple[str, str, str], Cell]]:
+    """Cells by task, method, then ``none`` first and the other variants by name."""
+    return sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] != BASELINE, kv[0][2]))
 
 
 @dataclass
@@ -122,13 +361,13 @@ def paired(cell: Cell, baseline: Cell | None, which: str = "last") -> Paired:
     return Paired(seeds, [mine[s] - base[s] for s in seeds])
 
 
-def table_rows(cells: dict[tuple[str, str, str], Cell]) -> list[dict[str, Any]]:
+def table_rows(cells: dict[tuple[str, str, str], Cell], validator: str | None = None) -> list[dict[str, Any]]:
+    """One row per task, method and variant; ``validator``: the label-free pick shown beside last and best*."""
     rows = []
-    for (task, method, variant), cell in sorted(
-        cells.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] != BASELINE, kv[0][2])
-    ):
+    for (task, method, variant), cell in _sorted_cells(cells):
         baseline = cells.get((task, method, BASELINE))
         p_last, p_best = paired(cell, baseline, "last"), paired(cell, baseline, "best")
+        pick, regret, worst = _pick_summary(_outcomes(cell, validator)) if validator else ("-", "-", "-")
         rows.append(
             {
                 "task": task,
@@ -136,7 +375,10 @@ def table_rows(cells: dict[tuple[str, str, str], Cell]) -> list[dict[str, Any]]:
                 "variant": variant,
                 "seeds": len(cell.last),
                 "last": _mean_std(list(cell.last.values())),
+                "pick": pick,
                 "best": _mean_std(list(cell.best.values())),
+                "regret": regret,
+                "pick_worst": worst,
                 "delta_last": p_last.summary,
                 "p_last": p_last.p_value,
                 "delta_best": p_best.summary,
@@ -266,54 +508,78 @@ def _p(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.3f}"
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
+def markdown(rows: list[dict[str, Any]], validator: str | None = None) -> str:
+    """The per-task tables; ``validator`` names the label-free pick column (``-`` throughout when ``None``)."""
+    pick = f"pick: {validator} (%)" if validator else "label-free pick (%)"
     lines = []
     for task in dict.fromkeys(r["task"] for r in rows):
         lines += [
             f"### {task}",
             "",
-            "| method | variant | seeds | last (%) | best* (%) | paired delta last | p | "
-            "paired delta best* | p | conflict rate (%) | mean angle | unfinished |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+            f"| method | variant | seeds | last (%) | {pick} | best* (oracle, %) | regret | picked worst | "
+            "paired delta last | p | paired delta best* | p | conflict rate (%) | mean angle | unfinished |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         for r in (r for r in rows if r["task"] == task):
             lines.append(
-                f"| {r['method']} | {r['variant']} | {r['seeds']} | {r['last']} | {r['best']} | "
-                f"{r['delta_last']} | {_p(r['p_last'])} | {r['delta_best']} | {_p(r['p_best'])} | "
-                f"{r['conflict_rate']} | {r['mean_angle']} | {r['unfinished']} |"
+                f"| {r['method']} | {r['variant']} | {r['seeds']} | {r['last']} | {r['pick']} | {r['best']} | "
+                f"{r['regret']} | {r['pick_worst']} | {r['delta_last']} | {_p(r['p_last'])} | {r['delta_best']} | "
+                f"{_p(r['p_best'])} | {r['conflict_rate']} | {r['mean_angle']} | {r['unfinished']} |"
             )
         lines.append("")
+    chosen = (
+        f"pick = the evaluation that the label-free validator {validator} scores highest (no target labels); "
+        f"regret = best* minus pick (points, mean over seeds); picked worst = seeds where the pick was the "
+        f"run's worst evaluation. "
+        if validator
+        else "No run computed a label-free validator (validators: none, or runs of earlier versions). "
+    )
     lines.append(
         "Mean +- std over seeds. *best = best over evaluations, selected on target test labels (what "
-        "the literature reports). Paired delta = variant minus `none` of the same method on the same "
-        "seeds, mean +- std (seeds where the variant is higher); p = two-sided paired t-test. "
-        "Conflict rate and mean angle: the raw gradients' geometry, measured before harmonization."
+        f"the literature reports: the oracle). {chosen}Paired delta = variant minus `none` of the same "
+        "method on the same seeds, mean +- std (seeds where the variant is higher); p = two-sided paired "
+        "t-test. Conflict rate and mean angle: the raw gradients' geometry, measured before harmonization."
     )
     return "\n".join(lines) + "\n"
 
 
 def write_report(
-    root: str | Path, out_dir: str | Path | None = None, cells: dict[tuple[str, str, str], Cell] | None = None
+    root: str | Path,
+    out_dir: str | Path | None = None,
+    cells: dict[tuple[str, str, str], Cell] | None = None,
+    select: list[str] | None = None,
 ) -> tuple[Path, Path]:
     """Write ``report.md`` and ``report.csv`` for the runs under ``root``; returns their paths.
 
     ``cells``: what :func:`collect` already read from ``root``, so that it is not read twice.
-    Raises :class:`~gradharmony.uda.config.ConfigError` (from :func:`collect`) when ``root`` holds
-    no run records, before anything is written.
+    ``select``: validators (and ``last``, ``oracle``, ``ensv``) whose picks get a table of their own;
+    the first is also the label-free pick of the main tables (default: the runs' ``select_by``).
+    Raises :class:`~gradharmony.uda.config.ConfigError` when ``root`` holds no run records, a
+    selector is unknown or was computed by no run, or an EnsV pool has one candidate: before
+    anything is written.
     """
     root = Path(root)
     out_dir = Path(out_dir) if out_dir else root
     cells = collect(root) if cells is None else cells
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows = table_rows(cells)
+    select = check_report_selectors(cells, list(select or []))
+    label_free = [s for s in select if s not in (LAST, ORACLE)]
+    validator = report_validator(cells, label_free[0] if label_free else None)
+    rows = table_rows(cells, validator)
+    text = markdown(rows, validator)
+    if select:
+        text += "\n" + selection_markdown(selection_rows(cells, select), select)
+    for selector in label_free or ([validator] if validator else []):
+        decisions = gh_decision_rows(cells, selector)
+        if decisions:
+            text += "\n" + gh_decision_markdown(decisions, selector)
     md, csv_path = out_dir / "report.md", out_dir / "report.csv"
-    text = markdown(rows)
     families = task_families({task for task, _, _ in cells})
     for family, tasks in sorted(families.items(), key=lambda kv: len(kv[1])):  # the largest ends on top
         if len(tasks) > 1:
             chosen = {key: cell for key, cell in cells.items() if key[0] in tasks}
             title = "all tasks" if family == "all" else f"the {len(tasks)} {family} tasks"
             text = summary_markdown(summary_rows(chosen, "last"), title=title) + "\n" + text
+    out_dir.mkdir(parents=True, exist_ok=True)
     md.write_text(text)
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["task"])

@@ -9,6 +9,14 @@ A run folder (``<out>/`` of one training run) holds:
   records how far both files reached when it was written (:meth:`RunLog.coverage`); on resume
   :meth:`RunLog.restore` cuts them back to exactly that, so a resumed run holds each record once;
 * ``last.pt``: the checkpoint (written and read by :mod:`gradharmony.uda.engine.checkpoint`);
+* ``predictions/``: with validators (label-free model selection), the softmax predictions of the
+  fixed target subset at each evaluation, float16 ``[N, C]``, one ``step_<step>.npy`` per
+  evaluation (named in its record), and ``target_index.npy``: which samples of the target train
+  split they are (:func:`write_predictions`, :func:`read_predictions`);
+* ``selected/<validator>/step_<step>.pt``: the checkpoint each validator of ``select`` picked so far
+  (the model's weights and config, read by ``gradharmony eval --select``); the run checkpoint
+  records which step each pick is, and files it does not record are pruned
+  (:func:`prune_selection_files`);
 * ``.lock``: the writer lock (:class:`RunFolderLock`), holding the PID of the last writer;
 * in a sweep, ``run.json``: the run's labels (task, method, variant, seed), written by
   :func:`write_labels`, and ``error.txt``: the traceback of a run that failed (:func:`write_error`).
@@ -21,13 +29,16 @@ only read, through :func:`read_metrics`, :func:`read_steps`, :func:`read_config`
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import yaml
 
 METRICS_FILE = "metrics.jsonl"
@@ -37,12 +48,22 @@ CHECKPOINT_FILE = "last.pt"
 LABELS_FILE = "run.json"
 ERROR_FILE = "error.txt"
 LOCK_FILE = ".lock"
+PREDICTIONS_DIR = "predictions"
+SELECTED_DIR = "selected"
+TARGET_INDEX_FILE = "target_index.npy"
 #: What a run writes into its folder (besides the lock and a sweep's labels); ``--overwrite`` deletes
-#: these, and their temporary files, before starting over.
+#: these, and their temporary files, before starting over (and :data:`RUN_DIRS`' files).
 RUN_FILES = (CONFIG_FILE, METRICS_FILE, STEPS_FILE, CHECKPOINT_FILE, ERROR_FILE)
+#: Folders of per-evaluation files: the validators' predictions and the kept picks.
+RUN_DIRS = (PREDICTIONS_DIR, SELECTED_DIR)
+_STEP_FILE = re.compile(r"step_(\d+)\.(npy|pt)(\.tmp)?")
 LABEL_KEYS = ("task", "method", "variant", "seed")
 #: What :func:`run_status` answers.
 STATUSES = ("done", "partial", "failed", "pending")
+
+#: Fields of an evaluation record that hold wall-clock times: the only ones two runs of one
+#: configuration may differ in (a resumed run and an uninterrupted one included).
+TIMING_FIELDS = ("seconds_per_step", "validate_seconds")
 
 STEP_FIELDS = ("step", "loss_cls", "loss_align", "cos", "angle", "w_align", "w_cls", "conflict", "measured", "guards")
 
@@ -90,6 +111,99 @@ def remove_run_files(folder: str | Path) -> list[Path]:
             if path.is_file():
                 path.unlink()
                 removed.append(path)
+    return removed + remove_selection_files(folder)
+
+
+# ---------------------------------------------------------------------------------------- validation files
+def predictions_path(folder: str | Path, step: int) -> Path:
+    """Where the target subset's predictions of the evaluation at ``step`` are stored."""
+    return Path(folder) / PREDICTIONS_DIR / f"step_{step:07d}.npy"
+
+
+def selected_path(folder: str | Path, validator: str, step: int) -> Path:
+    """Where the checkpoint that ``validator`` picked at ``step`` is kept."""
+    return Path(folder) / SELECTED_DIR / validator / f"step_{step:07d}.pt"
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def write_predictions(folder: str | Path, step: int, probs: np.ndarray) -> Path:
+    """Store one evaluation's predictions (``.npy``, atomically: the same bytes for the same array)."""
+    path = predictions_path(folder, step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, _npy_bytes(np.ascontiguousarray(probs)))
+    return path
+
+
+def write_target_index(folder: str | Path, index: np.ndarray) -> Path:
+    """Store which target train samples the predictions are of (once: rewritten only if it differs)."""
+    path = Path(folder) / PREDICTIONS_DIR / TARGET_INDEX_FILE
+    data = _npy_bytes(np.asarray(index, dtype=np.int64))
+    if not (path.is_file() and path.read_bytes() == data):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, data)
+    return path
+
+
+def read_predictions(folder: str | Path, step: int) -> np.ndarray:
+    """The float16 ``[N, C]`` target predictions of the evaluation at ``step`` (``FileNotFoundError`` if none)."""
+    return np.load(predictions_path(folder, step), allow_pickle=False)
+
+
+def read_target_index(folder: str | Path) -> np.ndarray | None:
+    """The target train indices the stored predictions are of, or ``None`` if the run stored none."""
+    path = Path(folder) / PREDICTIONS_DIR / TARGET_INDEX_FILE
+    return np.load(path, allow_pickle=False) if path.is_file() else None
+
+
+def _step_files(directory: Path) -> list[tuple[int, Path]]:
+    if not directory.is_dir():
+        return []
+    return [(int(m.group(1)), p) for p in directory.iterdir() if (m := _STEP_FILE.fullmatch(p.name))]
+
+
+def prune_selection_files(folder: str | Path, last_step: int, picks: Mapping[str, int]) -> list[Path]:
+    """Cut the validation files back to a checkpoint of ``last_step`` whose kept picks are ``picks``.
+
+    Deletes the predictions of evaluations after ``last_step`` (a resumed run writes them again)
+    and every kept checkpoint under ``selected/`` but the step of each validator in ``picks``
+    (``validator -> step``).  Returns the files deleted.
+    """
+    folder = Path(folder)
+    removed = []
+    for step, path in _step_files(folder / PREDICTIONS_DIR):
+        if step > last_step or path.name.endswith(".tmp"):
+            path.unlink()
+            removed.append(path)
+    selected = folder / SELECTED_DIR
+    if selected.is_dir():
+        for directory in sorted(p for p in selected.iterdir() if p.is_dir()):
+            for step, path in _step_files(directory):
+                if picks.get(directory.name) != step or path.name.endswith(".tmp"):
+                    path.unlink()
+                    removed.append(path)
+            if not any(directory.iterdir()):
+                directory.rmdir()
+    return removed
+
+
+def remove_selection_files(folder: str | Path) -> list[Path]:
+    """Delete every stored prediction and kept pick (a run starting over); returns the files deleted."""
+    folder = Path(folder)
+    removed = prune_selection_files(folder, -1, {})
+    for name in (TARGET_INDEX_FILE, TARGET_INDEX_FILE + ".tmp"):
+        path = folder / PREDICTIONS_DIR / name
+        if path.is_file():
+            path.unlink()
+            removed.append(path)
+    for name in RUN_DIRS:
+        directory = folder / name
+        if directory.is_dir() and not any(directory.iterdir()):
+            directory.rmdir()
     return removed
 
 

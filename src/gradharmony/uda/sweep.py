@@ -27,7 +27,8 @@ sweep asks each worker once to stop the way an interrupted run stops (finish the
 checkpoint, exit), and if the sweep itself is killed (SIGKILL) each worker notices that its parent
 is gone and does the same, then exits for good after :data:`ORPHAN_GRACE_S` seconds at the latest.
 A run whose folder another live process is training (its writer lock is held) is reported
-``busy``, not failed; the next sweep picks it up.
+``busy``, not failed; the next sweep picks it up.  On a SLURM cluster the same runs go to a job
+array instead (:mod:`gradharmony.uda.launchers`, ``gradharmony sweep --launcher submitit``).
 
 The benchmarks' stages are such grids, in ``configs/benchmarks/``.  A sweep writes its run
 folders through the engine and :mod:`gradharmony.uda.runs` (labels, recorded failures); reading
@@ -150,8 +151,14 @@ def _label_run(run: PlannedRun) -> None:
 OUTCOMES = ("done", "failed", "interrupted", "busy")
 
 
-def _execute(run: PlannedRun) -> tuple[str, str]:
-    """Train one run in this process; returns ``(outcome, note)`` with an outcome of :data:`OUTCOMES`."""
+def train_planned_run(run: PlannedRun) -> tuple[str, str]:
+    """Train one run in this process; returns ``(outcome, note)`` with an outcome of :data:`OUTCOMES`.
+
+    What a sweep's worker process, or a cluster job (:mod:`gradharmony.uda.launchers`), does with
+    each run: ``busy`` if another live process holds the run folder's lock, else label it, forget a
+    recorded failure and train it (resuming from its checkpoint); an error is recorded in the folder
+    (``failed``), an interrupt stops the run as it stops a ``train`` (``interrupted``).
+    """
     try:
         from gradharmony.uda.engine import train
 
@@ -329,7 +336,7 @@ def _worker_main(tasks: Connection, control: Connection, parent_pid: int, max_ru
                 break
             with state.lock:
                 state.in_run = not state.stopping
-            outcome = _execute(run) if state.in_run else ("interrupted", "")
+            outcome = train_planned_run(run) if state.in_run else ("interrupted", "")
             with state.lock:
                 state.in_run = False
             if outcome[0] == "interrupted":
@@ -548,9 +555,7 @@ def run_grid(
     if runs_per_process < 1:
         raise ConfigError(f"runs_per_process must be at least 1, got {runs_per_process}")
     runs = expand(grid)
-    statuses = [folder_status(r.out, r.config.steps) for r in runs]
-    wanted = ("pending", "partial", "failed") if retry_failed else ("pending", "partial")
-    todo = [r for r, status in zip(runs, statuses) if status in wanted]
+    statuses, todo = runs_to_train(runs, retry_failed)
     workers = workers or int(grid.get("workers") or 1)
     if workers < 1:
         raise ConfigError(f"workers must be at least 1, got {workers}")
@@ -562,7 +567,7 @@ def run_grid(
     )
     for run in todo:
         _label_run(run)
-    _prepare_data(todo)
+    prepare_data(todo)
     counts = {"done": done, "failed": 0 if retry_failed else statuses.count("failed")}
     started = time.perf_counter()
     with _Interrupts() as interrupts:
@@ -588,8 +593,19 @@ def run_grid(
     return counts
 
 
-def _prepare_data(runs: list[PlannedRun]) -> None:
-    """Decode or generate each domain once, before the workers read it from the cache."""
+def runs_to_train(runs: list[PlannedRun], retry_failed: bool = False) -> tuple[list[str], list[PlannedRun]]:
+    """Each run's status on disk (:func:`gradharmony.uda.runs.run_status`) and the runs still to train.
+
+    Those are the ``pending`` and ``partial`` runs, and with ``retry_failed`` the ``failed`` ones too
+    (a run with a recorded error is otherwise left alone until asked).
+    """
+    statuses = [folder_status(r.out, r.config.steps) for r in runs]
+    wanted = ("pending", "partial", "failed") if retry_failed else ("pending", "partial")
+    return statuses, [r for r, status in zip(runs, statuses) if status in wanted]
+
+
+def prepare_data(runs: list[PlannedRun]) -> None:
+    """Decode or generate each domain once, before the workers (or jobs) read it from the cache."""
     from gradharmony.uda.engine import load_domains
 
     seen = set()

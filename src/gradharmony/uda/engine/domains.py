@@ -28,6 +28,10 @@ def _limited(data: Domain | Dataset, limit: int | None, seed: int) -> Domain | D
 def load_domains(cfg: TrainConfig) -> dict[str, Domain | Dataset]:
     """Source train (labelled), target train (labels never used), source and target test.
 
+    Image benchmarks with label-free validation also get both training splits read with the
+    evaluation transforms (``source_eval_view``, ``target_eval_view``: the same samples, in the same
+    order), which the validators score.
+
     Digit domains are decoded or generated once and cached in ``cfg.cache_dir`` (default: the
     user's cache folder, see :func:`gradharmony.uda.data.cache.default_cache_dir`); nothing is
     written into ``cfg.data_root``.
@@ -43,6 +47,10 @@ def load_domains(cfg: TrainConfig) -> dict[str, Domain | Dataset]:
         "source_test": _limited(load(cfg.source, "test", False), cfg.source_eval_size, 2),
         "target_test": load(cfg.target, "test", False),
     }
+    if is_image_task(cfg.target) and (cfg.validators or cfg.source_val_fraction > 0):
+        # the label-free validators score training samples with the evaluation transforms
+        domains["source_eval_view"] = _limited(load(cfg.source, "train", False), cfg.source_limit, 0)
+        domains["target_eval_view"] = _limited(load(cfg.target, "train", False), cfg.target_limit, 1)
     if num_classes_of(domains["source"]) != num_classes_of(domains["target"]):
         raise ConfigError(
             f"{cfg.source} has {num_classes_of(domains['source'])} classes but {cfg.target} has "

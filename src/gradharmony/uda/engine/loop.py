@@ -51,6 +51,16 @@ iff ``measure_every > 0 and i % measure_every == 0``; every other step is one pl
 per-class accuracy for VisDA-2017, named in ``target_metric``).  Best-over-evaluations accuracy is
 selected on target *test* labels: it is what the UDA literature
 reports, and it is labelled as such (``best_target_acc``), never silently mixed with the last.
+
+**Label-free validation** (``validators``, :mod:`gradharmony.uda.engine.validation`): each
+evaluation record also holds the validators' scores of the model (``validators``), their sizes and
+details (``validation``) and their cost (``validate_seconds``, a timing field like
+``seconds_per_step``); the target subset's predictions go to ``predictions/step_<step>.npy``, and
+each validator of ``select`` keeps the checkpoint it picks so far (the first evaluation with its
+highest score) in ``selected/<validator>/step_<step>.pt``.  These files are written after the
+evaluation's record and before the checkpoint that covers it, which records the picks; on resume
+the predictions after the checkpoint and the kept files it does not record are deleted, so they
+too end as in an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -81,6 +91,7 @@ from gradharmony.uda.engine.checkpoint import CheckpointError, load_checkpoint, 
 from gradharmony.uda.engine.domains import load_domains
 from gradharmony.uda.engine.evaluation import evaluate, num_classes_of
 from gradharmony.uda.engine.process import init_distributed, summary_writer, synchronised_batch_norm
+from gradharmony.uda.engine.validation import checkpoint_of_pick, prepare_validation, validate
 from gradharmony.uda.methods import Batch, StepContext, UpdateResult
 from gradharmony.uda.methods.steps import norms_finite
 from gradharmony.uda.runs import (
@@ -92,11 +103,18 @@ from gradharmony.uda.runs import (
     RunFolderBusy,
     RunFolderLock,
     RunLog,
+    predictions_path,
+    prune_selection_files,
     read_config,
     read_metrics,
     remove_run_files,
+    remove_selection_files,
+    selected_path,
     write_config,
+    write_predictions,
+    write_target_index,
 )
+from gradharmony.uda.selection import label_free_pick
 
 MAX_CONSECUTIVE_NONFINITE = 10  # skipped steps in a row before a run is declared diverged
 
@@ -158,10 +176,17 @@ class Trainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         self.domains = domains if domains is not None else load_domains(cfg)
+        # the source validation split held out (if any) and the samples the validators score
+        self.domains, self.validation = prepare_validation(cfg, self.domains)
         for key in ("source", "target"):  # keep training tensors on the device: no loader overhead
             d = self.domains[key]
             if isinstance(d, Domain):
                 self.domains[key] = replace(d, images=d.images.to(self.device), labels=d.labels.to(self.device))
+        if self.validation is not None:
+            for key in ("target", "source"):
+                d = getattr(self.validation, key)
+                if isinstance(d, Domain):
+                    setattr(self.validation, key, replace(d, images=d.images.to(self.device)))
         source = self.domains["source"]
         input_shape = tuple(source.images.shape[1:]) if isinstance(source, Domain) else tuple(source[0][0].shape)
         self.model = build_model(cfg, num_classes_of(source), input_shape).to(self.device)
@@ -185,6 +210,8 @@ class Trainer:
         self.target_batches = self._batches(self.domains["target"], seed=cfg.seed + 10_000)
         self.step = 0
         self.best = {"best_target_acc": -1.0, "best_step": -1}
+        self.picks: dict[str, dict[str, Any]] = {}  # validator of select -> {"step", "score"} kept so far
+        self._pending_files: dict[str, Any] | None = None  # what the last evaluation has still to write
         self.interval = self._new_interval()
         self.consecutive_nonfinite = 0
         # From the start of a step to the end of its evaluation and checkpoint: a second signal in
@@ -231,6 +258,7 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "best": dict(self.best),
+            "picks": copy.deepcopy(self.picks),
             "interval": copy.deepcopy(self.interval),
             "consecutive_nonfinite": self.consecutive_nonfinite,
             # how far metrics.jsonl and steps.csv reach: exactly the records this state covers
@@ -252,6 +280,7 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         # Checkpoints written before the method scalars were logged lack their keys: start them empty.
         self.best = dict(state["best"])
+        self.picks = copy.deepcopy(state.get("picks") or {})
         self.interval = {**self._new_interval(), **copy.deepcopy(state["interval"])}
         self.consecutive_nonfinite = int(state["consecutive_nonfinite"])
 
@@ -273,6 +302,8 @@ class Trainer:
                 )
             self.log.sync()
             save_checkpoint(self.out / CHECKPOINT_FILE, self.state_dict())
+            if self.validation is not None:  # the kept picks this checkpoint no longer records
+                prune_selection_files(self.out, self.step, self._pick_steps())
         self.checkpoint_step = self.step
 
     # ------------------------------------------------------------------ the run folder
@@ -317,8 +348,10 @@ class Trainer:
                     return "finished", state
                 if state is None:
                     self.log.clear()
+                    remove_selection_files(self.out)
                 else:
                     self._restore_records(state)
+                    prune_selection_files(self.out, int(state["step"]), _pick_steps(state.get("picks")))
             if not (self.out / CONFIG_FILE).exists():
                 write_config(self.out, self.recorded_config())
         except BaseException:
@@ -581,9 +614,57 @@ class Trainer:
             "config_hash": self.cfg.outcome_hash(),
             "config": self.recorded_config(),
         }
+        if self.validation is not None:
+            record.update(self._validation_fields(headline))
         self.harmonizer.reset_summary()
         self.interval = self._new_interval()
         return record
+
+    # ------------------------------------------------------------------ label-free validation
+    def _validation_fields(self, target_acc: float) -> dict[str, Any]:
+        """The validators' scores of the model now, and the picks of ``select`` updated with them.
+
+        The predictions and any new pick's checkpoint are written by :meth:`write_validation_files`
+        once the record is in ``metrics.jsonl``.
+        """
+        result = validate(self.model, self.validation, self.device, self.cfg.loader_workers)
+        improved = []
+        for name in self.cfg.select:
+            score = target_acc if name == "oracle" else result.scores.get(name, math.nan)
+            kept = self.picks.get(name)
+            if math.isfinite(score) and (kept is None or score > kept["score"]):
+                self.picks[name] = {"step": self.step, "score": score}
+                improved.append(name)
+        self._pending_files = {"step": self.step, "probs": result.probs, "improved": improved}
+        fields: dict[str, Any] = {
+            "validators": result.scores,
+            "validation": {
+                **result.details,
+                "predictions": predictions_path(self.out, self.step).relative_to(self.out).as_posix(),
+            },
+            "validate_seconds": result.seconds,
+        }
+        if self.cfg.select:
+            fields["selected"] = self._pick_steps()
+        return fields
+
+    def _pick_steps(self) -> dict[str, int]:
+        return _pick_steps(self.picks)
+
+    def write_validation_files(self) -> None:
+        """Write the last evaluation's predictions and the checkpoints of the picks it improved (atomically)."""
+        pending, self._pending_files = self._pending_files, None
+        if pending is None:
+            return
+        step = pending["step"]
+        write_target_index(self.out, self.validation.target_index.numpy())
+        write_predictions(self.out, step, pending["probs"])
+        if pending["improved"]:
+            state = checkpoint_of_pick(self.model, self.recorded_config(), self.cfg.outcome_hash(), step)
+            for name in pending["improved"]:
+                path = selected_path(self.out, name, step)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_checkpoint(path, {**state, "validator": name, "score": self.picks[name]["score"]})
 
     def run(self) -> dict[str, Any]:
         """Train to ``cfg.steps`` (resuming if possible); returns the final summary."""
@@ -639,6 +720,7 @@ class Trainer:
                     if self.is_main and (self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps):
                         last_eval = self.evaluation_record()
                         self.log.add_evaluation(last_eval)
+                        self.write_validation_files()
                         self._board_evaluation(last_eval)
                     if self.step % checkpoint_every == 0 or self.step == self.cfg.steps:
                         self.save()
@@ -675,6 +757,9 @@ class Trainer:
                 self.board.add_scalar(f"harmonizer/{key}", value, record["step"])
         for key, value in record["method_logs_mean"].items():
             self.board.add_scalar(f"method/{key}", value, record["step"])
+        for key, value in record.get("validators", {}).items():
+            if math.isfinite(value):
+                self.board.add_scalar(f"validators/{key}", value, record["step"])
         self.board.flush()
 
     def final_summary(self, already_finished: bool = False, metrics_records: int | None = None) -> dict[str, Any]:
@@ -691,6 +776,7 @@ class Trainer:
                 f"({self.out / METRICS_FILE}); pass --overwrite to train it again, or choose another --out"
             )
         last = records[-1]
+        pick = label_free_pick(records, self.recorded_config())
         return {
             "out": str(self.out),
             "method": self.cfg.method,
@@ -700,6 +786,7 @@ class Trainer:
             "last_target_acc": last["target_acc"],
             "best_target_acc": last["best_target_acc"],
             "best_step": last["best_step"],
+            "pick": pick,
             "config_hash": self.cfg.outcome_hash(),
             "already_finished": already_finished,
         }
@@ -712,6 +799,11 @@ def _file_identity(path: Path) -> tuple[int, ...] | None:
     except FileNotFoundError:
         return None
     return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _pick_steps(picks: dict[str, dict[str, Any]] | None) -> dict[str, int]:
+    """``validator -> step`` of the kept picks (as a checkpoint records them)."""
+    return {name: int(pick["step"]) for name, pick in (picks or {}).items()}
 
 
 def _covered_metrics(state: dict[str, Any] | None) -> int | None:

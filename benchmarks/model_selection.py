@@ -1,0 +1,113 @@
+"""Label-free model selection: which validator picks good checkpoints, and decides well whether GH should be on?
+
+The stages are the sweep grids configs/benchmarks/model_selection_stage1.yaml ... _stage3.yaml
+(described in configs/benchmarks/README.md): DANN, CDAN, MDD, MCC x {none, gh, gh++ with the
+method's lead} x 3 seeds on real MNIST -> USPS and MNIST -> MNIST-M (stage 1) and on the 12
+Office-Caltech10 SURF tasks (stages 2-3), every per-model validator scored at every evaluation and
+the target predictions stored (for EnsV).  This script runs the stages in order from the repository
+root, which the grids' paths are relative to (its other flags go to every ``gradharmony sweep``:
+``--workers N``, ``--dry-run``, ``--retry-failed``), then summarises the runs, per task family
+(``digits``, ``surf``) and over all of them, for every validator, EnsV, the last evaluation and the
+oracle:
+
+* mean target accuracy at the validator's pick among each run's evaluations, and the mean regret
+  to the oracle (the best evaluation on target test labels), in points;
+* how often the pick was the run's worst evaluation;
+* Spearman's rank correlation between the validator's scores and the target accuracy across each
+  run's evaluations (mean over runs);
+* "GH on or off?": per task, method and seed the validator picks among every evaluation of the
+  variants {none, gh, gh++}; how often its decision (GH on iff the pick is a GH run) is the
+  oracle's.
+
+    python benchmarks/model_selection.py                   # every stage (resumable), then the summary
+    python benchmarks/model_selection.py --dry-run         # each run and its status
+    python benchmarks/model_selection.py --summary-only    # the summary of the runs finished so far
+    gradharmony report runs/model_selection --select all   # the per-task tables
+
+The summary is printed and written to ``<out>/model_selection.md`` (default: the runs folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from stages import GRIDS, ROOT
+
+from gradharmony.uda.cli import main as gradharmony
+from gradharmony.uda.config import ConfigError
+from gradharmony.uda.report import collect, selection_benchmark, selection_benchmark_markdown, task_families
+from gradharmony.uda.selection import LAST, ORACLE
+from gradharmony.uda.validators import POOL_VALIDATORS, VALIDATORS
+
+BENCHMARK = "model_selection"
+RUNS = Path("runs") / BENCHMARK
+#: Every selector the summary compares: the per-model validators, EnsV, then the two references.
+SELECTORS = [*VALIDATORS, *POOL_VALIDATORS, LAST, ORACLE]
+
+
+def summarize(runs: str | Path, out: str | Path | None = None) -> str:
+    """The summary tables of the finished runs under ``runs`` (see the module's docstring), written
+    to ``<out>/model_selection.md``; returns the text."""
+    cells = collect(runs)
+    stored = {name for cell in cells.values() for pool in cell.pools.values() for c in pool for name in c.scores}
+    selectors = [s for s in SELECTORS if s in stored or s in (*POOL_VALIDATORS, LAST, ORACLE)]
+    families = task_families({task for task, _, _ in cells})
+    groups = [(f"the {len(tasks)} {family} tasks", tasks) for family, tasks in sorted(families.items())]
+    if len(groups) > 1:
+        groups.append(("all tasks", sorted(task for tasks in families.values() for task in tasks)))
+    parts = [
+        "## Label-free model selection",
+        "",
+        "Per run, each evaluation is a candidate checkpoint; a validator picks the one it scores highest "
+        "(EnsV: the one agreeing most with the candidates' averaged predictions), `last` the last one, the "
+        "oracle the most accurate on target test labels. Regret = oracle minus pick (points); picked the "
+        "worst = share of runs where the pick was the run's least accurate evaluation; Spearman = rank "
+        "correlation of the scores with target accuracy across a run's evaluations, mean over runs; GH "
+        "on/off = per task, method and seed, the validator picks among every evaluation of the variants "
+        "{none, gh, gh++}, and the decision (GH on iff the pick is a GH run) is compared with the oracle's.",
+        "",
+    ]
+    for title, tasks in groups:
+        chosen = {key: cell for key, cell in cells.items() if key[0] in tasks}
+        parts += [f"### Over {title}", "", selection_benchmark_markdown(selection_benchmark(chosen, selectors))]
+    text = "\n".join(parts)
+    path = Path(out or runs) / f"{BENCHMARK}.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=True)
+    parser.add_argument("--summary-only", action="store_true", help="summarise the runs done so far; train nothing")
+    parser.add_argument("--runs", type=Path, default=None, help=f"the runs folder (default: {RUNS}, the grids' out)")
+    parser.add_argument("--out", type=Path, default=None, help="folder for model_selection.md (default: --runs)")
+    parser.add_argument(
+        "--grids",
+        nargs="+",
+        type=Path,
+        default=None,
+        help=f"the stage grids, in order (default: configs/benchmarks/{BENCHMARK}_stage*.yaml)",
+    )
+    args, sweep_flags = parser.parse_known_args(argv)
+    if args.grids is None and args.runs is None:
+        os.chdir(ROOT)  # the default grids and runs folder are relative to the repository root
+    status = 0
+    if not args.summary_only:
+        grids = args.grids or sorted(p.relative_to(ROOT) for p in GRIDS.glob(f"{BENCHMARK}_stage*.yaml"))
+        status = max(gradharmony(["sweep", str(grid), *sweep_flags]) for grid in grids)
+        if "--dry-run" in sweep_flags:
+            return status
+    try:
+        print(summarize(args.runs or RUNS, args.out))
+    except ConfigError as error:  # nothing finished yet
+        print(f"no summary: {error}", file=sys.stderr)
+        return 2
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
