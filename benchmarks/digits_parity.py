@@ -93,7 +93,10 @@ def _mean_std(values: list[float], digits: int = 2) -> str:
 
 def _unfinished_note(runs: dict[int, dict]) -> str:
     waiting = sorted((seed, run["unfinished"]) for seed, run in runs.items() if "unfinished" in run)
-    return ", ".join(f"seed {seed} at {step}/{steps}" for seed, (step, steps) in waiting)
+    return ", ".join(
+        f"seed {seed} at step {step} of {steps}" if steps else f"seed {seed} not started"
+        for seed, (step, steps) in waiting
+    )
 
 
 def parity_table(cells) -> str:

@@ -12,21 +12,7 @@ from torch import nn
 from gh_reference import ghpp_weights
 from gradharmony import GradientReversal, Harmonizer
 from gradharmony.harmonize import MODES
-
-
-class CountBackward(torch.autograd.Function):
-    """Identity that counts how often the backward pass traverses it."""
-
-    calls = 0
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        CountBackward.calls += 1
-        return grad
+from traversals import CountBackward
 
 
 class TinyDANN(nn.Module):

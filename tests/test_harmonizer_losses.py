@@ -27,21 +27,7 @@ from gh_reference import gh_weights, ghpp_weights
 from gradharmony import GradientReversal, Harmonizer, LossesStats, StepStats, harmonize, harmonize_gramian
 from gradharmony.harmonize import MODES
 from gradharmony.uda.methods import Batch, StepContext, build_method
-
-
-class CountBackward(torch.autograd.Function):
-    """Identity that counts how often a backward pass goes through it."""
-
-    calls = 0
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        CountBackward.calls += 1
-        return grad
+from traversals import CountBackward
 
 
 class FourLosses(nn.Module):

@@ -31,7 +31,8 @@ def num_classes_of(data: Domain | Dataset) -> int:
     return data.num_classes if hasattr(data, "num_classes") else data.dataset.num_classes
 
 
-def _eval_batches(data: Domain | Dataset, workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def eval_batches(data: Domain | Dataset, workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(inputs, labels)`` batches of ``data`` in order, for evaluation."""
     if isinstance(data, Domain):
         for start in range(0, len(data), EVAL_BATCH):
             yield to_input(data.images[start : start + EVAL_BATCH]), data.labels[start : start + EVAL_BATCH]
@@ -48,7 +49,7 @@ def evaluate(model: torch.nn.Module, data: Domain | Dataset, device: torch.devic
     num_classes = num_classes_of(data)
     correct = torch.zeros(num_classes, dtype=torch.long)
     total = torch.zeros(num_classes, dtype=torch.long)
-    for inputs, labels in _eval_batches(data, workers):
+    for inputs, labels in eval_batches(data, workers):
         labels = labels.to(device)
         predictions = model(inputs.to(device)).argmax(dim=1)
         total += torch.bincount(labels, minlength=num_classes).cpu()

@@ -26,20 +26,19 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
 from gradharmony.uda import validators as V
 from gradharmony.uda.batches import to_input
 from gradharmony.uda.config import DEFAULT_VALIDATION_SIZE, ConfigError, TrainConfig
 from gradharmony.uda.data import Domain
-from gradharmony.uda.engine.evaluation import EVAL_BATCH, IMAGE_EVAL_BATCH, num_classes_of
+from gradharmony.uda.engine.evaluation import eval_batches, num_classes_of
 
 #: Fixed seeds of the samples scored: the same for every run of a domain, whatever its seed.
 SOURCE_VAL_SEED = 3
@@ -180,16 +179,6 @@ def prepare_validation(
     return domains, validation
 
 
-def _inputs(data: Domain | Dataset, workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """``(inputs, labels)`` batches of ``data`` in order (the caller decides whether labels are read)."""
-    if isinstance(data, Domain):
-        for start in range(0, len(data), EVAL_BATCH):
-            yield to_input(data.images[start : start + EVAL_BATCH]), data.labels[start : start + EVAL_BATCH]
-    else:
-        for images, labels in DataLoader(data, batch_size=IMAGE_EVAL_BATCH, num_workers=workers):
-            yield to_input(images), labels
-
-
 class _LazyInputs:
     """The inputs of a Dataset, read when indexed (MixVal's mixtures of image-benchmark samples)."""
 
@@ -215,7 +204,7 @@ def _outputs(
         hook = bottleneck.register_forward_hook(lambda module, args, out: captured.append(out))
     logits, feats, labels = [], [], []
     try:
-        for inputs, batch_labels in _inputs(data, workers):
+        for inputs, batch_labels in eval_batches(data, workers):
             inputs = inputs.to(device)
             captured.clear()
             logits.append(model(inputs).float().cpu())
