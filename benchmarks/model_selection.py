@@ -10,6 +10,8 @@ root, which the grids' paths are relative to (its other flags go to every ``grad
 (``digits``, ``surf``) and over all of them, for every validator, EnsV, the last evaluation and the
 oracle:
 
+* how many runs the validator could not score (no evaluation with a finite score: a diverged
+  run, EnsV on a run with a single evaluation), left out of the other columns;
 * mean target accuracy at the validator's pick among each run's evaluations, and the mean regret
   to the oracle (the best evaluation on target test labels), in points;
 * how often the pick was the run's worst evaluation;
@@ -63,7 +65,9 @@ def summarize(runs: str | Path, out: str | Path | None = None) -> str:
         "",
         "Per run, each evaluation is a candidate checkpoint; a validator picks the one it scores highest "
         "(EnsV: the one agreeing most with the candidates' averaged predictions), `last` the last one, the "
-        "oracle the most accurate on target test labels. Regret = oracle minus pick (points); picked the "
+        "oracle the most accurate on target test labels. Not scored = runs where the validator scored none "
+        "of the evaluations (NaN: a diverged run; EnsV on a run with a single evaluation), left out of the "
+        "other columns. Regret = oracle minus pick (points); picked the "
         "worst = share of runs where the pick was the run's least accurate evaluation; Spearman = rank "
         "correlation of the scores with target accuracy across a run's evaluations, mean over runs; GH "
         "on/off = per task, method and seed, the validator picks among every evaluation of the variants "

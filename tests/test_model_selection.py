@@ -26,6 +26,7 @@ from gradharmony.uda.report import (
     collect,
     gh_decision_rows,
     selection_benchmark,
+    selection_benchmark_markdown,
     selection_rows,
     table_rows,
     write_report,
@@ -38,7 +39,7 @@ from gradharmony.uda.runs import (
     write_predictions,
     write_target_index,
 )
-from gradharmony.uda.selection import candidates, label_free_pick, pick
+from gradharmony.uda.selection import candidates, label_free_pick, outcome, pick, rank_correlation, scores_of
 from test_cli_errors import assert_one_line_error
 from test_engine import config, tiny_domains, without_timing
 from test_resume import Killed, _kill_after_evaluation, weights
@@ -147,6 +148,38 @@ def test_ensv_picks_the_candidate_agreeing_with_the_pools_average(tmp_path):
     assert read_predictions(folder, 20).dtype == np.float16
     (row,) = selection_rows(collect(tmp_path), ["ensv"])
     assert row["ensv"] == "90.00" and row["ensv_regret"] == "5.00"
+
+
+def test_ensv_never_picks_a_diverged_candidate(tmp_path):
+    truth = [0, 0, 1, 1, 0, 1]
+    diverged = np.full((6, 2), np.nan)  # a model whose weights became NaN: every class 0 by arg-max
+    predictions = [one_hot(truth), one_hot([1, 1, 1, 1, 0, 1]), diverged, one_hot(truth)]
+    folder = fake_run(tmp_path, "a", [0.9, 0.4, 0.5, 0.95], {"snd": [0, 0, 0, 0]}, predictions=predictions)
+    pool = candidates(folder, read_metrics(folder))
+    assert pick(pool, "ensv") == 0  # it picked the diverged one, which agreed with the NaN average
+    scores = scores_of(pool, "ensv")
+    assert math.isnan(scores[2]) and scores[0] == scores[3] == 1.0
+
+
+def test_one_short_run_does_not_abort_the_benchmark_and_unscored_runs_are_counted(tmp_path, capsys):
+    for seed in (0, 1):
+        fake_run(tmp_path, f"a{seed}", [0.5, 0.9, 0.7], {"im": [1, 3, 2]}, seed=seed, predictions=[one_hot([0, 1])] * 3)
+    # a run stopped after one evaluation: EnsV has nothing to compare it with; its im diverged
+    short = fake_run(tmp_path, "short", [0.6], {"im": [math.nan]}, seed=2, predictions=[one_hot([0, 1])])
+    pool = candidates(short, read_metrics(short))
+    assert outcome(pool, "ensv") is None and math.isnan(rank_correlation(pool, "ensv"))
+    rows = {r["validator"]: r for r in selection_benchmark(collect(tmp_path), ["im", "ensv", "last", "oracle"])}
+    assert (rows["ensv"]["runs"], rows["ensv"]["not_scored"]) == (2, 1)
+    assert (rows["im"]["runs"], rows["im"]["not_scored"]) == (2, 1) and rows["im"]["mean_acc"] == pytest.approx(90.0)
+    assert (rows["last"]["runs"], rows["last"]["not_scored"]) == (3, 0)
+    text = selection_benchmark_markdown(list(rows.values()))
+    assert "| validator | runs | not scored |" in text and "| ensv | 2 | 1 |" in text
+    # `report --select ensv`: the short run has no EnsV pick, the others do
+    (row,) = selection_rows(collect(tmp_path), ["ensv"])
+    assert row["ensv"] == "50.00 +- 0.00" and row["ensv_worst"] == "2/2"  # equal scores: the first
+    out = tmp_path / "report"
+    assert main(["report", str(tmp_path), "--select", "ensv", "--out", str(out)]) == 0
+    assert "| t | dann | none | 3 | 50.00 +- 0.00 (regret 40.00, worst 2/2) |" in (out / "report.md").read_text()
 
 
 def test_selection_benchmark_summarises_each_validator(tmp_path):
@@ -400,8 +433,9 @@ def test_the_model_selection_benchmark_runs_its_stages_then_summarises(tmp_path,
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
     for name in ("entropy", "im", "bnm", "snd", "mixval", "ensv", "last", "oracle"):
         assert name in rows, name
-    assert rows["oracle"].split("|")[4].strip() == "0.00"  # no regret
-    assert rows["mixval"].split("|")[2].strip() == "2" and rows["mixval"].split("|")[7].strip() == "1"
+    assert rows["oracle"].split("|")[5].strip() == "0.00"  # no regret
+    assert rows["mixval"].split("|")[2].strip() == "2" and rows["mixval"].split("|")[8].strip() == "1"
+    assert all(rows[name].split("|")[3].strip() == "0" for name in rows if name != "validator")  # all scored
     assert (runs / "model_selection.md").read_text().startswith("## Label-free model selection")
     assert script.main(["--summary-only", "--runs", str(tmp_path / "empty")]) == 2
     assert "no summary" in capsys.readouterr().err

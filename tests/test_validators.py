@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
@@ -89,6 +90,22 @@ def test_ensv_ranks_the_candidate_that_cuts_through_a_cluster_last():
     assert torch.equal(scores[:-1], torch.ones(5, dtype=torch.float64))  # they all agree with the ensemble
 
 
+def test_ensv_scores_a_diverged_candidate_nan_and_leaves_it_out_of_the_ensemble():
+    good = F.softmax(torch.randn(100, 5, generator=torch.Generator().manual_seed(0)) * 5, dim=1)
+    for bad in (math.nan, math.inf):
+        diverged = torch.full((100, 5), bad)
+        scores = V.ensv_scores([good, good.clone(), diverged])  # it scored 1.0: NaN averages arg-max to class 0
+        assert scores[:2].tolist() == [1.0, 1.0] and math.isnan(scores[2])
+    sharp, wrong = F.one_hot(good.argmax(dim=1), 5).float(), F.one_hot((good.argmax(dim=1) + 1) % 5, 5).float()
+    one_nan = sharp.clone()
+    one_nan[3, 1] = math.nan  # one non-finite prediction is enough
+    scores = V.ensv_scores([sharp, one_nan, wrong, sharp])
+    assert math.isnan(scores[1]) and scores[[0, 3]].tolist() == [1.0, 1.0] and scores[2] == 0.0
+    # fewer than 2 finite candidates: no ensemble, every score NaN (no pick)
+    assert V.ensv_scores([good, torch.full((100, 5), math.nan)]).isnan().all()
+    assert V.ensv_scores([torch.full((100, 5), math.nan)] * 3).isnan().all()
+
+
 def test_ensv_needs_a_pool_of_two_with_predictions_of_one_shape():
     with pytest.raises(ValueError, match="at least 2 candidates, got 1"):
         V.ensv_scores([torch.full((4, 2), 0.5)])
@@ -133,6 +150,53 @@ def test_dev_weights_the_source_samples_that_look_like_the_target():
     )
 
 
+def _reference_dev_risk(weights: torch.Tensor, losses: torch.Tensor) -> float:
+    """The DEV risk as the authors' code computes it (thuml/Deep-Embedded-Validation, ``get_dev_risk``)."""
+    w, loss = weights.double().numpy()[:, None], losses.double().numpy()[:, None]
+    weighted = w * loss
+    cov = np.cov(np.concatenate((weighted, w), axis=1), rowvar=False)[0][1]
+    eta = -cov / np.var(w, ddof=1)
+    return float(np.mean(weighted) + eta * np.mean(w) - eta)
+
+
+def test_dev_risk_is_the_authors_formula_whatever_the_weights_scale():
+    g = torch.Generator().manual_seed(0)
+    weights, losses = torch.rand(50, generator=g, dtype=torch.float64) * 3, torch.rand(50, generator=g).double()
+    assert V.dev_risk(weights, losses) == pytest.approx(_reference_dev_risk(weights, losses), rel=1e-12)
+    # small weights (Var(w) ~ 1e-14): the control variate is kept (it was dropped below an absolute 1e-12)
+    small = weights * 1e-7
+    assert V.dev_risk(small, losses) == pytest.approx(_reference_dev_risk(small, losses), rel=1e-9)
+    # weights constant up to float noise at a large scale: no control variate fitted to the noise
+    flat = 1e4 + 1e-5 * (torch.arange(50) % 2).double()
+    assert V.dev_risk(flat, losses) == pytest.approx(float((flat * losses).mean()), rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_dev_weights_average_one_when_source_and_target_are_alike(seed):
+    # each weight comes from a domain classifier that did not see its sample: fitted on the source
+    # samples it weighs, it shrank them (mean 0.6 here: 30 samples in 64 dimensions)
+    g = torch.Generator().manual_seed(seed)
+    source, target = torch.randn(30, 64, generator=g), torch.randn(300, 64, generator=g)
+    weights = V.importance_weights(source, target, torch.Generator().manual_seed(0))
+    assert float(weights.mean()) == pytest.approx(1.0, abs=0.15)
+    losses = (torch.rand(30, generator=g) < 0.3).double()
+    # the same weights again (deterministic given the generator), in the authors' DEV risk
+    assert V.dev_score(source, losses, target, torch.Generator().manual_seed(0)) == pytest.approx(
+        -_reference_dev_risk(weights, losses), rel=1e-9
+    )
+
+
+def test_dev_weights_are_truncated_at_the_square_root_of_the_source_size():
+    # 1-d Gaussians 3 apart: the true ratio exp(3x - 4.5) reaches ~300 on the source's right tail,
+    # and one weight was most of the estimate (91.6 of a total of 122)
+    g = torch.Generator().manual_seed(0)
+    source, target = torch.randn(100, 1, generator=g), torch.randn(100, 1, generator=g) + 3
+    weights = V.importance_weights(source, target, torch.Generator().manual_seed(0))
+    assert float(weights.max()) == 10.0  # sqrt(100)
+    assert int(weights.argmax()) == int(source[:, 0].argmax())  # the most target-like sample
+    assert bool((weights >= 0).all())
+
+
 def test_source_accuracy_counts_the_arg_max():
     assert V.accuracy(torch.tensor([[2.0, 1.0], [0.0, 3.0], [1.0, 0.0]]), torch.tensor([0, 1, 1])) == 2 / 3
 
@@ -168,6 +232,19 @@ def test_every_validator_is_finite_on_degenerate_predictions(kind):
     if kind == "one class":
         assert scores["im"] == 0.0 and scores["entropy"] == 0.0
         assert scores["mixval"] == 0.5  # intra-cluster mixtures verified, no inter-cluster pair to verify
+
+
+def test_snd_and_entropy_reward_predictions_collapsed_onto_one_class_as_in_their_papers():
+    # one class everywhere is wrong on every other class, yet SND reaches its maximum, log(N - 1)
+    # (each sample's N - 1 neighbours are all equally close), and entropy its best, 0
+    n, c = 40, 4
+    collapsed = F.one_hot(torch.zeros(n, dtype=torch.long), c).float()
+    separated = F.one_hot(torch.arange(n) % c, c).float()  # confident and diverse
+    softer = F.softmax(4 * torch.randn(n, c, generator=torch.Generator().manual_seed(0)), dim=1)
+    assert V.snd_score(collapsed) == pytest.approx(math.log(n - 1))
+    assert V.snd_score(collapsed) > V.snd_score(separated) and V.snd_score(collapsed) > V.snd_score(softer)
+    assert V.entropy_score(collapsed) == 0.0 == V.entropy_score(separated) > V.entropy_score(softer)
+    assert V.im_score(collapsed) == 0.0 < V.im_score(separated)  # IM's diversity term does not
 
 
 def test_non_finite_predictions_give_no_score_rather_than_an_error():

@@ -36,6 +36,7 @@ from gradharmony.uda.selection import (
     Outcome,
     candidates,
     check_selectors,
+    ensv_pool_error,
     outcome,
     rank_correlation,
     resolve_select_by,
@@ -137,19 +138,25 @@ def report_validator(cells: dict[tuple[str, str, str], Cell], requested: str | N
 def check_report_selectors(cells: dict[tuple[str, str, str], Cell], names: list[str]) -> list[str]:
     """``names`` if each is a selector that some finished run can be picked by, else a :class:`ConfigError`.
 
-    ``all`` stands for every validator some run computed, EnsV if runs stored predictions, ``last``
-    and ``oracle``.
+    ``all`` stands for every validator some run computed, EnsV if runs stored predictions and one
+    has at least 2 evaluations, ``last`` and ``oracle``.  EnsV asked for where every run has a
+    single evaluation is an error; where only some have, those are left out of its picks ("-").
     """
-    stored = {name for cell in cells.values() for pool in cell.pools.values() for c in pool for name in c.scores}
-    predictions = any(c.predictions for cell in cells.values() for pool in cell.pools.values() for c in pool)
+    pools = [pool for cell in cells.values() for pool in cell.pools.values()]
+    stored = {name for pool in pools for c in pool for name in c.scores}
+    predictions = any(c.predictions for pool in pools for c in pool)
+    ensv_pool = max(pools, key=len, default=[])  # EnsV scores pools of two candidates or more
     if "all" in names:
-        names = [*(v for v in VALIDATORS if v in stored), *(["ensv"] if predictions else []), LAST, ORACLE]
+        ensv = ["ensv"] if predictions and len(ensv_pool) >= 2 else []
+        names = [*(v for v in VALIDATORS if v in stored), *ensv, LAST, ORACLE]
     check_selectors(names)
     for name in names:
         if name in (LAST, ORACLE):
             continue
         if name == "ensv" and not predictions:
             raise ConfigError("no run stored target predictions (they are stored with validators): EnsV has no pool")
+        if name == "ensv" and len(ensv_pool) < 2:
+            raise ensv_pool_error(ensv_pool)
         if name != "ensv" and name not in stored:
             computed = ", ".join(sorted(stored)) or "none"
             raise ConfigError(f"no run computed the validator {name!r} (computed: {computed})")
@@ -274,12 +281,15 @@ def gh_decision_markdown(rows: list[dict[str, Any]], selector: str) -> str:
 def selection_benchmark(cells: dict[tuple[str, str, str], Cell], selectors: list[str]) -> list[dict[str, Any]]:
     """How well each selector chooses, over every finished run of ``cells``.
 
-    Per selector: the mean target accuracy at its pick among each run's evaluations, the mean
-    regret to the oracle, the share of runs where it picked the run's worst evaluation, the mean
-    over runs of Spearman's rank correlation between its scores and the target accuracy of the
-    run's evaluations, and the share of "GH on or off?" decisions (:func:`gh_decision_rows`) that
-    match the oracle's.
+    Per selector: the runs it scored (``runs``) and those it could not (``not_scored``: no
+    evaluation with a finite score, such as a diverged run's, or EnsV on a run with a single
+    evaluation; they are left out of every other column), the mean target accuracy at its pick
+    among each run's evaluations, the mean regret to the oracle, the share of runs where it picked
+    the run's worst evaluation, the mean over runs of Spearman's rank correlation between its
+    scores and the target accuracy of the run's evaluations, and the share of "GH on or off?"
+    decisions (:func:`gh_decision_rows`) that match the oracle's.
     """
+    total = sum(len(cell.pools) for cell in cells.values())
     rows = []
     for selector in selectors:
         outcomes = [o for cell in cells.values() for o in _outcomes(cell, selector).values()]
@@ -296,6 +306,7 @@ def selection_benchmark(cells: dict[tuple[str, str, str], Cell], selectors: list
             {
                 "validator": selector,
                 "runs": len(outcomes),
+                "not_scored": total - len(outcomes),
                 "mean_acc": statistics.mean(100 * o.accuracy for o in outcomes) if outcomes else math.nan,
                 "mean_regret": statistics.mean(100 * o.regret for o in outcomes) if outcomes else math.nan,
                 "worst_rate": statistics.mean(o.picked_worst for o in outcomes) if outcomes else math.nan,
@@ -314,12 +325,13 @@ def selection_benchmark_markdown(rows: list[dict[str, Any]]) -> str:
         return f"{100 * value:.0f}%" if percent else f"{value:.{digits}f}"
 
     lines = [
-        "| validator | runs | mean acc at pick (%) | mean regret (points) | picked the worst | Spearman (mean over runs) | GH on/off decisions | same as oracle |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| validator | runs | not scored | mean acc at pick (%) | mean regret (points) | picked the worst | Spearman (mean over runs) | GH on/off decisions | same as oracle |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['validator']} | {r['runs']} | {number(r['mean_acc'])} | {number(r['mean_regret'])} | "
+            f"| {r['validator']} | {r['runs']} | {r['not_scored']} | {number(r['mean_acc'])} | "
+            f"{number(r['mean_regret'])} | "
             f"{number(r['worst_rate'], percent=True)} | {number(r['spearman'], 3)} | {r['gh_decisions']} | "
             f"{number(r['gh_match_rate'], percent=True)} |"
         )
@@ -555,8 +567,8 @@ def write_report(
     ``select``: validators (and ``last``, ``oracle``, ``ensv``) whose picks get a table of their own;
     the first is also the label-free pick of the main tables (default: the runs' ``select_by``).
     Raises :class:`~gradharmony.uda.config.ConfigError` when ``root`` holds no run records, a
-    selector is unknown or was computed by no run, or an EnsV pool has one candidate: before
-    anything is written.
+    selector is unknown or was computed by no run, or EnsV is asked for and every run has one
+    evaluation: before anything is written.
     """
     root = Path(root)
     out_dir = Path(out_dir) if out_dir else root

@@ -9,7 +9,9 @@ whether GH should be on).  Selecting by
 * a per-model validator (``entropy``, ``snd``, ...) takes the candidate with the highest score (the
   first of equal ones, as ``best_target_acc`` does);
 * ``ensv`` averages the stored predictions of the whole pool (``predictions/step_<step>.npy``) and
-  takes the candidate that agrees most with the average;
+  takes the candidate that agrees most with the average (a pool of one candidate, a run with a
+  single evaluation, has nothing to agree with: it is scored NaN, no pick, and the reports say so
+  when the user asked for EnsV and no pool has two candidates);
 * ``last`` takes the last evaluation of the run, and ``oracle`` the highest target test accuracy:
   the reference every label-free pick is measured against (regret = oracle minus pick).
 
@@ -134,16 +136,28 @@ def pool_predictions(pool: Sequence[Candidate]) -> list[torch.Tensor]:
     return out
 
 
+def ensv_pool_error(pool: Sequence[Candidate]) -> ConfigError:
+    """Why EnsV cannot score ``pool`` of fewer than 2 candidates (for a user who asked for EnsV)."""
+    where = f" ({pool[0].folder}, step {pool[0].step})" if pool else ""
+    return ConfigError(f"EnsV needs a pool of at least 2 candidates, got {len(pool)}{where}")
+
+
 def scores_of(pool: Sequence[Candidate], selector: str) -> list[float]:
-    """Each candidate's score under ``selector`` (higher is better); NaN where a run did not compute it."""
+    """Each candidate's score under ``selector`` (higher is better); NaN where a run did not compute it,
+    or could not: a diverged model's, and EnsV's on a pool of one candidate (a run with a single
+    evaluation; :func:`ensv_pool_error` says why, where the user asked for EnsV on it).
+
+    Example:
+        >>> scores_of([Candidate(Path("run"), 10, 0.5, {"snd": 1.5})], "ensv"), scores_of([], "ensv")
+        ([nan], [])
+    """
     if selector == ORACLE:
         return [c.accuracy for c in pool]
     if selector == LAST:
         return [float(i) for i in range(len(pool))]
     if selector in POOL_VALIDATORS:
         if len(pool) < 2:
-            where = f" ({pool[0].folder}, step {pool[0].step})" if pool else ""
-            raise ConfigError(f"EnsV needs a pool of at least 2 candidates, got {len(pool)}{where}")
+            return [math.nan] * len(pool)
         return ensv_scores(pool_predictions(pool)).tolist()
     return [c.scores.get(selector, math.nan) for c in pool]
 

@@ -68,6 +68,10 @@ SELECTABLE = (*VALIDATORS, *POOL_VALIDATORS, ORACLE)
 SND_TEMPERATURE = 0.05
 #: MixVal's mixing ratio (Hu et al. 2023, their code's default): the first sample dominates.
 MIXVAL_LAMBDA = 0.55
+#: DEV's domain classifier: the L2 weights it chooses among (the strongest first) ...
+DEV_DECAYS = (1.0, 1e-1, 1e-2, 1e-3, 1e-4)
+#: ... and the folds of its cross-fitting (each source weight from a classifier that did not see it).
+DEV_FOLDS = 5
 
 
 def _probabilities(probs: torch.Tensor) -> torch.Tensor:
@@ -100,6 +104,11 @@ def mean_entropy(probs: torch.Tensor) -> float:
 
 def entropy_score(probs: torch.Tensor) -> float:
     r"""The ``entropy`` validator: :math:`-\frac1N \sum_i H(p_i)` (confident predictions score higher).
+
+    Faithful to its use as a validator (Morerio et al. 2018; the ``entropy`` of Musgrave et al.
+    2022), it rewards confidence alone: predictions collapsed onto one class (one-hot, the same
+    class everywhere) reach its best score, 0, however wrong they are.  :func:`im_score` adds the
+    diversity term that scores them 0 instead.
 
     Example:
         >>> entropy_score(torch.tensor([[1.0, 0.0], [0.0, 1.0]])) > entropy_score(torch.full((2, 2), 0.5))
@@ -153,12 +162,21 @@ def snd_score(x: torch.Tensor, temperature: float = SND_TEMPERATURE, chunk: int 
     sample itself is left out exactly (the authors' code gives it similarity :math:`-1/\tau`).
     Needs :math:`N \ge 2`; the similarities are computed ``chunk`` rows at a time.
 
+    As in the paper, SND rewards collapsed predictions: when every sample is predicted as the same
+    class (identical rows), each sample's neighbours are all equally similar, :math:`s_i` is uniform
+    over the :math:`N - 1` others, and the score reaches its maximum, :math:`\log(N - 1)`, above
+    any model that tells classes apart.  Pair it with a check of the predicted classes' spread (or
+    use ``im``, ``bnm``, ``mixval``) when a model may have collapsed.
+
     Example:
         >>> clustered = torch.tensor([[1.0, 0.0]] * 5 + [[0.0, 1.0]] * 5)     # two dense clusters
         >>> angles = torch.linspace(0, math.pi / 2, 10)
         >>> scattered = torch.stack([angles.cos(), angles.sin()], dim=1)  # spread evenly between them
         >>> round(snd_score(clustered), 4) == round(math.log(4), 4), snd_score(clustered) > snd_score(scattered)
         (True, True)
+        >>> collapsed = torch.tensor([[1.0, 0.0]] * 10)                           # one class everywhere
+        >>> round(snd_score(collapsed), 4) == round(math.log(9), 4)                # the maximum, log(N - 1)
+        True
     """
     p = _probabilities(x)
     n = p.shape[0]
@@ -318,9 +336,12 @@ def mixval_scores(
 
 
 # ---------------------------------------------------------------------------------------------- DEV
-def _fit_logistic(x: torch.Tensor, y: torch.Tensor, decay: float, steps: int = 100) -> torch.Tensor:
-    """An L2-regularised logistic regression ``[w; b]`` fitted by L-BFGS (deterministic)."""
-    weights = torch.zeros(x.shape[1] + 1, dtype=x.dtype, requires_grad=True)
+def _fit_logistic(
+    x: torch.Tensor, y: torch.Tensor, decay: float, steps: int = 100, start: torch.Tensor | None = None
+) -> torch.Tensor:
+    """An L2-regularised logistic regression ``[w; b]`` fitted by L-BFGS (deterministic), from ``start``
+    (default: zeros)."""
+    weights = (torch.zeros(x.shape[1] + 1, dtype=x.dtype) if start is None else start.clone()).requires_grad_(True)
     optimizer = torch.optim.LBFGS([weights], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
@@ -335,20 +356,46 @@ def _fit_logistic(x: torch.Tensor, y: torch.Tensor, decay: float, steps: int = 1
     return weights.detach()
 
 
+def _domain_folds(n_source: int, n_target: int, folds: int, generator: torch.Generator | None) -> torch.Tensor:
+    """The fold of each of the ``n_source + n_target`` samples (source first): each domain in a random
+    order (``generator``) dealt out in turn, so that each fold holds about ``1 / folds`` of each."""
+    fold = torch.empty(n_source + n_target, dtype=torch.long)
+    fold[:n_source][torch.randperm(n_source, generator=generator)] = torch.arange(n_source) % folds
+    fold[n_source:][torch.randperm(n_target, generator=generator)] = torch.arange(n_target) % folds
+    return fold
+
+
 def importance_weights(
     source_features: torch.Tensor,
     target_features: torch.Tensor,
     generator: torch.Generator | None = None,
-    decays: Sequence[float] = (1e-1, 1e-2, 1e-3, 1e-4),
+    decays: Sequence[float] = DEV_DECAYS,
+    folds: int = DEV_FOLDS,
 ) -> torch.Tensor:
     r"""Density ratios :math:`w(x) = \frac{p_T(x)}{p_S(x)}` of source samples, from a domain classifier (DEV).
 
-    A logistic regression tells target (label 1) from source (label 0) features, standardised
-    together; it is fitted on a random 80% (``generator``) with each of ``decays`` as its L2
-    weight, and the one most accurate on the other 20% gives
-    :math:`w(x) = \frac{d(x)}{1 - d(x)} \cdot \frac{N_S}{N_T}`, with :math:`d(x)` clamped to
-    :math:`[10^{-6}, 1 - 10^{-6}]`.  (You et al. fit a small MLP per weight decay; a linear
-    classifier keeps this cheap enough to run at every evaluation.)
+    A logistic regression :math:`d` tells target (label 1) from source (label 0) features,
+    standardised together, and gives :math:`w(x) = \frac{d(x)}{1 - d(x)} \cdot \frac{N_S}{N_T}`.
+
+    * **Cross-fitting.** Each weight comes from a classifier that did not see its sample: the
+      source and the target samples are dealt into ``folds`` folds (each domain in a random order,
+      ``generator``, so that each fold holds about ``1 / folds`` of each), and a fold's samples are
+      weighed by the classifier fitted on the other folds.  You et al. fit the classifier on the
+      source *training* samples and weigh the validation ones; one fitted on the very samples it
+      weighs is pulled towards "source" on them and shrinks their weights (identical domains, 100
+      source and 1000 target samples in 256 dimensions: a mean weight of 0.6 instead of 1).
+    * **Its L2 weight** is chosen among ``decays`` on held-out samples, as You et al. do, with every
+      sample held out once (the same folds) rather than one 80/20 split, and by the held-out
+      log-loss rather than the accuracy: the weights use the probabilities, and the accuracy ties
+      whenever the domains overlap.  The first of equal losses (the strongest decay) wins; the
+      chosen decay's out-of-fold predictions are the weights (``len(decays) * folds`` fits).
+    * **Truncation**: :math:`w_i \leftarrow \min(w_i, \sqrt{N_S})`, truncated importance sampling
+      (Ionides 2008) with the density ratio's known mean :math:`E_S[w] = 1`: no sample outweighs
+      :math:`\sqrt{N_S}` average ones (a confident classifier's :math:`d \to 1` would otherwise make
+      one sample the whole estimate).
+
+    You et al. fit a small MLP per weight decay; a linear classifier keeps this cheap enough to
+    run at every evaluation.
 
     Example:
         >>> source = torch.randn(40, 3, generator=torch.Generator().manual_seed(0))
@@ -360,21 +407,32 @@ def importance_weights(
     t = target_features.detach().to(torch.float64).flatten(1)
     if s.shape[0] < 2 or t.shape[0] < 2:
         raise ValueError(f"DEV needs at least 2 source and 2 target samples, got {s.shape[0]} and {t.shape[0]}")
+    if folds < 2 or not decays:
+        raise ValueError(f"DEV needs at least 2 folds and one decay, got {folds} folds and decays {list(decays)}")
     x = torch.cat([s, t])
     std = x.std(dim=0)
     x = (x - x.mean(dim=0)) / torch.where(std > 1e-12, std, torch.ones_like(std))
     y = torch.cat([torch.zeros(s.shape[0]), torch.ones(t.shape[0])]).to(torch.float64)
-    order = torch.randperm(x.shape[0], generator=generator)
-    cut = max(1, int(0.8 * x.shape[0]))
-    fit, held = order[:cut], order[cut:] if cut < x.shape[0] else order[:cut]
-    best, best_accuracy = None, -1.0
+    # each domain deals its samples in turn from fold 0: with at least 2 of each, every fold's
+    # complement holds both domains (an empty fold is skipped)
+    fold = _domain_folds(s.shape[0], t.shape[0], folds, generator)
+    best, best_loss = None, math.inf
+    previous: dict[int, torch.Tensor] = {}  # each fold's fit at the previous (stronger) decay: a warm start
     for decay in decays:
-        weights = _fit_logistic(x[fit], y[fit], decay)
-        held_accuracy = float((((x[held] @ weights[:-1] + weights[-1]) > 0).double() == y[held]).double().mean())
-        if held_accuracy > best_accuracy:
-            best, best_accuracy = weights, held_accuracy
-    d = torch.sigmoid(x[: s.shape[0]] @ best[:-1] + best[-1]).clamp(1e-6, 1 - 1e-6)
-    return d / (1 - d) * (s.shape[0] / t.shape[0])
+        out_of_fold = torch.zeros(x.shape[0], dtype=torch.float64)
+        for k in range(folds):
+            inside = fold == k
+            if bool(inside.any()):
+                previous[k] = _fit_logistic(x[~inside], y[~inside], decay, start=previous.get(k))
+                out_of_fold[inside] = x[inside] @ previous[k][:-1] + previous[k][-1]
+        loss = float(F.binary_cross_entropy_with_logits(out_of_fold, y))
+        if loss < best_loss:
+            best, best_loss = out_of_fold, loss
+    if best is None:  # every loss NaN (non-finite features): no weights
+        return torch.full((s.shape[0],), math.nan, dtype=torch.float64)
+    # d / (1 - d) = exp(logit); an overflow to inf is truncated like any other large ratio
+    ratio = best[: s.shape[0]].exp() * (s.shape[0] / t.shape[0])
+    return ratio.clamp(max=math.sqrt(s.shape[0]))
 
 
 def dev_risk(weights: torch.Tensor, losses: torch.Tensor) -> float:
@@ -383,8 +441,9 @@ def dev_risk(weights: torch.Tensor, losses: torch.Tensor) -> float:
     With weights :math:`w_i` and per-sample losses :math:`l_i` on the source validation samples,
     :math:`\eta = -\mathrm{Cov}(w l, w) / \mathrm{Var}(w)` and
     :math:`R = \overline{w l} + \eta\, \overline{w} - \eta`: an unbiased estimate of the target
-    risk whose variance the control variate :math:`\overline w - 1` reduces.  With constant
-    weights (:math:`\mathrm{Var}(w) = 0`) :math:`\eta = 0`.
+    risk whose variance the control variate :math:`\overline w - 1` reduces.  With (nearly)
+    constant weights, :math:`\mathrm{Var}(w) \le 10^{-12}\, \overline{w}^2` (a threshold relative
+    to the weights' scale), :math:`\eta = 0`.
 
     Example:
         >>> dev_risk(torch.ones(4), torch.tensor([0.0, 1.0, 0.0, 1.0]))   # equal weights: the mean loss
@@ -397,7 +456,7 @@ def dev_risk(weights: torch.Tensor, losses: torch.Tensor) -> float:
     weighted = w * loss
     var = float(w.var())
     cov = float(((weighted - weighted.mean()) * (w - w.mean())).sum() / (w.numel() - 1))
-    eta = -cov / var if var > 1e-12 else 0.0
+    eta = -cov / var if var > 1e-12 * float(w.mean()) ** 2 else 0.0
     return float(weighted.mean() + eta * w.mean() - eta)
 
 
@@ -430,13 +489,24 @@ def ensv_scores(pool: Sequence[torch.Tensor]) -> torch.Tensor:
     pseudo-labels, and candidate :math:`m` scores
     :math:`\frac1N \sum_i [\arg\max_k P^{(m)}_{ik} = \hat y_i]`.  The ensemble is never worse
     than the pool's worst candidate, so the pick is, with high probability, not a bad one.
-    Needs at least 2 candidates with predictions of one shape.
+    Needs at least 2 candidates with predictions of one shape (fewer: a :class:`ValueError`).
+
+    A candidate with a non-finite prediction (a diverged model: NaN probabilities) scores NaN and
+    is left out of the average (its NaN would make every average NaN, and the arg-max of NaNs
+    class 0, which it would then agree with).  With fewer than 2 finite candidates left, every
+    score is NaN: there is no ensemble to agree with, and a NaN score is no pick
+    (:func:`gradharmony.uda.selection.first_best` skips it), as for the other validators.
 
     Example:
         >>> right = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.1, 0.9]])
         >>> wrong = torch.tensor([[0.2, 0.8], [0.8, 0.2], [0.1, 0.9]])
         >>> [round(s, 4) for s in ensv_scores([right, right, wrong]).tolist()]
         [1.0, 1.0, 0.6667]
+        >>> diverged = torch.full((3, 2), math.nan)
+        >>> [round(s, 4) for s in ensv_scores([right, wrong, diverged, right]).tolist()]
+        [1.0, 0.6667, nan, 1.0]
+        >>> ensv_scores([right, diverged]).tolist()
+        [nan, nan]
     """
     if len(pool) < 2:
         raise ValueError(f"EnsV needs a pool of at least 2 candidates, got {len(pool)}")
@@ -446,5 +516,11 @@ def ensv_scores(pool: Sequence[torch.Tensor]) -> torch.Tensor:
             f"EnsV needs the candidates' [N, C] predictions on the same samples, got shapes {sorted(shapes)}"
         )
     stacked = torch.stack([p.detach().to(torch.float64) for p in pool])
-    pseudo = stacked.mean(dim=0).argmax(dim=1)
-    return (stacked.argmax(dim=2) == pseudo).double().mean(dim=1)
+    finite = torch.isfinite(stacked).flatten(1).all(dim=1)
+    scores = torch.full((len(pool),), math.nan, dtype=torch.float64)
+    if int(finite.sum()) < 2:
+        return scores
+    kept = stacked[finite]
+    pseudo = kept.mean(dim=0).argmax(dim=1)
+    scores[finite] = (kept.argmax(dim=2) == pseudo).double().mean(dim=1)
+    return scores

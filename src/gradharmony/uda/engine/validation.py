@@ -43,7 +43,7 @@ from gradharmony.uda.engine.evaluation import eval_batches, num_classes_of
 #: Fixed seeds of the samples scored: the same for every run of a domain, whatever its seed.
 SOURCE_VAL_SEED = 3
 TARGET_VAL_SEED = 4
-#: The order of MixVal's pairs and DEV's split of its domain-classifier samples.
+#: The order of MixVal's pairs and DEV's folds of its domain-classifier samples.
 MIXVAL_SEED = 5
 DEV_SEED = 6
 #: Domain keys of the training splits read with evaluation transforms (image benchmarks).
