@@ -53,15 +53,16 @@ def load_runs(root: Path) -> dict[tuple[str, str, str], dict[int, dict]]:
     """
     cells: dict[tuple[str, str, str], dict[int, dict]] = defaultdict(dict)
     for labels, folder in labelled_runs(root):
-        key = (labels["task"], labels["method"], labels["variant"])
+        key, seed = (labels["task"], labels["method"], labels["variant"]), int(labels["seed"])
         records = read_metrics(folder) if (folder / METRICS_FILE).is_file() else []
         steps = records[-1]["config"]["steps"] if records else None
         if not records or records[-1]["step"] < steps:
-            cells[key][int(labels["seed"])] = {"unfinished": (records[-1]["step"] if records else 0, steps)}
+            if seed not in cells[key]:  # a folder with records wins over one left by a changed grid
+                cells[key][seed] = {"unfinished": (records[-1]["step"] if records else 0, steps)}
             continue
         accuracy = [100 * r["target_acc"] for r in records]
         at_epochs = [100 * r["target_acc"] for r in records if r["step"] % EPOCH == 0]
-        cells[key][int(labels["seed"])] = {
+        cells[key][seed] = {
             "last": accuracy[-1],
             "best": max(accuracy),
             "epoch_best": max(at_epochs) if at_epochs else math.nan,
