@@ -140,12 +140,16 @@ def write_predictions(folder: str | Path, step: int, probs: np.ndarray) -> Path:
 
 
 def write_target_index(folder: str | Path, index: np.ndarray) -> Path:
-    """Store which target train samples the predictions are of (once: rewritten only if it differs)."""
+    """Store which target train samples the predictions are of, once per run folder.
+
+    The subset is drawn with a fixed seed from the run's configuration, and a folder holds one
+    configuration (its lock and hash check see to it), so an existing file already holds this index:
+    it is neither read back nor rewritten at later evaluations.
+    """
     path = Path(folder) / PREDICTIONS_DIR / TARGET_INDEX_FILE
-    data = _npy_bytes(np.asarray(index, dtype=np.int64))
-    if not (path.is_file() and path.read_bytes() == data):
+    if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, data)
+        atomic_write_bytes(path, _npy_bytes(np.asarray(index, dtype=np.int64)))
     return path
 
 
