@@ -39,7 +39,7 @@ PUBLISHED = {
 ANCHORS = {("mnist->usps", "dann"): "93.0 at 3000", ("mnist->usps", "cdan"): "94.52 at 5000"}
 EPOCH = 2500  # TLlib's iterations per epoch: its protocol keeps the best epoch-end evaluation
 BASELINE = "none"
-#: A cheap-scope variant is named ``<full variant>@<scope>`` (``gh++@bottleneck``): the same
+#: A cheap-scope variant is named ``<full variant>@<scope>`` (``gh++@heads``): the same
 #: harmonizer as ``<full variant>`` over a cheaper scope, strategy or refresh interval.
 SCOPE_MARK = "@"
 

@@ -116,7 +116,7 @@ EXPECTED = {
     "digits_parity_stage6": (
         15,
         [
-            ("mnist->usps", "dann", "gh++@bottleneck", 0, "9fb067e3534c6f25"),
+            ("mnist->usps", "dann", "gh++@heads", 0, "09aacff03a861b93"),
             ("mnist->usps", "dann", "gh++@features", 0, "5e1bc5ba171c2b8f"),
             ("mnist->usps", "dann", "gh++@refresh4", 0, "72d5e9655e2e2b0a"),
         ],

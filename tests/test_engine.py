@@ -287,13 +287,28 @@ def test_the_loop_calls_update_with_a_batch_and_a_context_for_every_method(tmp_p
         ]
 
 
-def test_a_bottleneck_scope_probes_stop_at_the_backbone_output(tmp_path):
-    trainer = Trainer(config(tmp_path, scope="bottleneck", steps=1, eval_every=1), tiny_domains())
-    features = []
-    backward = trainer.harmonizer.backward
-    trainer.harmonizer.backward = lambda **kwargs: features.append(kwargs["features"]) or backward(**kwargs)
-    trainer.train_step()
-    assert len(features) == 1 and features[0].shape == (16, trainer.model.backbone.out_features)
+@pytest.mark.parametrize("scope", ["bottleneck", "heads"])
+def test_a_scope_above_the_backbone_probes_stop_at_its_output_with_the_same_update(tmp_path, scope):
+    updated, features = {}, []
+    for strategy in ("recombine", "reweight"):  # one after the other: each seeds the global RNG
+        cfg = config(tmp_path / strategy, scope=scope, strategy=strategy, harmonizer="gh++", steps=1, eval_every=1)
+        trainer = Trainer(cfg, tiny_domains())
+        model = trainer.model
+        expected = {"bottleneck": [model.bottleneck], "heads": [model.bottleneck, model.classifier]}[scope]
+        assert [id(p) for p in trainer.harmonizer.scope] == [id(p) for m in expected for p in m.parameters()]
+        backward = trainer.harmonizer.backward
+        trainer.harmonizer.backward = lambda backward=backward, strategy=strategy, **kwargs: (
+            features.append((strategy, kwargs["features"])) or backward(**kwargs)
+        )
+        trainer.train_step()
+        updated[strategy] = [p.detach().clone() for p in model.parameters()]
+    assert [(s, f.shape) for s, f in features] == [
+        ("recombine", (16, model.backbone.out_features)),
+        ("reweight", (16, 16)),  # no cut: the shared features, the bottleneck output (bottleneck_dim 16)
+    ]
+    # the cut only saves work: reweight (no cut, three full passes) makes the same update
+    for a, b in zip(updated["recombine"], updated["reweight"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("measure_every, measured_steps", [(0, []), (5, [0, 5, 10]), (1, list(range(12)))])

@@ -38,7 +38,7 @@ import yaml
 from gradharmony.harmonize import LEADS, MODES, check_mode
 from gradharmony.harmonizer import STRATEGIES
 
-SCOPES = ("default", "bottleneck", "backbone", "all")
+SCOPES = ("default", "bottleneck", "heads", "backbone", "all")
 LEAD_CHOICES = (*LEADS, "default")
 AMP_MODES = ("none", "bf16", "fp16")
 # Fields that do not change the outcome of a run: excluded from its hash.
@@ -445,7 +445,8 @@ class TrainConfig:
     scope: str = _option(
         "default",
         "parameters whose gradients are harmonized: default (the method's own: "
-        "backbone, bottleneck, classifier), bottleneck, backbone, or all",
+        "backbone, bottleneck, classifier), bottleneck, heads (bottleneck and "
+        "classifier), backbone, or all",
         group=HARMONIZATION,
     )
     k: float = _option(

@@ -54,6 +54,7 @@ def build_harmonizer(cfg: TrainConfig, method: Method) -> Harmonizer:
     scopes = {
         "default": method.scope_modules(),
         "bottleneck": [method.bottleneck],
+        "heads": [method.bottleneck, method.classifier],
         "backbone": [method.backbone],
         "all": None,
     }

@@ -517,8 +517,8 @@ class Trainer:
             autocast_dtype=self.autocast_dtype,
             device_type=self.device.type,
             scaler=self.scaler,
-            # Under a bottleneck scope the probes can stop at the backbone output (see Harmonizer).
-            use_cut=self.cfg.scope == "bottleneck" and self.cfg.strategy == "recombine",
+            # Under a scope above the backbone the probes can stop at its output (see Harmonizer).
+            use_cut=self.cfg.scope in ("bottleneck", "heads") and self.cfg.strategy == "recombine",
             distributed="auto" if self.world > 1 else "off",
         )
 
