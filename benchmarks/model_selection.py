@@ -46,7 +46,8 @@ from gradharmony.uda.validators import POOL_VALIDATORS, VALIDATORS
 
 BENCHMARK = "model_selection"
 RUNS = Path("runs") / BENCHMARK
-#: Every selector the summary compares: the per-model validators, EnsV, then the two references.
+#: Every selector the summary compares: the per-model validators, MixVal ranked over the pool, EnsV,
+#: then the two references.
 SELECTORS = [*VALIDATORS, *POOL_VALIDATORS, LAST, ORACLE]
 
 
@@ -55,7 +56,8 @@ def summarize(runs: str | Path, out: str | Path | None = None) -> str:
     to ``<out>/model_selection.md``; returns the text."""
     cells = collect(runs)
     stored = {name for cell in cells.values() for pool in cell.pools.values() for c in pool for name in c.scores}
-    selectors = [s for s in SELECTORS if s in stored or s in (*POOL_VALIDATORS, LAST, ORACLE)]
+    pooled = {"mixval_rank": "mixval" in stored, "ensv": True}
+    selectors = [s for s in SELECTORS if s in stored or pooled.get(s) or s in (LAST, ORACLE)]
     families = task_families({task for task, _, _ in cells})
     groups = [(f"the {len(tasks)} {family} tasks", tasks) for family, tasks in sorted(families.items())]
     if len(groups) > 1:
@@ -64,7 +66,9 @@ def summarize(runs: str | Path, out: str | Path | None = None) -> str:
         "## Label-free model selection",
         "",
         "Per run, each evaluation is a candidate checkpoint; a validator picks the one it scores highest "
-        "(EnsV: the one agreeing most with the candidates' averaged predictions), `last` the last one, the "
+        "(mixval_rank: the best mean of its ranks in MixVal's two probes over the candidates, as the MixVal paper "
+        "combines them, where `mixval` averages the two raw scores; EnsV: the one agreeing most with the "
+        "candidates' averaged predictions), `last` the last one, the "
         "oracle the most accurate on target test labels. Not scored = runs where the validator scored none "
         "of the evaluations (NaN: a diverged run; EnsV on a run with a single evaluation), left out of the "
         "other columns. Regret = oracle minus pick (points); picked the "

@@ -59,6 +59,7 @@ def fake_run(
     seed: int = 0,
     predictions: list[np.ndarray] | None = None,
     select_by: str | None = None,
+    mixval_probes: list[tuple[float, float]] | None = None,
 ) -> Path:
     """A finished sweep run: one record per accuracy (steps 10, 20, ...), with validator scores."""
     folder = root / name
@@ -74,7 +75,7 @@ def fake_run(
             "config": {
                 "steps": 10 * len(accuracies),
                 "harmonizer": harmonizer,
-                "validators": list(scores),
+                "validators": [*scores, *(["mixval"] if mixval_probes else [])],
                 "select_by": select_by,
             },
             "harmonizer": {},
@@ -83,6 +84,10 @@ def fake_run(
         if predictions is not None:
             write_predictions(folder, step, predictions[i].astype(np.float16))
             record["validation"] = {"predictions": f"predictions/step_{step:07d}.npy"}
+        if mixval_probes is not None:
+            intra, inter = mixval_probes[i]
+            record["validators"]["mixval"] = (intra + inter) / 2
+            record["validation"] = {**record.get("validation", {}), "mixval_intra": intra, "mixval_inter": inter}
         lines.append(json.dumps(record))
     if predictions is not None:
         write_target_index(folder, np.arange(len(predictions[0])))
@@ -150,6 +155,23 @@ def test_ensv_picks_the_candidate_agreeing_with_the_pools_average(tmp_path):
     assert row["ensv"] == "90.00" and row["ensv_regret"] == "5.00"
 
 
+def test_mixval_rank_picks_the_best_mean_rank_of_the_two_probes_where_the_raw_mean_does_not(tmp_path):
+    # the first evaluation is strong on one probe only: the raw mean picks it, the ranks the third
+    probes = [(0.99, 0.20), (0.80, 0.35), (0.81, 0.36), (0.79, 0.33)]
+    folder = fake_run(tmp_path, "a", [0.6, 0.7, 0.9, 0.5], {"snd": [0, 0, 0, 0]}, mixval_probes=probes)
+    pool = candidates(folder, read_metrics(folder))
+    assert pool[0].mixval_probes == (0.99, 0.20)
+    assert (pick(pool, "mixval"), pick(pool, "mixval_rank")) == (0, 2)
+    assert scores_of(pool, "mixval_rank") == [2.5, 2.5, 3.5, 1.5]
+    (row,) = selection_rows(collect(tmp_path), ["mixval", "mixval_rank"])
+    assert (row["mixval"], row["mixval_rank"], row["mixval_rank_regret"]) == ("60.00", "90.00", "0.00")
+    out = tmp_path / "report"
+    assert main(["report", str(tmp_path), "--select", "all", "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert "| task | method | variant | seeds | snd | mixval | mixval_rank | last | oracle |" in text
+    assert "90.00 (regret 0.00, worst 0/1)" in text
+
+
 def test_ensv_never_picks_a_diverged_candidate(tmp_path):
     truth = [0, 0, 1, 1, 0, 1]
     diverged = np.full((6, 2), np.nan)  # a model whose weights became NaN: every class 0 by arg-max
@@ -208,6 +230,11 @@ def test_the_label_free_pick_of_a_run_follows_its_select_by():
     }
     assert label_free_pick(records, {"validators": ["snd", "mixval"], "select_by": "snd"})["step"] == 10
     assert label_free_pick(records, {"validators": []}) is None
+    for record, (intra, inter) in zip(records, [(0.7, 0.2), (0.8, 0.35)]):
+        record["validation"] = {"mixval_intra": intra, "mixval_inter": inter}
+    ranked = label_free_pick(records, {"validators": ["snd", "mixval"], "select_by": "mixval_rank"})
+    assert ranked == {"validator": "mixval_rank", "step": 10, "target_acc": 0.6}  # higher on both probes
+    assert label_free_pick(records, {"validators": ["snd", "mixval"], "select_by": "ensv"}) is None
 
 
 # ----------------------------------------------------------------------------- bad input to report
@@ -225,6 +252,7 @@ def run_cli(args, capsys) -> tuple[int, str]:
         ("sndd", ["unknown validator 'sndd' (did you mean 'snd'?)"]),
         ("dev", ["no run computed the validator 'dev'", "computed: snd"]),
         ("ensv", ["EnsV needs a pool of at least 2 candidates, got 1"]),
+        ("mixval_rank", ["no run computed the validator 'mixval', whose two probes mixval_rank ranks"]),
     ],
 )
 def test_a_bad_selection_is_one_line_and_writes_nothing(tmp_path, capsys, select, fragments):
@@ -392,6 +420,11 @@ def test_config_lists_are_canonical_and_new_keys_keep_existing_hashes():
         TrainConfig(select_by="oracle")
     with pytest.raises(ConfigError, match="select_by: dev is not computed"):
         TrainConfig(select_by="dev")
+    assert TrainConfig(select_by="mixval_rank").select_by == "mixval_rank"  # mixval is a default validator
+    with pytest.raises(ConfigError, match="select_by: mixval_rank ranks the probes of mixval; add mixval"):
+        TrainConfig(select_by="mixval_rank", validators=["snd"])
+    with pytest.raises(ConfigError, match="validators: mixval_rank scores a pool of candidates, not one model"):
+        TrainConfig(validators=["mixval_rank"])
 
 
 # ----------------------------------------------------------------------------- the benchmark script

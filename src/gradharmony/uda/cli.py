@@ -718,7 +718,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="VALIDATOR",
         default=None,
         help="also the target accuracy at each of these validators' picks, with the regret to the oracle "
-        "(repeatable or comma-separated; validators, ensv, last, oracle, or all); the first label-free one "
+        "(repeatable or comma-separated; validators, mixval_rank, ensv, last, oracle, or all); the first label-free one "
         "is the pick of the main tables and decides GH on or off (default: the runs' select_by)",
     )
     report.add_argument("--tsne", action="store_true", help="also a t-SNE of source/target features per cell")

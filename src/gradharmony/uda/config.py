@@ -662,8 +662,8 @@ class TrainConfig:
         for name in self.validators:
             if name in POOL_VALIDATORS:
                 raise ConfigError(
-                    f"validators: {name} scores a pool of candidates, not one model; it is computed from the "
-                    f"stored predictions by gradharmony report --select {name} (leave it out of validators)"
+                    f"validators: {name} scores a pool of candidates, not one model; gradharmony report "
+                    f"--select {name} computes it from what the evaluations stored (leave it out of validators)"
                 )
             if name == ORACLE:
                 raise ConfigError(
@@ -704,6 +704,8 @@ class TrainConfig:
                     f"select_by {self.select_by} needs the target predictions stored with the validators: "
                     f"validators must not be none"
                 )
+            if self.select_by == "mixval_rank" and "mixval" not in self.validators:
+                raise ConfigError("select_by: mixval_rank ranks the probes of mixval; add mixval to validators")
             if self.select_by in VALIDATORS and self.select_by not in self.validators:
                 raise ConfigError(f"select_by: {self.select_by} is not computed; add it to validators")
 

@@ -138,8 +138,9 @@ def report_validator(cells: dict[tuple[str, str, str], Cell], requested: str | N
 def check_report_selectors(cells: dict[tuple[str, str, str], Cell], names: list[str]) -> list[str]:
     """``names`` if each is a selector that some finished run can be picked by, else a :class:`ConfigError`.
 
-    ``all`` stands for every validator some run computed, EnsV if runs stored predictions and one
-    has at least 2 evaluations, ``last`` and ``oracle``.  EnsV asked for where every run has a
+    ``all`` stands for every validator some run computed, MixVal's rank combination if some run
+    computed ``mixval``, EnsV if runs stored predictions and one has at least 2 evaluations,
+    ``last`` and ``oracle``.  EnsV asked for where every run has a
     single evaluation is an error; where only some have, those are left out of its picks ("-").
     """
     pools = [pool for cell in cells.values() for pool in cell.pools.values()]
@@ -147,11 +148,16 @@ def check_report_selectors(cells: dict[tuple[str, str, str], Cell], names: list[
     predictions = any(c.predictions for pool in pools for c in pool)
     ensv_pool = max(pools, key=len, default=[])  # EnsV scores pools of two candidates or more
     if "all" in names:
+        mixval_rank = ["mixval_rank"] if "mixval" in stored else []
         ensv = ["ensv"] if predictions and len(ensv_pool) >= 2 else []
-        names = [*(v for v in VALIDATORS if v in stored), *ensv, LAST, ORACLE]
+        names = [*(v for v in VALIDATORS if v in stored), *mixval_rank, *ensv, LAST, ORACLE]
     check_selectors(names)
     for name in names:
         if name in (LAST, ORACLE):
+            continue
+        if name == "mixval_rank":
+            if "mixval" not in stored:
+                raise ConfigError("no run computed the validator 'mixval', whose two probes mixval_rank ranks")
             continue
         if name == "ensv" and not predictions:
             raise ConfigError("no run stored target predictions (they are stored with validators): EnsV has no pool")

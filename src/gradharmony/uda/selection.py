@@ -8,6 +8,9 @@ whether GH should be on).  Selecting by
 
 * a per-model validator (``entropy``, ``snd``, ...) takes the candidate with the highest score (the
   first of equal ones, as ``best_target_acc`` does);
+* ``mixval_rank`` ranks the candidates' two MixVal probes (``mixval_intra``, ``mixval_inter``, stored
+  with every evaluation that computed ``mixval``) over the pool and takes the best mean rank, as
+  the MixVal paper combines them;
 * ``ensv`` averages the stored predictions of the whole pool (``predictions/step_<step>.npy``) and
   takes the candidate that agrees most with the average (a pool of one candidate, a run with a
   single evaluation, has nothing to agree with: it is scored NaN, no pick, and the reports say so
@@ -31,7 +34,7 @@ import torch
 
 from gradharmony.uda.config import DEFAULT_SELECT_BY, ConfigError, unknown_name_message
 from gradharmony.uda.runs import read_predictions, read_target_index
-from gradharmony.uda.validators import ORACLE, POOL_VALIDATORS, VALIDATORS, ensv_scores
+from gradharmony.uda.validators import ORACLE, POOL_VALIDATORS, VALIDATORS, ensv_scores, mixval_rank_scores
 
 LAST = "last"
 #: Every name a pool can be picked by: the validators, EnsV, the last evaluation, the oracle.
@@ -48,6 +51,7 @@ class Candidate:
     scores: dict[str, float] = field(default_factory=dict)
     predictions: str | None = None  #: the stored target predictions, relative to ``folder``
     harmonizer: str = "none"
+    mixval_probes: tuple[float, float] | None = None  #: MixVal's ``(intra, inter)``, where it was computed
 
 
 def candidates(folder: str | Path, records: Sequence[Mapping[str, Any]]) -> list[Candidate]:
@@ -55,14 +59,21 @@ def candidates(folder: str | Path, records: Sequence[Mapping[str, Any]]) -> list
     out = []
     for r in records:
         scores = {k: (math.nan if v is None else float(v)) for k, v in (r.get("validators") or {}).items()}
+        details = r.get("validation") or {}
+        probes = None
+        if "mixval_intra" in details:
+            probes = tuple(
+                math.nan if details[k] is None else float(details[k]) for k in ("mixval_intra", "mixval_inter")
+            )
         out.append(
             Candidate(
                 folder=Path(folder),
                 step=int(r["step"]),
                 accuracy=float(r["target_acc"]),
                 scores=scores,
-                predictions=(r.get("validation") or {}).get("predictions"),
+                predictions=details.get("predictions"),
                 harmonizer=str((r.get("config") or {}).get("harmonizer", "none")),
+                mixval_probes=probes,
             )
         )
     return out
@@ -155,6 +166,9 @@ def scores_of(pool: Sequence[Candidate], selector: str) -> list[float]:
         return [c.accuracy for c in pool]
     if selector == LAST:
         return [float(i) for i in range(len(pool))]
+    if selector == "mixval_rank":
+        probes = [c.mixval_probes or (math.nan, math.nan) for c in pool]
+        return mixval_rank_scores([a for a, _ in probes], [b for _, b in probes])
     if selector in POOL_VALIDATORS:
         if len(pool) < 2:
             return [math.nan] * len(pool)
@@ -174,9 +188,10 @@ def pick(pool: Sequence[Candidate], selector: str) -> int | None:
 def label_free_pick(records: Sequence[Mapping[str, Any]], config: Mapping[str, Any]) -> dict[str, Any] | None:
     """The evaluation a run's label-free validator (:func:`resolve_select_by`) picks among its records:
     ``{"validator", "step", "target_acc"}``, or ``None`` when the run computed none (or it is EnsV,
-    which the reports compute from the stored predictions)."""
+    which the reports compute from the stored predictions; ``mixval_rank`` ranks the run's own
+    evaluations, whose probes the records hold)."""
     validator = resolve_select_by(config)
-    if validator is None or validator in POOL_VALIDATORS:
+    if validator is None or validator == "ensv":
         return None
     pool = candidates("", records)
     index = pick(pool, validator)

@@ -23,14 +23,17 @@ name            score (higher is better)                                     nee
                 (You et al. 2019)
 ``mixval``      accuracy on mixed target samples' pseudo-labels              the model, target inputs
                 (Hu et al. 2023)
+``mixval_rank``  MixVal's two probes ranked over the pool, ranks averaged        a pool, mixval computed
+                (Hu et al. 2023, the paper's combination)
 ``ensv``        agreement with the pool's averaged predictions               a pool of candidates
                 (Hu et al. 2024)
 ``oracle``      target *test* accuracy: uses the labels, a reference only    target test labels
 ==============  ===========================================================  ======================
 
-The per-model validators (all but ``ensv`` and ``oracle``) are listed in :data:`VALIDATORS`;
-``ensv`` scores a whole pool at once (:func:`ensv_scores`), and the oracle is the accuracy the
-engine already measures on the target test split, always labelled as such.
+The per-model validators (all but ``mixval_rank``, ``ensv`` and ``oracle``) are listed in
+:data:`VALIDATORS`; ``mixval_rank`` and ``ensv`` score a whole pool at once
+(:func:`mixval_rank_scores`, :func:`ensv_scores`), and the oracle is the accuracy the engine already
+measures on the target test split, always labelled as such.
 
 Example (every validator on predictions with a known answer):
     >>> import math, torch
@@ -57,8 +60,8 @@ from torch.nn import functional as F
 VALIDATORS = ("source_val", "entropy", "im", "bnm", "snd", "dev", "mixval")
 #: Validators that need the held-out source validation split (``source_val_fraction > 0``).
 SOURCE_VALIDATORS = ("source_val", "dev")
-#: The validator that scores a pool of candidates at once, from their stored predictions.
-POOL_VALIDATORS = ("ensv",)
+#: The validators that score a pool of candidates at once, from what each evaluation stored.
+POOL_VALIDATORS = ("mixval_rank", "ensv")
 #: Target test accuracy: selection on the target labels, reported as the oracle, never as a validator.
 ORACLE = "oracle"
 #: Every name a selection can be made by.
@@ -333,6 +336,54 @@ def mixval_scores(
         intra_pairs=int(intra_a.numel()),
         inter_pairs=int(inter_a.numel()),
     )
+
+
+def ascending_ranks(values: Sequence[float]) -> list[float]:
+    """Each value's rank among the finite ``values``, 1 for the lowest, ties sharing their mean rank;
+    NaN for a non-finite value (left out of the ranking).
+
+    Example:
+        >>> ascending_ranks([0.5, 0.9, 0.5, float("nan")])
+        [1.5, 3.0, 1.5, nan]
+    """
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return [
+        sum(w < v for w in finite) + (sum(w == v for w in finite) + 1) / 2
+        if v is not None and math.isfinite(v)
+        else math.nan
+        for v in values
+    ]
+
+
+def mixval_rank_scores(intra: Sequence[float], inter: Sequence[float]) -> list[float]:
+    r"""MixVal as its paper combines the two probes: over a pool of candidates, the mean of each
+    candidate's ranks in :math:`\mathrm{ICE}_{intra}` and in :math:`\mathrm{ICE}_{inter}`.
+
+    With :math:`r(\cdot)` the ascending rank over the pool (1 for the lowest score, ties sharing
+    their mean rank), candidate :math:`m` scores
+    :math:`\tfrac12\,(r(\mathrm{ICE}^{(m)}_{intra}) + r(\mathrm{ICE}^{(m)}_{inter}))`, so that
+    neither probe dominates through its scale (the per-model ``mixval`` averages the raw scores
+    instead, which needs no pool).  A candidate missing either probe (NaN) scores NaN and is left
+    out of the ranks.  A pool of one candidate scores 1: the only one is picked.
+
+    Example:
+        The raw mean would pick the first candidate (0.595), strong on one probe only; the ranks
+        pick the third, second best on both:
+
+        >>> mixval_rank_scores([0.99, 0.80, 0.81, 0.79], [0.20, 0.35, 0.36, 0.33])
+        [2.5, 2.5, 3.5, 1.5]
+        >>> mixval_rank_scores([0.9, 0.8, math.nan], [0.4, 0.7, 0.9])
+        [1.5, 1.5, nan]
+    """
+    if len(intra) != len(inter):
+        raise ValueError(f"need both MixVal probes of each candidate, got {len(intra)} and {len(inter)}")
+    both = [
+        (a, b) if a is not None and b is not None and math.isfinite(a) and math.isfinite(b) else (math.nan, math.nan)
+        for a, b in zip(intra, inter)
+    ]
+    ranks_intra = ascending_ranks([a for a, _ in both])
+    ranks_inter = ascending_ranks([b for _, b in both])
+    return [(a + b) / 2 for a, b in zip(ranks_intra, ranks_inter)]
 
 
 # ---------------------------------------------------------------------------------------------- DEV
