@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 
 import pytest
 import torch
@@ -52,10 +53,10 @@ def config(tmp_path, **overrides) -> TrainConfig:
     return TrainConfig(**{**values, **overrides})
 
 
-def interrupted_run(cfg: TrainConfig, at_step: int) -> None:
-    """Run ``cfg`` and press Ctrl-C (a real SIGINT) in the middle of step ``at_step - 1``."""
+def interrupted_run(cfg: TrainConfig, at_step: int, signum: int = signal.SIGINT) -> None:
+    """Run ``cfg`` and press Ctrl-C (a real SIGINT; or send ``signum``) in the middle of step ``at_step - 1``."""
     trainer = Trainer(cfg, tiny_domains())
-    sigint_during_step(trainer, at_step - 1)  # arrives mid-step: the step still completes
+    sigint_during_step(trainer, at_step - 1, signum)  # arrives mid-step: the step still completes
     with pytest.raises(KeyboardInterrupt, match="resume"):
         trainer.run()
 
@@ -68,6 +69,19 @@ def without_timing(records):
         r["config"] = {k: v for k, v in r["config"].items() if k != "out"}
         out.append(r)
     return out
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="POSIX signals")
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP"])
+def test_a_supervisors_sigterm_or_a_closed_terminals_sighup_stops_like_ctrl_c(tmp_path, name):
+    straight = config(tmp_path / "a")
+    train(straight, tiny_domains())
+    resumed = config(tmp_path / "b")
+    interrupted_run(resumed, at_step=6, signum=getattr(signal, name))  # the step finishes, then a checkpoint
+    assert torch.load(tmp_path / "b" / "run" / "last.pt", weights_only=False)["step"] == 6
+    train(resumed, tiny_domains())
+    assert without_timing(read_metrics(straight.out)) == without_timing(read_metrics(resumed.out))
+    assert str(read_steps(straight.out)) == str(read_steps(resumed.out))
 
 
 @pytest.mark.parametrize(

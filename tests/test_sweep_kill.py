@@ -3,8 +3,8 @@
 Real ``python -m gradharmony sweep`` subprocesses on fake digits.  Killed with SIGKILL mid-run, the
 workers notice that their parent is gone and end; the same sweep started again at once then
 completes, and every run folder holds each evaluation and each step once: the records of an
-uninterrupted sweep of the same grid.  Stopped with SIGTERM, or with a terminal's Ctrl-C (SIGINT to
-the whole process group), each worker stops its run once (step finished, checkpoint saved) and
+uninterrupted sweep of the same grid.  Stopped with SIGTERM, or with a terminal's Ctrl-C or hang-up
+(SIGINT or SIGHUP to the whole process group), each worker stops its run once (step finished, checkpoint saved) and
 ends.  Linux only: the workers are found through ``/proc``.
 """
 
@@ -154,10 +154,12 @@ def stop_mid_run(tmp_path: Path, out: str, how: str) -> tuple[dict, Path, subpro
     grid = grid_for(tmp_path, out)
     grid_path = tmp_path / f"{out}.yaml"
     grid_path.write_text(yaml.safe_dump(grid))
-    sweep = start_sweep(grid_path, tmp_path, own_group=how == "Ctrl-C")
+    sweep = start_sweep(grid_path, tmp_path, own_group=how in ("Ctrl-C", "hang-up"))
     workers = wait_until_training(sweep, grid)
     if how == "Ctrl-C":  # what a terminal does: SIGINT to the whole foreground process group
         os.killpg(sweep.pid, signal.SIGINT)
+    elif how == "hang-up":  # a closed terminal or dropped SSH session: SIGHUP to the process group
+        os.killpg(sweep.pid, signal.SIGHUP)
     else:
         os.kill(sweep.pid, getattr(signal, how))
     try:
@@ -191,10 +193,10 @@ def test_a_killed_sweep_stops_its_workers_and_a_rerun_loses_nothing(reference):
         assert records(run.out) == expected[run.out.name], run.out
 
 
-@pytest.mark.parametrize("how", ["SIGTERM", "Ctrl-C"])
+@pytest.mark.parametrize("how", ["SIGTERM", "Ctrl-C", "hang-up"])
 def test_an_interrupted_sweep_stops_each_worker_once(reference, how):
-    """SIGTERM of the sweep, or SIGINT to its whole process group (which the workers receive as
-    well): each running run stops as one interrupt stops it (step finished, checkpoint saved), never
+    """SIGTERM of the sweep, or SIGINT or SIGHUP to its whole process group (which the workers
+    receive as well): each running run stops as one interrupt stops it (step finished, checkpoint saved), never
     as a second interrupt does (at once), and the sweep exits with 130 once its workers have ended."""
     tmp_path, _ = reference
     grid, _, sweep, output = stop_mid_run(tmp_path, f"stopped-{how.lower()}", how)

@@ -8,14 +8,14 @@ import signal
 import torch
 
 
-def sigint_during_step(trainer, step: int) -> None:
-    """Press Ctrl-C (a real SIGINT) in the middle of the trainer's step ``step`` (0-based): the signal
-    arrives mid-step, so that step still completes before the run stops."""
+def sigint_during_step(trainer, step: int, signum: int = signal.SIGINT) -> None:
+    """Press Ctrl-C (a real SIGINT; or send ``signum``) in the middle of the trainer's step ``step``
+    (0-based): the signal arrives mid-step, so that step still completes before the run stops."""
     original = trainer.train_step
 
     def step_then_interrupt():
         if trainer.step == step:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signum)
         return original()
 
     trainer.train_step = step_then_interrupt

@@ -22,7 +22,7 @@ killing the sweep loses at most the unfinished steps since each run's last check
 ordered seed by seed so that, at any moment, the finished runs form paired comparisons.
 
 Runs go to worker processes (spawned, ``workers`` at a time, each reused for up to
-``runs_per_process`` runs) that end when the sweep ends, however it ends: on SIGINT or SIGTERM the
+``runs_per_process`` runs) that end when the sweep ends, however it ends: on SIGINT, SIGTERM or SIGHUP the
 sweep asks each worker once to stop the way an interrupted run stops (finish the step, save a
 checkpoint, exit), and if the sweep itself is killed (SIGKILL) each worker notices that its parent
 is gone and does the same, then exits for good after :data:`ORPHAN_GRACE_S` seconds at the latest.
@@ -60,6 +60,7 @@ from tqdm import tqdm
 from gradharmony.uda.config import ConfigError, TrainConfig, yaml_error_line
 from gradharmony.uda.runs import RunFolderBusy, RunFolderLock, clear_error, write_error, write_labels
 from gradharmony.uda.runs import run_status as folder_status
+from gradharmony.uda.stopping import STOP_SIGNALS
 
 GRID_KEYS = ("out", "base", "tasks", "methods", "variants", "seeds", "workers")
 
@@ -387,7 +388,8 @@ class _Worker:
 
 
 class _Interrupts:
-    """SIGINT and SIGTERM of the sweep, counted (not raised) and made visible to :func:`wait`.
+    """SIGINT, SIGTERM and SIGHUP (a closed terminal) of the sweep, counted (not raised) and made
+    visible to :func:`wait`.
 
     The handler writes one byte into a pipe whose read end the sweep's :func:`wait` watches, so an
     interrupt wakes the sweep wherever it waits, and never raises half-way through sending a run.
@@ -404,7 +406,7 @@ class _Interrupts:
             os.set_blocking(self._write, False)
 
     def __enter__(self) -> _Interrupts:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             with contextlib.suppress(ValueError):  # not the main thread: signals stay as they are
                 self._previous[sig] = signal.signal(sig, self._handler)
         return self
@@ -438,14 +440,15 @@ def _spawn_worker(runs_per_process: int) -> _Worker:
         args=(child_tasks, child_control, os.getpid(), runs_per_process),
         name="gradharmony-sweep-worker",
     )
-    # Started with SIGINT blocked, which its every thread inherits: a terminal's Ctrl-C reaches the
-    # sweep, which asks each worker once to stop; the worker would otherwise get it twice.
+    # Started with SIGINT and SIGHUP blocked, which its every thread inherits: a terminal's Ctrl-C or
+    # hang-up (sent to the whole process group) reaches the sweep, which asks each worker once to
+    # stop; the worker would otherwise get it twice.
     blocked = None
     with contextlib.suppress(AttributeError, ValueError, OSError, ImportError):
         from multiprocessing import resource_tracker
 
         resource_tracker.ensure_running()  # starting it would unblock SIGINT again, half-way
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, set(STOP_SIGNALS) - {signal.SIGTERM})
     try:
         process.start()
     finally:

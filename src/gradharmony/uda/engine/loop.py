@@ -29,7 +29,7 @@ Run folders, interrupts and resume: the guarantees.
   kernels are), except the timing field ``seconds_per_step``.
 * **A finished run** (a checkpoint at ``steps`` of the same configuration) started again changes no
   file, takes no lock, and returns its stored result with ``already_finished: True``.
-* **Ctrl-C or SIGTERM** finishes the current step (with its evaluation and checkpoint, if due),
+* **Ctrl-C, SIGTERM or SIGHUP** finishes the current step (with its evaluation and checkpoint, if due),
   saves a checkpoint and stops; a second signal stops at once and keeps the last checkpoint.
 * **Divergence.**  After every step the parameters and floating buffers are checked (one fused norm
   reduction, one device synchronisation): if any is NaN or infinite the run stops at once.  A step
@@ -115,6 +115,7 @@ from gradharmony.uda.runs import (
     write_target_index,
 )
 from gradharmony.uda.selection import label_free_pick
+from gradharmony.uda.stopping import STOP_SIGNALS
 
 MAX_CONSECUTIVE_NONFINITE = 10  # skipped steps in a row before a run is declared diverged
 
@@ -132,7 +133,7 @@ _FOLDER_ERRORS: dict[str, type[Exception]] = {
 
 
 class _DeferredInterrupt:
-    """Turn the first Ctrl-C / SIGTERM into a request to stop after the current step.
+    """Turn the first Ctrl-C / SIGTERM / SIGHUP into a request to stop after the current step.
 
     A step interrupted half-way (optimizer stepped, counter not yet advanced) could not be resumed
     exactly, so the loop finishes the step, saves, then stops.  A second signal stops at once.
@@ -148,7 +149,7 @@ class _DeferredInterrupt:
         self.requested = True
 
     def __enter__(self) -> _DeferredInterrupt:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             with contextlib.suppress(ValueError):  # not the main thread: signals stay as they are
                 self._previous[sig] = signal.signal(sig, self._handler)
         return self
