@@ -142,6 +142,7 @@ def test_yaml_recipe_with_command_line_override(tmp_path, capsys):
         (["train", "--harmonizer", "pcgrad"], "unknown harmonizer mode 'pcgrad'"),
         (["train", "--strategy", "fast"], "unknown strategy 'fast'"),
         (["train", "--amp", "fp8"], "unknown amp 'fp8'"),
+        (["train", "--method", "mcd", "--amp", "bf16"], "amp bf16: mcd runs its update phases in full precision"),
         (["train", "--steps", "0"], "steps must be an integer >= 1, got 0"),
         (["train", "--stepz", "10"], "unrecognized arguments"),
         (["train", "--method-param", "oops"], "KEY=VALUE"),

@@ -228,6 +228,24 @@ def test_bf16_autocast_trains_and_resumes_exactly(tmp_path):
     assert all(torch.equal(v, b[k]) for k, v in a.items() if isinstance(v, torch.Tensor))
 
 
+def test_amp_is_refused_for_a_method_whose_own_update_does_not_use_it():
+    from gradharmony.uda.methods import METHODS, Method
+
+    assert {name for name, cls in METHODS.items() if not cls.supports_amp} == {"mcd", "gvb", "dwl", "ssrt"}
+    for name in ("mcd", "gvb", "dwl", "ssrt"):
+        with pytest.raises(ConfigError, match=f"amp bf16: {name} runs its update phases in full precision"):
+            TrainConfig(method=name, amp="bf16")
+
+    class Phased(Method):  # a user's method with its own update: refused unless it says it uses amp
+        def update(self, batch, context):
+            raise NotImplementedError
+
+    class PhasedWithAmp(Phased):
+        supports_amp = True
+
+    assert (Phased.supports_amp, PhasedWithAmp.supports_amp) == (False, True)
+
+
 def test_fp16_needs_cuda(tmp_path):
     with pytest.raises(ConfigError, match="fp16"):
         Trainer(config(tmp_path, amp="fp16"), tiny_domains())

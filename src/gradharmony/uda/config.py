@@ -725,6 +725,11 @@ class TrainConfig:
             checked[key] = value if expected is None else _checked_hparam(self.method, key, expected, value)
         if any(checked[key] is not value for key, value in self.method_params.items()):
             self.method_params = checked  # a number written as a string (1e-3 in YAML), now a float
+        if self.amp != "none" and not cls.supports_amp:
+            raise ConfigError(
+                f"amp {self.amp}: {self.method} runs its update phases in full precision (mixed precision "
+                f"is supported by the single-update methods); set amp none"
+            )
         problem = _method_constructor_error(self.method, self.steps, self.bottleneck_dim, self.method_params)
         if problem is not None:
             raise ConfigError(f"method_params of {self.method}: {problem}")

@@ -216,6 +216,11 @@ class Method(nn.Module):
     #: phase's gradients across processes, and the statistics that drive decisions are those of
     #: the global batch (DWL sums its window statistics, SSRT gathers its target predictions).
     distributed_blocker: ClassVar[str | None] = None
+    #: Whether :meth:`update` runs its forwards under ``context.autocast()`` and its backward passes
+    #: through ``context.scaler`` (``amp`` bf16 / fp16).  The base update does; a subclass that
+    #: overrides :meth:`update` is taken not to unless it sets this itself, and the config refuses
+    #: ``amp`` for it instead of training silently in full precision.
+    supports_amp: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -245,6 +250,8 @@ class Method(nn.Module):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls.multi_step = cls.update is not Method.update
+        if "update" in cls.__dict__ and "supports_amp" not in cls.__dict__:
+            cls.supports_amp = False
 
     # ------------------------------------------------------------------ hyper-parameters
     @classmethod
