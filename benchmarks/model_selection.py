@@ -32,6 +32,7 @@ The summary is printed and written to ``<out>/model_selection.md`` (default: the
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -49,6 +50,46 @@ RUNS = Path("runs") / BENCHMARK
 #: Every selector the summary compares: the per-model validators, MixVal ranked over the pool, EnsV,
 #: then the two references.
 SELECTORS = [*VALIDATORS, *POOL_VALIDATORS, LAST, ORACLE]
+
+
+#: The validators a default configuration can select by: label-free, and needing no held-out source
+#: split (``source_val`` and ``dev`` need ``source_val_fraction > 0``, which changes what trains).
+DEFAULT_CANDIDATES = ("entropy", "im", "bnm", "snd", "mixval", "mixval_rank", "ensv")
+
+
+def default_ranking(rows: list[dict]) -> str:
+    """The candidates for the default validator (:data:`DEFAULT_CANDIDATES`) among ``rows`` (of
+    :func:`selection_benchmark`), by mean regret, then by how often they picked the worst, with
+    ``last`` as the reference a validator has to beat."""
+    by_name = {row["validator"]: row for row in rows}
+    ranked = sorted(
+        (
+            by_name[name]
+            for name in DEFAULT_CANDIDATES
+            if name in by_name and not math.isnan(by_name[name]["mean_regret"])
+        ),
+        key=lambda row: (row["mean_regret"], row["worst_rate"]),
+    )
+    lines = [
+        "| rank | validator | mean regret (points) | picked the worst | GH on/off same as oracle | runs |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    for rank, row in enumerate(ranked, 1):
+        lines.append(
+            f"| {rank} | {row['validator']} | {row['mean_regret']:.2f} | {100 * row['worst_rate']:.0f}% | "
+            f"{100 * row['gh_match_rate']:.0f}% | {row['runs']} |"
+        )
+    last = by_name.get(LAST)
+    if last is not None and ranked:
+        best = ranked[0]
+        verdict = "beats" if best["mean_regret"] < last["mean_regret"] else "does not beat"
+        lines += [
+            "",
+            f"Reference: `last` has a mean regret of {last['mean_regret']:.2f} and picked the worst in "
+            f"{100 * last['worst_rate']:.0f}% of runs; the first-ranked validator, {best['validator']}, "
+            f"{verdict} it on mean regret.",
+        ]
+    return "\n".join(lines) + "\n"
 
 
 def summarize(runs: str | Path, out: str | Path | None = None) -> str:
@@ -80,7 +121,16 @@ def summarize(runs: str | Path, out: str | Path | None = None) -> str:
     ]
     for title, tasks in groups:
         chosen = {key: cell for key, cell in cells.items() if key[0] in tasks}
-        parts += [f"### Over {title}", "", selection_benchmark_markdown(selection_benchmark(chosen, selectors))]
+        rows = selection_benchmark(chosen, selectors)
+        parts += [f"### Over {title}", "", selection_benchmark_markdown(rows)]
+    parts += [
+        f"### Candidates for the default validator, over {groups[-1][0]}",
+        "",
+        "Label-free validators that need no held-out source split, ranked by mean regret, then by how "
+        "often they picked the run's worst evaluation.",
+        "",
+        default_ranking(rows),
+    ]
     text = "\n".join(parts)
     path = Path(out or runs) / f"{BENCHMARK}.md"
     path.parent.mkdir(parents=True, exist_ok=True)

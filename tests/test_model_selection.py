@@ -218,6 +218,26 @@ def test_selection_benchmark_summarises_each_validator(tmp_path):
     assert rows["last"]["mean_acc"] == pytest.approx(65.0)
 
 
+def test_the_default_candidates_are_ranked_by_regret_then_worst_picks_against_last(monkeypatch):
+    import importlib.util
+
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(benchmarks))
+    spec = importlib.util.spec_from_file_location("model_selection_benchmark", benchmarks / "model_selection.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    def row(name, regret, worst):
+        return {"validator": name, "mean_regret": regret, "worst_rate": worst, "gh_match_rate": 0.5, "runs": 4}
+
+    rows = [row("snd", 1.0, 0.5), row("mixval", 1.0, 0.25), row("dev", 0.1, 0.0), row("last", 0.9, 0.25)]
+    text = script.default_ranking([*rows, row("entropy", math.nan, math.nan)])
+    lines = [line for line in text.splitlines() if line.startswith("| ") and line.split("|")[1].strip().isdigit()]
+    assert [line.split("|")[2].strip() for line in lines] == ["mixval", "snd"]  # dev needs a source split
+    assert "the first-ranked validator, mixval, does not beat it on mean regret" in text
+    assert "beats it" in script.default_ranking([row("im", 0.5, 0.0), row("last", 0.9, 0.25)])
+
+
 def test_the_label_free_pick_of_a_run_follows_its_select_by():
     records = [
         {"step": 5, "target_acc": 0.3, "validators": {"snd": 1.0, "mixval": 0.9}},
@@ -463,12 +483,18 @@ def test_the_model_selection_benchmark_runs_its_stages_then_summarises(tmp_path,
     assert script.main(["--grids", str(path), "--runs", str(runs), "--workers", "1"]) == 0
     text = capsys.readouterr().out
     assert "### Over the 1 digits tasks" in text
-    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    summary, ranking = text.split("### Candidates for the default validator, over the 1 digits tasks")
+    rows = {line.split("|")[1].strip(): line for line in summary.splitlines() if line.startswith("| ")}
     for name in ("entropy", "im", "bnm", "snd", "mixval", "ensv", "last", "oracle"):
         assert name in rows, name
     assert rows["oracle"].split("|")[5].strip() == "0.00"  # no regret
     assert rows["mixval"].split("|")[2].strip() == "2" and rows["mixval"].split("|")[8].strip() == "1"
     assert all(rows[name].split("|")[3].strip() == "0" for name in rows if name != "validator")  # all scored
+    ranked_rows = [line.split("|") for line in ranking.splitlines() if line.startswith("| ")][1:]  # no header
+    ranked = [cells[2].strip() for cells in ranked_rows]
+    assert sorted(ranked) == sorted(["entropy", "im", "bnm", "snd", "mixval", "mixval_rank", "ensv"]), text
+    regrets = [float(cells[3]) for cells in ranked_rows]
+    assert regrets == sorted(regrets) and "Reference: `last` has a mean regret of" in ranking
     assert (runs / "model_selection.md").read_text().startswith("## Label-free model selection")
     assert script.main(["--summary-only", "--runs", str(tmp_path / "empty")]) == 2
     assert "no summary" in capsys.readouterr().err
