@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from gradharmony.uda.sampler import InfiniteBatches
+from gradharmony.uda.stopping import leave_stopping_to_the_main_process
 
 
 def to_input(images: torch.Tensor) -> torch.Tensor:
@@ -102,6 +103,7 @@ class LoaderBatches:
             num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
+            worker_init_fn=leave_stopping_to_the_main_process if self.workers else None,
         )
         self.iterator = iter(loader)
 

@@ -60,7 +60,7 @@ from tqdm import tqdm
 from gradharmony.uda.config import ConfigError, TrainConfig, yaml_error_line
 from gradharmony.uda.runs import RunFolderBusy, RunFolderLock, clear_error, write_error, write_labels
 from gradharmony.uda.runs import run_status as folder_status
-from gradharmony.uda.stopping import STOP_SIGNALS
+from gradharmony.uda.stopping import HANGUP, STOP_SIGNALS, detach_from_terminal, handled_stop_signals
 
 GRID_KEYS = ("out", "base", "tasks", "methods", "variants", "seeds", "workers")
 
@@ -242,7 +242,12 @@ class _WorkerState:
             self._count_signals()
 
     def request_stop(self) -> None:
-        """Stop: the current run as an interrupt does (one SIGTERM), then the worker."""
+        """Stop: the current run as an interrupt does (one SIGTERM), then the worker.  A hang-up
+        pending (blocked here, see :func:`_spawn_worker`) means the terminal is gone: the worker's
+        output is detached from it first, as the sweep's is."""
+        with contextlib.suppress(AttributeError, OSError):
+            if HANGUP is not None and HANGUP in signal.sigpending():
+                detach_from_terminal()
         with self.lock:
             self.stopping = True
             self.requests += 1
@@ -360,6 +365,7 @@ class _Worker:
     control: Connection  # stop requests out; its closing tells the worker the sweep is gone
     run: PlannedRun | None = None
     runs: int = 0
+    stop_requests: int = 0
 
     def send(self, message: Any) -> bool:
         with contextlib.suppress(OSError):
@@ -368,6 +374,7 @@ class _Worker:
         return False
 
     def request_stop(self) -> None:
+        self.stop_requests += 1
         with contextlib.suppress(OSError):
             self.control.send(_STOP)
 
@@ -406,12 +413,14 @@ class _Interrupts:
             os.set_blocking(self._write, False)
 
     def __enter__(self) -> _Interrupts:
-        for sig in STOP_SIGNALS:
+        for sig in handled_stop_signals():
             with contextlib.suppress(ValueError):  # not the main thread: signals stay as they are
                 self._previous[sig] = signal.signal(sig, self._handler)
         return self
 
     def _handler(self, signum: int, frame: Any) -> None:
+        if signum == HANGUP:
+            detach_from_terminal()
         self.count += 1
         if self._write is not None:
             with contextlib.suppress(OSError):
@@ -526,8 +535,8 @@ def _run_workers(
         for w in live:
             w.send(None)
     finally:
-        for w in live:  # normally idle workers told to end; after an error, stopped and ended
-            if w.run is not None:
+        for w in live:  # normally idle workers told to end; after an error, stopped (once) and ended
+            if w.run is not None and not w.stop_requests:
                 w.request_stop()
         for w in live + retired:
             w.close(timeout=ORPHAN_GRACE_S + 5)

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from gradharmony.uda.batches import to_input
 from gradharmony.uda.data import Domain
+from gradharmony.uda.stopping import leave_stopping_to_the_main_process
 
 EVAL_BATCH = 1000
 IMAGE_EVAL_BATCH = 64
@@ -37,7 +38,12 @@ def eval_batches(data: Domain | Dataset, workers: int) -> Iterator[tuple[torch.T
         for start in range(0, len(data), EVAL_BATCH):
             yield to_input(data.images[start : start + EVAL_BATCH]), data.labels[start : start + EVAL_BATCH]
     else:
-        for images, labels in DataLoader(data, batch_size=IMAGE_EVAL_BATCH, num_workers=workers):
+        for images, labels in DataLoader(
+            data,
+            batch_size=IMAGE_EVAL_BATCH,
+            num_workers=workers,
+            worker_init_fn=leave_stopping_to_the_main_process if workers else None,
+        ):
             yield to_input(images), labels
 
 

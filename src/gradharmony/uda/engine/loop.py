@@ -115,7 +115,7 @@ from gradharmony.uda.runs import (
     write_target_index,
 )
 from gradharmony.uda.selection import label_free_pick
-from gradharmony.uda.stopping import STOP_SIGNALS
+from gradharmony.uda.stopping import HANGUP, detach_from_terminal, handled_stop_signals
 
 MAX_CONSECUTIVE_NONFINITE = 10  # skipped steps in a row before a run is declared diverged
 
@@ -144,12 +144,14 @@ class _DeferredInterrupt:
         self._previous: dict[int, Any] = {}
 
     def _handler(self, signum, frame) -> None:
+        if signum == HANGUP:
+            detach_from_terminal()
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
 
     def __enter__(self) -> _DeferredInterrupt:
-        for sig in STOP_SIGNALS:
+        for sig in handled_stop_signals():
             with contextlib.suppress(ValueError):  # not the main thread: signals stay as they are
                 self._previous[sig] = signal.signal(sig, self._handler)
         return self
