@@ -7,8 +7,9 @@ Office-Caltech10 SURF tasks (stages 2-3), every per-model validator scored at ev
 the target predictions stored (for EnsV).  This script runs the stages in order from the repository
 root, which the grids' paths are relative to (its other flags go to every ``gradharmony sweep``:
 ``--workers N``, ``--dry-run``, ``--retry-failed``), then summarises the runs, per task family
-(``digits``, ``surf``) and over all of them, for every validator, EnsV, the last evaluation and the
-oracle:
+(``digits``, ``surf``) and over all of them, for every validator, MixVal's rank combination
+(``mixval_rank``), EnsV, the last evaluation and the oracle, and ranks the candidates for the
+default validator (label-free, no held-out source split needed) by mean regret:
 
 * how many runs the validator could not score (no evaluation with a finite score: a diverged
   run, EnsV on a run with a single evaluation), left out of the other columns;

@@ -228,13 +228,15 @@ def test_bf16_autocast_trains_and_resumes_exactly(tmp_path):
     assert all(torch.equal(v, b[k]) for k, v in a.items() if isinstance(v, torch.Tensor))
 
 
-def test_amp_is_refused_for_a_method_whose_own_update_does_not_use_it():
+def test_amp_is_refused_for_a_method_whose_own_update_does_not_use_it(tmp_path):
     from gradharmony.uda.methods import METHODS, Method
 
     assert {name for name, cls in METHODS.items() if not cls.supports_amp} == {"mcd", "gvb", "dwl", "ssrt"}
     for name in ("mcd", "gvb", "dwl", "ssrt"):
+        cfg = TrainConfig(method=name, amp="bf16", out=str(tmp_path / name))  # a stored config still loads
         with pytest.raises(ConfigError, match=f"amp bf16: {name} runs its update phases in full precision"):
-            TrainConfig(method=name, amp="bf16")
+            Trainer(cfg)  # refused before any data is read (there is none here) or anything written
+        assert not (tmp_path / name).exists()
 
     class Phased(Method):  # a user's method with its own update: refused unless it says it uses amp
         def update(self, batch, context):
@@ -244,6 +246,22 @@ def test_amp_is_refused_for_a_method_whose_own_update_does_not_use_it():
         supports_amp = True
 
     assert (Phased.supports_amp, PhasedWithAmp.supports_amp) == (False, True)
+
+
+def test_a_run_that_an_earlier_version_started_with_amp_ignored_resumes_in_full_precision(
+    tmp_path, monkeypatch, capsys
+):
+    from gradharmony.uda.methods import METHODS
+
+    straight = config(tmp_path / "a", method="mcd", method_params={}, steps=6, eval_every=3, amp="bf16")
+    resumed = config(tmp_path / "b", method="mcd", method_params={}, steps=6, eval_every=3, amp="bf16")
+    with monkeypatch.context() as earlier:  # as before: amp accepted, and ignored by MCD's own update
+        earlier.setattr(METHODS["mcd"], "supports_amp", True)
+        train(straight, tiny_domains())
+        interrupted_run(resumed, at_step=4)
+    assert train(resumed, tiny_domains())["steps"] == 6
+    assert "note: amp bf16 is ignored: mcd trains in full precision, as this run has so far" in capsys.readouterr().err
+    assert without_timing(read_metrics(straight.out)) == without_timing(read_metrics(resumed.out))
 
 
 def test_fp16_needs_cuda(tmp_path):
@@ -321,7 +339,7 @@ def test_the_loop_calls_update_with_a_batch_and_a_context_for_every_method(tmp_p
 
 @pytest.mark.parametrize("scope", ["bottleneck", "heads"])
 def test_a_scope_above_the_backbone_probes_stop_at_its_output_with_the_same_update(tmp_path, scope):
-    updated, features = {}, []
+    updated, features, cuts = {}, [], []
     for strategy in ("recombine", "reweight"):  # one after the other: each seeds the global RNG
         cfg = config(tmp_path / strategy, scope=scope, strategy=strategy, harmonizer="gh++", steps=1, eval_every=1)
         trainer = Trainer(cfg, tiny_domains())
@@ -332,12 +350,17 @@ def test_a_scope_above_the_backbone_probes_stop_at_its_output_with_the_same_upda
         trainer.harmonizer.backward = lambda backward=backward, strategy=strategy, **kwargs: (
             features.append((strategy, kwargs["features"])) or backward(**kwargs)
         )
+        upper_leaves = trainer.harmonizer._upper_leaves  # where the harmonizer decides to stop at the cut
+        trainer.harmonizer._upper_leaves = lambda *args, upper_leaves=upper_leaves: (
+            cuts.append(upper_leaves(*args)) or cuts[-1]
+        )
         trainer.train_step()
         updated[strategy] = [p.detach().clone() for p in model.parameters()]
     assert [(s, f.shape) for s, f in features] == [
         ("recombine", (16, model.backbone.out_features)),
         ("reweight", (16, 16)),  # no cut: the shared features, the bottleneck output (bottleneck_dim 16)
     ]
+    assert cuts and cuts[0] is not None  # the probes really stopped at the backbone output
     # the cut only saves work: reweight (no cut, three full passes) makes the same update
     for a, b in zip(updated["recombine"], updated["reweight"], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

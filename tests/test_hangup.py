@@ -4,8 +4,8 @@
   kernel sends SIGHUP, and writing to the terminal then fails with EIO) stops as Ctrl-C stops it:
   the step finishes, a checkpoint is saved, the exit code is 130, and running it again completes it.
 * A run started under ``nohup`` (SIGHUP ignored) is not stopped by a hang-up.
-* A terminal's Ctrl-C reaches a run's DataLoader workers too (the whole process group): they leave
-  the stopping to the training process, which finishes its step with their batches.
+* A terminal's Ctrl-C or hang-up reaches a run's DataLoader workers too (the whole process group):
+  they leave the stopping to the training process, which finishes its step with their batches.
 
 POSIX only (pseudo-terminals, process groups).
 """
@@ -187,7 +187,8 @@ def test_a_sweep_whose_terminal_goes_away_stops_each_run_once_and_completes_when
         assert evaluations(run.out) == list(range(EVAL_EVERY, STEPS + 1, EVAL_EVERY)), run.out
 
 
-def test_ctrl_c_reaches_dataloader_workers_which_leave_the_stop_to_the_training_process(tmp_path):
+@pytest.mark.parametrize("name", ["SIGINT", "SIGHUP"])
+def test_ctrl_c_or_a_hangup_reaches_dataloader_workers_which_leave_the_stop_to_the_training_process(tmp_path, name):
     root = tmp_path / "data"
     write_benchmark_tree(root, "office31", domains=["amazon", "webcam"], per_class=1, size=40)
     out = tmp_path / "run"
@@ -209,7 +210,7 @@ def test_ctrl_c_reaches_dataloader_workers_which_leave_the_stop_to_the_training_
     deadline = time.monotonic() + 180
     while not evaluations(out) and run.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    os.killpg(run.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the run and its loader workers
+    os.killpg(run.pid, getattr(signal, name))  # what a terminal does: the run and its loader workers get it
     _, err = run.communicate(timeout=180)
     assert run.returncode == 130, err
     assert "exited unexpectedly" not in err and "checkpoint saved" in err, err

@@ -143,6 +143,15 @@ def test_gh_on_or_off_is_decided_over_the_pool_of_every_variants_evaluations(tmp
     assert "| t | dann | 2 | 0/2 | 2/2 | 0/2 | 20.00 |" in text
 
 
+def test_gh_on_or_off_is_not_decided_by_a_validator_that_scored_one_side_only(tmp_path):
+    fake_run(tmp_path, "none", [0.9, 0.95], {"im": [1.0, 2.0]})  # trained without bnm
+    fake_run(tmp_path, "gh", [0.5, 0.6], {"im": [0.0, 0.5], "bnm": [1.0, 2.0]}, variant="gh")
+    cells = collect(tmp_path)
+    assert gh_decision_rows(cells, "bnm") == []  # its pick could only have been a GH run
+    (decided,) = gh_decision_rows(cells, "im")
+    assert (decided["on"], decided["agree"]) == (0, 1)
+
+
 def test_ensv_picks_the_candidate_agreeing_with_the_pools_average(tmp_path):
     truth = [0, 0, 1, 1, 0, 1]
     good, bad = one_hot(truth), one_hot([1, 1, 1, 1, 0, 1])  # bad: calls the first two of class 0 class 1
@@ -162,7 +171,7 @@ def test_mixval_rank_picks_the_best_mean_rank_of_the_two_probes_where_the_raw_me
     pool = candidates(folder, read_metrics(folder))
     assert pool[0].mixval_probes == (0.99, 0.20)
     assert (pick(pool, "mixval"), pick(pool, "mixval_rank")) == (0, 2)
-    assert scores_of(pool, "mixval_rank") == [2.5, 2.5, 3.5, 1.5]
+    assert [round(s, 3) for s in scores_of(pool, "mixval_rank")] == [2.574, 2.572, 3.573, 1.57]
     (row,) = selection_rows(collect(tmp_path), ["mixval", "mixval_rank"])
     assert (row["mixval"], row["mixval_rank"], row["mixval_rank_regret"]) == ("60.00", "90.00", "0.00")
     out = tmp_path / "report"

@@ -565,7 +565,7 @@ class TrainConfig:
     )
     select_by: str | None = _option(
         None,
-        f"the label-free pick the reports show beside last and the oracle: a validator, or ensv; "
+        f"the label-free pick the reports show beside last and the oracle: a validator, mixval_rank or ensv; "
         f"none: {DEFAULT_SELECT_BY} (not part of the run: reports may choose again)",
         group=SELECTION,
     )
@@ -699,13 +699,13 @@ class TrainConfig:
                     "select_by must be label-free; the oracle (target test accuracy) is always reported beside it"
                 )
             _check_name("validator to select by", self.select_by, (*VALIDATORS, *POOL_VALIDATORS))
+            if self.select_by == "mixval_rank" and "mixval" not in self.validators:
+                raise ConfigError("select_by: mixval_rank ranks the probes of mixval; add mixval to validators")
             if self.select_by in POOL_VALIDATORS and not self.validators:
                 raise ConfigError(
                     f"select_by {self.select_by} needs the target predictions stored with the validators: "
                     f"validators must not be none"
                 )
-            if self.select_by == "mixval_rank" and "mixval" not in self.validators:
-                raise ConfigError("select_by: mixval_rank ranks the probes of mixval; add mixval to validators")
             if self.select_by in VALIDATORS and self.select_by not in self.validators:
                 raise ConfigError(f"select_by: {self.select_by} is not computed; add it to validators")
 
@@ -725,11 +725,6 @@ class TrainConfig:
             checked[key] = value if expected is None else _checked_hparam(self.method, key, expected, value)
         if any(checked[key] is not value for key, value in self.method_params.items()):
             self.method_params = checked  # a number written as a string (1e-3 in YAML), now a float
-        if self.amp != "none" and not cls.supports_amp:
-            raise ConfigError(
-                f"amp {self.amp}: {self.method} runs its update phases in full precision (mixed precision "
-                f"is supported by the single-update methods); set amp none"
-            )
         problem = _method_constructor_error(self.method, self.steps, self.bottleneck_dim, self.method_params)
         if problem is not None:
             raise ConfigError(f"method_params of {self.method}: {problem}")

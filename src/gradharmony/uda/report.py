@@ -40,6 +40,7 @@ from gradharmony.uda.selection import (
     outcome,
     rank_correlation,
     resolve_select_by,
+    scores_of,
 )
 from gradharmony.uda.validators import VALIDATORS
 
@@ -229,7 +230,9 @@ def gh_decision_rows(cells: dict[tuple[str, str, str], Cell], selector: str) -> 
 
     For each seed that has a ``none`` run and a GH run (harmonizer other than none), the candidates
     are every evaluation of every variant of that seed; the selector's pick decides "on" when it
-    comes from a GH run.  The oracle decides the same way on target test accuracy.
+    comes from a GH run.  The oracle decides the same way on target test accuracy.  A seed where the
+    selector scores no candidate on one side (runs that did not compute it) is not decided: a pick
+    from one side only would be no decision.
     """
     by_task: dict[tuple[str, str], dict[int, list[Candidate]]] = {}
     for (task, method, _), cell in _sorted_cells(cells):  # `none` first: the first of equal scores is GH off
@@ -241,6 +244,10 @@ def gh_decision_rows(cells: dict[tuple[str, str, str], Cell], selector: str) -> 
         for seed, pool in sorted(pools.items()):
             if len({c.harmonizer == "none" for c in pool}) < 2:  # GH on and off both needed
                 continue
+            if selector not in (LAST, ORACLE):
+                scored = zip(pool, scores_of(pool, selector))
+                if len({c.harmonizer == "none" for c, score in scored if math.isfinite(score)}) < 2:
+                    continue
             picked, best = outcome(pool, selector), outcome(pool, ORACLE)
             if picked is None or best is None:
                 continue

@@ -193,9 +193,9 @@ class _WorkerState:
     """What a worker's main thread (training) and its watchdog thread share.
 
     Stopping a run is one SIGTERM to the worker itself: the engine turns the first SIGINT or SIGTERM
-    into "stop after this step, save, return" and a second into "stop now".  A worker blocks SIGINT,
-    so a terminal's Ctrl-C (SIGINT to the whole process group) reaches it only through the sweep's
-    stop request.  A SIGTERM can still reach it directly as well (a supervisor signalling every
+    into "stop after this step, save, return" and a second into "stop now".  A worker blocks SIGINT and
+    SIGHUP, so a terminal's Ctrl-C or hang-up (sent to the whole process group) reaches it only
+    through the sweep's stop request.  A SIGTERM can still reach it directly as well (a supervisor signalling every
     process of the job), so a request sends a signal only if the worker has received fewer SIGTERMs
     than it has had requests.  They are counted through :func:`signal.set_wakeup_fd` (one byte per
     signal handled, whichever handler is installed), plus one still pending (:func:`signal.sigpending`:
@@ -275,7 +275,8 @@ def _set_parent_death_signal(signum: int) -> bool:
 
 def _arm_signals(state: _WorkerState) -> None:
     """In a worker's main thread: SIGTERM stops like Ctrl-C, each stop signal is counted, and (Linux)
-    the parent's death sends SIGTERM at once.  SIGINT is blocked from the start (see :func:`_spawn_worker`)."""
+    the parent's death sends SIGTERM at once.  SIGINT and SIGHUP are blocked from the start (see
+    :func:`_spawn_worker`)."""
     signal.signal(signal.SIGTERM, _raise_interrupt)
     signal.signal(signal.SIGINT, _raise_interrupt)
     with contextlib.suppress(AttributeError, OSError):  # started with SIGINT blocked (see _spawn_worker)

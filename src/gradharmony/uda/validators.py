@@ -287,8 +287,9 @@ def mixval_scores(
     same pseudo-label that the model still assigns to it (dense neighbourhoods score high); the
     *inter-cluster* score is the same share over pairs with different pseudo-labels (a boundary
     that passes between clusters, not through one, scores high).  The ``mixval`` score is their
-    mean; the paper averages the two *ranks* over the pool of candidates, which cannot be kept per
-    checkpoint during training, so the per-model mean is used here.  A probe set with no pair
+    mean, which needs no pool; the paper averages the two *ranks* over the pool of candidates:
+    :func:`mixval_rank_scores` (the pool validator ``mixval_rank``, from the probes every evaluation
+    stores).  A probe set with no pair
     (every pseudo-label the same leaves no inter-cluster pair) scores 0: nothing was verified.
 
     Args:
@@ -363,17 +364,25 @@ def mixval_rank_scores(intra: Sequence[float], inter: Sequence[float]) -> list[f
     their mean rank), candidate :math:`m` scores
     :math:`\tfrac12\,(r(\mathrm{ICE}^{(m)}_{intra}) + r(\mathrm{ICE}^{(m)}_{inter}))`, so that
     neither probe dominates through its scale (the per-model ``mixval`` averages the raw scores
-    instead, which needs no pool).  A candidate missing either probe (NaN) scores NaN and is left
-    out of the ranks.  A pool of one candidate scores 1: the only one is picked.
+    instead, which needs no pool).  Equal mean ranks are common (a candidate first on one probe and
+    last on the other ties with its mirror image), so they are told apart by the raw mean
+    :math:`\bar s_m = \tfrac12(\mathrm{ICE}^{(m)}_{intra} + \mathrm{ICE}^{(m)}_{inter}) \in [0, 1]`,
+    added as :math:`\bar s_m / 8`: two different mean ranks differ by at least :math:`1/4`, so the
+    ranks alone decide wherever they differ.  A candidate missing either probe (NaN) scores NaN
+    and is left out of the ranks.  A pool of one candidate is the one picked.
 
     Example:
         The raw mean would pick the first candidate (0.595), strong on one probe only; the ranks
         pick the third, second best on both:
 
-        >>> mixval_rank_scores([0.99, 0.80, 0.81, 0.79], [0.20, 0.35, 0.36, 0.33])
-        [2.5, 2.5, 3.5, 1.5]
-        >>> mixval_rank_scores([0.9, 0.8, math.nan], [0.4, 0.7, 0.9])
-        [1.5, 1.5, nan]
+        >>> [round(s, 3) for s in mixval_rank_scores([0.99, 0.80, 0.81, 0.79], [0.20, 0.35, 0.36, 0.33])]
+        [2.574, 2.572, 3.573, 1.57]
+
+        Equal ranks: a model collapsed onto one class (no inter-cluster mixture kept) against a
+        balanced one; the raw mean decides.  A candidate without probes is left out:
+
+        >>> [round(s, 3) for s in mixval_rank_scores([1.0, 0.9, math.nan], [0.0, 0.6, 0.9])]
+        [1.562, 1.594, nan]
     """
     if len(intra) != len(inter):
         raise ValueError(f"need both MixVal probes of each candidate, got {len(intra)} and {len(inter)}")
@@ -383,7 +392,7 @@ def mixval_rank_scores(intra: Sequence[float], inter: Sequence[float]) -> list[f
     ]
     ranks_intra = ascending_ranks([a for a, _ in both])
     ranks_inter = ascending_ranks([b for _, b in both])
-    return [(a + b) / 2 for a, b in zip(ranks_intra, ranks_inter)]
+    return [(ra + rb) / 2 + (a + b) / 16 for ra, rb, (a, b) in zip(ranks_intra, ranks_inter, both)]
 
 
 # ---------------------------------------------------------------------------------------------- DEV

@@ -71,6 +71,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -161,12 +162,34 @@ class _DeferredInterrupt:
             signal.signal(sig, previous)
 
 
+def _check_amp(cfg: TrainConfig, out: Path) -> None:
+    """Refuse ``amp`` for a new run of a method whose own update does not use it (``supports_amp``),
+    before anything is loaded or written.  A run that already has a checkpoint trained in full
+    precision under an earlier version that ignored ``amp`` there: it resumes (or is found finished)
+    as it was, with a note."""
+    from gradharmony.uda.methods import METHODS
+
+    if cfg.amp == "none" or METHODS[cfg.method].supports_amp:
+        return
+    if (out / CHECKPOINT_FILE).is_file():
+        print(
+            f"note: amp {cfg.amp} is ignored: {cfg.method} trains in full precision, as this run has so far",
+            file=sys.stderr,
+        )
+        return
+    raise ConfigError(
+        f"amp {cfg.amp}: {cfg.method} runs its update phases in full precision (mixed precision is supported "
+        f"by the single-update methods); set amp none"
+    )
+
+
 class Trainer:
     """One run: build everything from ``cfg``, then :meth:`run` (resuming if a checkpoint exists)."""
 
     def __init__(self, cfg: TrainConfig, domains: dict[str, Domain] | None = None):
         self.cfg = cfg
         self.out = Path(cfg.out)
+        _check_amp(cfg, self.out)
         self.device = resolve_device(cfg.device)
         self.rank, self.world, self._owns_group = init_distributed(self.device)
         if self.device.type == "cuda" and self.world > 1:

@@ -99,8 +99,8 @@ class StepContext:
         device_type: the autocast device type (``"cpu"``, ``"cuda"``).
         scaler: a ``torch.amp.GradScaler`` (fp16), or ``None``.
         use_cut: pass :attr:`Losses.cut` (the backbone output) as the harmonizer's ``features=``
-            instead of :attr:`Losses.features` (the engine sets it for a bottleneck scope under
-            the ``recombine`` strategy: the probes stop at the backbone output).
+            instead of :attr:`Losses.features` (the engine sets it for the ``bottleneck`` and
+            ``heads`` scopes under the ``recombine`` strategy: the probes stop at the backbone output).
         distributed, process_group: how gradients of plain training are averaged across
             processes (``auto``: over the initialised group of more than one process, if any;
             ``off``: never), as :class:`~gradharmony.Harmonizer`'s arguments of the same names.
