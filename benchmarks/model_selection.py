@@ -42,7 +42,13 @@ from stages import GRIDS, ROOT
 
 from gradharmony.uda.cli import main as gradharmony
 from gradharmony.uda.config import ConfigError
-from gradharmony.uda.report import collect, selection_benchmark, selection_benchmark_markdown, task_families
+from gradharmony.uda.report import (
+    collect,
+    gh_decision_rows,
+    selection_benchmark,
+    selection_benchmark_markdown,
+    task_families,
+)
 from gradharmony.uda.selection import LAST, ORACLE
 from gradharmony.uda.validators import POOL_VALIDATORS, VALIDATORS
 
@@ -93,6 +99,18 @@ def default_ranking(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def always_on_note(cells: dict) -> str:
+    """How often the oracle's decision is "GH on": the agreement of a validator that always says on."""
+    decisions = gh_decision_rows(cells, ORACLE)
+    total, on = sum(r["seeds"] for r in decisions), sum(r["oracle_on"] for r in decisions)
+    if not total:
+        return "No GH on/off decision: no task, method and seed has runs with GH on and off."
+    return (
+        f"The oracle's pick is a GH run in {on} of the {total} GH on/off decisions: always answering "
+        f'"on" would agree with it in {100 * on / total:.0f}%, always "off" in {100 * (total - on) / total:.0f}%.'
+    )
+
+
 def summarize(runs: str | Path, out: str | Path | None = None) -> str:
     """The summary tables of the finished runs under ``runs`` (see the module's docstring), written
     to ``<out>/model_selection.md``; returns the text."""
@@ -123,7 +141,7 @@ def summarize(runs: str | Path, out: str | Path | None = None) -> str:
     for title, tasks in groups:
         chosen = {key: cell for key, cell in cells.items() if key[0] in tasks}
         rows = selection_benchmark(chosen, selectors)
-        parts += [f"### Over {title}", "", selection_benchmark_markdown(rows)]
+        parts += [f"### Over {title}", "", selection_benchmark_markdown(rows), always_on_note(chosen), ""]
     parts += [
         f"### Candidates for the default validator, over {groups[-1][0]}",
         "",

@@ -504,6 +504,9 @@ def test_the_model_selection_benchmark_runs_its_stages_then_summarises(tmp_path,
     assert sorted(ranked) == sorted(["entropy", "im", "bnm", "snd", "mixval", "mixval_rank", "ensv"]), text
     regrets = [float(cells[3]) for cells in ranked_rows]
     assert regrets == sorted(regrets) and "Reference: `last` has a mean regret of" in ranking
+    on = gh_decision_rows(collect(runs), "oracle")[0]["oracle_on"]
+    assert f"The oracle's pick is a GH run in {on} of the 1 GH on/off decisions" in summary
+    assert f'always answering "on" would agree with it in {100 * on}%, always "off" in {100 * (1 - on)}%' in summary
     assert (runs / "model_selection.md").read_text().startswith("## Label-free model selection")
     assert script.main(["--summary-only", "--runs", str(tmp_path / "empty")]) == 2
     assert "no summary" in capsys.readouterr().err
