@@ -280,3 +280,14 @@ def test_demo_pool_reports_progress_and_exits_without_warnings(tmp_path):
     assert "[DANN+GH++] step 4/4: done" in done.stdout  # not a terminal: one log line per change
     assert "leaked" not in done.stderr and "resource_tracker" not in done.stderr, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
+
+
+def test_none_gives_an_optional_flag_its_default_back():
+    from gradharmony.uda.cli import config_from_args
+
+    args = build_parser().parse_args(["train", "--threads", "none", "--select-by", "NONE", "--tensorboard", "none"])
+    cfg = config_from_args(args)
+    assert (cfg.threads, cfg.select_by, cfg.tensorboard) == (None, None, None)
+    assert config_from_args(build_parser().parse_args(["train", "--threads", "2"])).threads == 2
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--threads", "two"])

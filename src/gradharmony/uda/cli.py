@@ -94,8 +94,18 @@ class Parser(argparse.ArgumentParser):
 
 
 def _flag_type(field: dataclasses.Field) -> Any:
+    """The flag's argparse ``type``; for a field whose default is ``None``, the word ``none`` gives
+    that default back (``--threads none``, ``--select-by none``), as ``none`` does for a list."""
     base = field_type(field.name)
-    return base if base in (int, float, str) else str
+    base = base if base in (int, float, str) else str
+    if field.default is not None:
+        return base
+
+    def parse(value: str) -> Any:
+        return None if value.strip().lower() == "none" else base(value)
+
+    parse.__name__ = base.__name__  # argparse's "invalid int value" names the type
+    return parse
 
 
 def _name_type(kind: str, valid: Sequence[str], normalise: Callable[[str], str] | None = None) -> Callable[[str], str]:
