@@ -99,6 +99,27 @@ def default_ranking(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def per_method_table(cells: dict, selectors: list[str]) -> str:
+    """Validators x methods: each selector's mean regret and worst-pick share over one method's runs."""
+    methods = sorted({method for _, method, _ in cells})
+    by_method = {
+        method: {row["validator"]: row for row in selection_benchmark(
+            {key: cell for key, cell in cells.items() if key[1] == method}, selectors
+        )}
+        for method in methods
+    }  # fmt: skip
+    lines = [f"| validator | {' | '.join(methods)} |", "|---|" + "---:|" * len(methods)]
+    for selector in selectors:
+        cells_text = []
+        for method in methods:
+            row = by_method[method][selector]
+            cells_text.append(
+                "-" if math.isnan(row["mean_regret"]) else f"{row['mean_regret']:.2f} ({100 * row['worst_rate']:.0f}%)"
+            )
+        lines.append(f"| {selector} | {' | '.join(cells_text)} |")
+    return "\n".join(lines) + "\n"
+
+
 def always_on_note(cells: dict) -> str:
     """How often the oracle's decision is "GH on": the agreement of a validator that always says on."""
     decisions = gh_decision_rows(cells, ORACLE)
@@ -118,6 +139,9 @@ def summarize(runs: str | Path, out: str | Path | None = None) -> str:
     stored = {name for cell in cells.values() for pool in cell.pools.values() for c in pool for name in c.scores}
     pooled = {"mixval_rank": "mixval" in stored, "ensv": True}
     selectors = [s for s in SELECTORS if s in stored or pooled.get(s) or s in (LAST, ORACLE)]
+    cells = {key: cell for key, cell in cells.items() if cell.pools}  # a stage just begun has labels only
+    if not cells:
+        raise ConfigError(f"no finished run under {runs}")
     families = task_families({task for task, _, _ in cells})
     groups = [(f"the {len(tasks)} {family} tasks", tasks) for family, tasks in sorted(families.items())]
     if len(groups) > 1:
@@ -141,7 +165,16 @@ def summarize(runs: str | Path, out: str | Path | None = None) -> str:
     for title, tasks in groups:
         chosen = {key: cell for key, cell in cells.items() if key[0] in tasks}
         rows = selection_benchmark(chosen, selectors)
-        parts += [f"### Over {title}", "", selection_benchmark_markdown(rows), always_on_note(chosen), ""]
+        parts += [
+            f"### Over {title}",
+            "",
+            selection_benchmark_markdown(rows),
+            always_on_note(chosen),
+            "",
+            f"Per method, over {title}: mean regret in points (share of runs where the pick was the worst).",
+            "",
+            per_method_table(chosen, selectors),
+        ]
     parts += [
         f"### Candidates for the default validator, over {groups[-1][0]}",
         "",

@@ -493,7 +493,11 @@ def test_the_model_selection_benchmark_runs_its_stages_then_summarises(tmp_path,
     text = capsys.readouterr().out
     assert "### Over the 1 digits tasks" in text
     summary, ranking = text.split("### Candidates for the default validator, over the 1 digits tasks")
+    summary, per_method = summary.split("Per method, over the 1 digits tasks")
     rows = {line.split("|")[1].strip(): line for line in summary.splitlines() if line.startswith("| ")}
+    method_rows = {line.split("|")[1].strip(): line for line in per_method.splitlines() if line.startswith("| ")}
+    assert method_rows["validator"].split("|")[2].strip() == "dann"
+    assert method_rows["oracle"].split("|")[2].strip() == "0.00 (0%)"
     for name in ("entropy", "im", "bnm", "snd", "mixval", "ensv", "last", "oracle"):
         assert name in rows, name
     assert rows["oracle"].split("|")[5].strip() == "0.00"  # no regret
