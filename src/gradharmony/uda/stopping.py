@@ -16,6 +16,7 @@ import contextlib
 import os
 import signal
 import stat
+from typing import Any
 
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 HANGUP = getattr(signal, "SIGHUP", None)
@@ -60,3 +61,34 @@ def leave_stopping_to_the_main_process(worker_id: int) -> None:
     for sig in (signal.SIGINT, HANGUP):
         if sig is not None:
             signal.signal(sig, signal.SIG_IGN)
+
+
+class DeferredInterrupt:
+    """Turn the first Ctrl-C / SIGTERM / SIGHUP into a request to stop after the current step.
+
+    A step interrupted half-way (optimizer stepped, counter not yet advanced) could not be resumed
+    exactly, so the training loop checks :attr:`requested` after each step, saves, then stops.  A
+    second signal raises :class:`KeyboardInterrupt` at once.  Outside the main thread the signals
+    stay as they are.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum, frame) -> None:
+        if signum == HANGUP:
+            detach_from_terminal()
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> DeferredInterrupt:
+        for sig in handled_stop_signals():
+            with contextlib.suppress(ValueError):  # not the main thread: signals stay as they are
+                self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)

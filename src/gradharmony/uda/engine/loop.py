@@ -65,12 +65,10 @@ too end as in an uninterrupted run.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import os
 import random
-import signal
 import sys
 import time
 from dataclasses import replace
@@ -116,7 +114,7 @@ from gradharmony.uda.runs import (
     write_target_index,
 )
 from gradharmony.uda.selection import label_free_pick
-from gradharmony.uda.stopping import HANGUP, detach_from_terminal, handled_stop_signals
+from gradharmony.uda.stopping import DeferredInterrupt
 
 MAX_CONSECUTIVE_NONFINITE = 10  # skipped steps in a row before a run is declared diverged
 
@@ -131,35 +129,6 @@ _FOLDER_ERRORS: dict[str, type[Exception]] = {
     "CheckpointError": CheckpointError,
     "RunFolderBusy": RunFolderBusy,
 }
-
-
-class _DeferredInterrupt:
-    """Turn the first Ctrl-C / SIGTERM / SIGHUP into a request to stop after the current step.
-
-    A step interrupted half-way (optimizer stepped, counter not yet advanced) could not be resumed
-    exactly, so the loop finishes the step, saves, then stops.  A second signal stops at once.
-    """
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def _handler(self, signum, frame) -> None:
-        if signum == HANGUP:
-            detach_from_terminal()
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __enter__(self) -> _DeferredInterrupt:
-        for sig in handled_stop_signals():
-            with contextlib.suppress(ValueError):  # not the main thread: signals stay as they are
-                self._previous[sig] = signal.signal(sig, self._handler)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
 
 
 def _check_amp(cfg: TrainConfig, out: Path) -> None:
@@ -725,7 +694,7 @@ class Trainer:
         )
         recent_angles: list[float] = []
         try:
-            with _DeferredInterrupt() as interrupt:
+            with DeferredInterrupt() as interrupt:
                 while self.step < self.cfg.steps:
                     started = time.perf_counter()
                     record = self.train_step()
