@@ -89,12 +89,21 @@ def default_ranking(rows: list[dict]) -> str:
     last = by_name.get(LAST)
     if last is not None and ranked:
         best = ranked[0]
-        verdict = "beats" if best["mean_regret"] < last["mean_regret"] else "does not beat"
+        first = [
+            r["validator"]
+            for r in ranked
+            if (r["mean_regret"], r["worst_rate"]) == (best["mean_regret"], best["worst_rate"])
+        ]
+        if len(first) > 1:
+            named = f"the first-ranked validators, {', '.join(first[:-1])} and {first[-1]} (tied),"
+            verdict = "beat" if best["mean_regret"] < last["mean_regret"] else "do not beat"
+        else:
+            named = f"the first-ranked validator, {best['validator']},"
+            verdict = "beats" if best["mean_regret"] < last["mean_regret"] else "does not beat"
         lines += [
             "",
             f"Reference: `last` has a mean regret of {last['mean_regret']:.2f} and picked the worst in "
-            f"{100 * last['worst_rate']:.0f}% of runs; the first-ranked validator, {best['validator']}, "
-            f"{verdict} it on mean regret.",
+            f"{100 * last['worst_rate']:.0f}% of runs; {named} {verdict} it on mean regret.",
         ]
     return "\n".join(lines) + "\n"
 

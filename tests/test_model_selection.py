@@ -245,6 +245,8 @@ def test_the_default_candidates_are_ranked_by_regret_then_worst_picks_against_la
     assert [line.split("|")[2].strip() for line in lines] == ["mixval", "snd"]  # dev needs a source split
     assert "the first-ranked validator, mixval, does not beat it on mean regret" in text
     assert "beats it" in script.default_ranking([row("im", 0.5, 0.0), row("last", 0.9, 0.25)])
+    tied = script.default_ranking([row("entropy", 0.5, 0.0), row("im", 0.5, 0.0), row("last", 0.5, 0.25)])
+    assert "the first-ranked validators, entropy and im (tied), do not beat it" in tied
 
 
 def test_the_label_free_pick_of_a_run_follows_its_select_by():

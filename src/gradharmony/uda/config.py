@@ -566,7 +566,8 @@ class TrainConfig:
     select_by: str | None = _option(
         None,
         f"the label-free pick the reports show beside last and the oracle: a validator, mixval_rank or ensv; "
-        f"none: {DEFAULT_SELECT_BY} (not part of the run: reports may choose again)",
+        f"none: {DEFAULT_SELECT_BY} where computed, else the first validator computed (not part of the "
+        f"run: reports may choose again)",
         group=SELECTION,
     )
     source_val_fraction: float = _option(
