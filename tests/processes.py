@@ -15,3 +15,11 @@ def python_env(**extra: str) -> dict[str, str]:
 def run_python(*args: str, python: str = sys.executable, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
     """``python ARGS`` run to its end, stdout and stderr captured as text (``kwargs``: ``cwd``, ``env``)."""
     return subprocess.run([python, *args], capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def hangup_as_default() -> None:
+    """A ``preexec_fn``: the child takes SIGHUP's default disposition, whatever this process has (a
+    test suite started under ``nohup`` ignores SIGHUP, and its children would inherit that)."""
+    import signal
+
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)

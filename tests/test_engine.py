@@ -73,11 +73,24 @@ def without_timing(records):
 
 @pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="POSIX signals")
 @pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP"])
-def test_a_supervisors_sigterm_or_a_closed_terminals_sighup_stops_like_ctrl_c(tmp_path, name):
+def test_a_supervisors_sigterm_or_a_closed_terminals_sighup_stops_like_ctrl_c(tmp_path, monkeypatch, name):
+    from gradharmony.uda import stopping
+
+    detached = []  # a hang-up points the terminal's output at /dev/null: not pytest's own terminal here
+    monkeypatch.setattr(stopping, "detach_from_terminal", lambda: detached.append(True))
+    previous = signal.signal(signal.SIGHUP, signal.SIG_DFL)  # pytest may run under nohup, which ignores it
+    try:
+        _stops_like_ctrl_c(tmp_path, getattr(signal, name))
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert detached == ([True] if name == "SIGHUP" else [])
+
+
+def _stops_like_ctrl_c(tmp_path, signum: int) -> None:
     straight = config(tmp_path / "a")
     train(straight, tiny_domains())
     resumed = config(tmp_path / "b")
-    interrupted_run(resumed, at_step=6, signum=getattr(signal, name))  # the step finishes, then a checkpoint
+    interrupted_run(resumed, at_step=6, signum=signum)  # the step finishes, then a checkpoint
     assert torch.load(tmp_path / "b" / "run" / "last.pt", weights_only=False)["step"] == 6
     train(resumed, tiny_domains())
     assert without_timing(read_metrics(straight.out)) == without_timing(read_metrics(resumed.out))

@@ -29,7 +29,7 @@ import yaml
 from fakes.digits import write_fake_data_root
 from fakes.images import write_benchmark_tree
 from gradharmony.uda.sweep import expand
-from processes import python_env
+from processes import hangup_as_default, python_env
 
 pytest.importorskip("pty")
 import pty  # after the skip: Windows has no pseudo-terminals
@@ -68,6 +68,7 @@ def in_terminal(args: list[str], cwd: Path) -> tuple[int, int]:
     pid, master = pty.fork()
     if pid == 0:  # the child: nothing of pytest's may run here
         try:
+            hangup_as_default()
             os.chdir(cwd)
             os.execve(sys.executable, [sys.executable, "-m", "gradharmony", *args], env)
         finally:
@@ -206,6 +207,7 @@ def test_ctrl_c_or_a_hangup_reaches_dataloader_workers_which_leave_the_stop_to_t
         env=python_env(),
         cwd=tmp_path,
         start_new_session=True,  # a process group of its own, as a terminal's foreground job
+        preexec_fn=hangup_as_default,
     )
     deadline = time.monotonic() + 180
     while not evaluations(out) and run.poll() is None and time.monotonic() < deadline:

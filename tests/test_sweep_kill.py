@@ -25,7 +25,7 @@ import yaml
 from fakes.digits import write_fake_data_root
 from gradharmony.uda.runs import TIMING_FIELDS
 from gradharmony.uda.sweep import expand, run_grid
-from processes import python_env
+from processes import hangup_as_default, python_env
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds processes through /proc")
 
@@ -101,6 +101,7 @@ def start_sweep(grid_path: Path, tmp_path: Path, own_group: bool = False) -> sub
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=own_group,
+        preexec_fn=hangup_as_default,
     )
 
 
