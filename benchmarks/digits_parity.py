@@ -131,7 +131,7 @@ def parity_table(cells) -> str:
     lines += [
         "",
         "*selected on target test labels. The label-free pick is the evaluation the run's own validator "
-        "(its `select_by`; else MixVal where computed, else its first validator) scores highest, without "
+        "(its `select_by`; else the default, entropy, where computed, else its first validator) scores highest, without "
         "target labels. Runs trained before the validators existed have none, hence its own seed count; "
         "runs resumed after they arrived are picked among their later evaluations only.",
     ]
