@@ -30,6 +30,7 @@ from fakes.digits import write_fake_data_root
 from fakes.images import write_benchmark_tree
 from gradharmony.uda.sweep import expand
 from processes import hangup_as_default, python_env
+from test_sweep_kill import grid_for
 
 pytest.importorskip("pty")
 import pty  # after the skip: Windows has no pseudo-terminals
@@ -145,26 +146,9 @@ def test_a_run_under_nohup_trains_on_through_a_hangup(tmp_path):
 
 
 def test_a_sweep_whose_terminal_goes_away_stops_each_run_once_and_completes_when_run_again(tmp_path):
-    root = tmp_path / "data"
-    write_fake_data_root(root, count=48)
-    grid = {
-        "out": str(tmp_path / "runs"),
-        "base": {
-            "steps": STEPS,
-            "eval_every": EVAL_EVERY,
-            "batch_size": 16,
-            "image_size": 16,
-            "channels": 1,
-            "bottleneck_dim": 8,
-            "source_eval_size": 16,
-            "data_root": str(root),
-            "cache_dir": str(tmp_path / "cache"),
-        },
-        "tasks": {"usps->mnistm": {"source": "usps", "target": "mnistm"}},
-        "methods": ["dann"],
-        "variants": {"none": {"harmonizer": "none"}},
-        "seeds": [0, 1],
-    }
+    grid = grid_for(tmp_path, "runs")  # the kill tests' grid, longer, one variant
+    grid["base"].update(steps=STEPS, eval_every=EVAL_EVERY)
+    grid["variants"] = {"none": {"harmonizer": "none"}}
     grid_path = tmp_path / "grid.yaml"
     grid_path.write_text(yaml.safe_dump(grid))
     runs = expand(grid)

@@ -244,11 +244,11 @@ def gh_decision_rows(cells: dict[tuple[str, str, str], Cell], selector: str) -> 
         for seed, pool in sorted(pools.items()):
             if len({c.harmonizer == "none" for c in pool}) < 2:  # GH on and off both needed
                 continue
-            if selector not in (LAST, ORACLE):
-                scored = zip(pool, scores_of(pool, selector))
-                if len({c.harmonizer == "none" for c, score in scored if math.isfinite(score)}) < 2:
-                    continue
-            picked, best = outcome(pool, selector), outcome(pool, ORACLE)
+            scores = None if selector in (LAST, ORACLE) else scores_of(pool, selector)  # EnsV reads files: once
+            scored_sides = {c.harmonizer == "none" for c, s in zip(pool, scores or []) if math.isfinite(s)}
+            if scores is not None and len(scored_sides) < 2:  # a pick from one side only is no decision
+                continue
+            picked, best = outcome(pool, selector, scores), outcome(pool, ORACLE)
             if picked is None or best is None:
                 continue
             decisions.append((seed, picked, best))

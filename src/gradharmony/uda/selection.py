@@ -176,13 +176,14 @@ def scores_of(pool: Sequence[Candidate], selector: str) -> list[float]:
     return [c.scores.get(selector, math.nan) for c in pool]
 
 
-def pick(pool: Sequence[Candidate], selector: str) -> int | None:
-    """The index of the candidate ``selector`` picks from ``pool`` (``None``: no candidate has a score)."""
+def pick(pool: Sequence[Candidate], selector: str, scores: Sequence[float] | None = None) -> int | None:
+    """The index of the candidate ``selector`` picks from ``pool`` (``None``: no candidate has a score);
+    ``scores``: its :func:`scores_of`, where the caller has them already."""
     if not pool:
         return None
     if selector == LAST:
         return len(pool) - 1
-    return first_best(scores_of(pool, selector))
+    return first_best(scores if scores is not None else scores_of(pool, selector))
 
 
 def label_free_pick(records: Sequence[Mapping[str, Any]], config: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -220,9 +221,9 @@ class Outcome:
         return self.accuracy <= self.worst and self.oracle > self.worst
 
 
-def outcome(pool: Sequence[Candidate], selector: str) -> Outcome | None:
-    """How ``selector`` did on ``pool`` (``None``: it scored no candidate)."""
-    index = pick(pool, selector)
+def outcome(pool: Sequence[Candidate], selector: str, scores: Sequence[float] | None = None) -> Outcome | None:
+    """How ``selector`` did on ``pool`` (``None``: it scored no candidate); ``scores`` as for :func:`pick`."""
+    index = pick(pool, selector, scores)
     if index is None:
         return None
     accuracies = [c.accuracy for c in pool]
