@@ -227,7 +227,8 @@ def test_selection_benchmark_summarises_each_validator(tmp_path):
     assert rows["last"]["mean_acc"] == pytest.approx(65.0)
 
 
-def test_the_default_candidates_are_ranked_by_regret_then_worst_picks_against_last(monkeypatch):
+def benchmark_script(monkeypatch):
+    """benchmarks/model_selection.py as a module (it imports its sibling ``stages``)."""
     import importlib.util
 
     benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -235,6 +236,31 @@ def test_the_default_candidates_are_ranked_by_regret_then_worst_picks_against_la
     spec = importlib.util.spec_from_file_location("model_selection_benchmark", benchmarks / "model_selection.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_the_benchmark_reports_the_validation_cost_against_the_training_time(tmp_path, monkeypatch):
+    script = benchmark_script(monkeypatch)
+
+    def timed_run(name, timings, task="digits a", steps=None):
+        folder = fake_run(tmp_path, name, [0.5] * len(timings), {"im": [1.0] * len(timings)}, task=task)
+        records = read_metrics(folder)
+        for record, (validate, per_step) in zip(records, timings, strict=True):
+            record.update(validate_seconds=validate, seconds_per_step=per_step)
+            record["config"]["steps"] = steps or record["config"]["steps"]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    timed_run("finished", [(1.0, 0.1), (1.0, 0.3)])  # steps 10 and 20: 4 s of training, 2 s of validation
+    timed_run("unfinished", [(50.0, 0.1)], steps=100)  # still running: not counted
+    timed_run("other task", [(50.0, 0.1)], task="digits b")
+    text = script.validation_cost(tmp_path, ["digits a"])
+    assert "1.00 s per evaluation on average (2 evaluations of 1 runs), 50.0% of the training time" in text
+    fake_run(tmp_path, "untimed", [0.5], {"im": [1.0]}, task="digits c")  # written before the timings existed
+    assert script.validation_cost(tmp_path, ["digits c"]) == "Validation cost: no timed evaluation among these runs."
+
+
+def test_the_default_candidates_are_ranked_by_regret_then_worst_picks_against_last(monkeypatch):
+    script = benchmark_script(monkeypatch)
 
     def row(name, regret, worst):
         return {"validator": name, "mean_regret": regret, "worst_rate": worst, "gh_match_rate": 0.5, "runs": 4}
@@ -464,15 +490,9 @@ def test_config_lists_are_canonical_and_new_keys_keep_existing_hashes():
 
 # ----------------------------------------------------------------------------- the benchmark script
 def test_the_model_selection_benchmark_runs_its_stages_then_summarises(tmp_path, capsys, monkeypatch):
-    import importlib.util
-
     import yaml
 
-    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
-    monkeypatch.syspath_prepend(str(benchmarks))
-    spec = importlib.util.spec_from_file_location("model_selection_benchmark", benchmarks / "model_selection.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = benchmark_script(monkeypatch)
     root = write_fake_data_root(tmp_path / "data", count=24)
     runs = tmp_path / "runs"
     grid = {
@@ -517,6 +537,7 @@ def test_the_model_selection_benchmark_runs_its_stages_then_summarises(tmp_path,
     on = gh_decision_rows(collect(runs), "oracle")[0]["oracle_on"]
     assert f"The oracle's pick is a GH run in {on} of the 1 GH on/off decisions" in summary
     assert f'always answering "on" would agree with it in {100 * on}%, always "off" in {100 * (1 - on)}%' in summary
+    assert "Validation cost: " in summary and "s per evaluation on average (6 evaluations of 2 runs)" in summary
     assert (runs / "model_selection.md").read_text().startswith("## Label-free model selection")
     assert script.main(["--summary-only", "--runs", str(tmp_path / "empty")]) == 2
     assert "no summary" in capsys.readouterr().err
