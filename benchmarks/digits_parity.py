@@ -26,6 +26,7 @@ from pathlib import Path
 from scipy import stats as scipy_stats
 from stages import ROOT, run_stages
 
+from gradharmony.uda.config import DEFAULT_SELECT_BY
 from gradharmony.uda.runs import METRICS_FILE, labelled_runs, read_metrics
 from gradharmony.uda.selection import label_free_pick
 
@@ -131,8 +132,8 @@ def parity_table(cells) -> str:
     lines += [
         "",
         "*selected on target test labels. The label-free pick is the evaluation the run's own validator "
-        "(its `select_by`; else the default, entropy, where computed, else its first validator) scores highest, without "
-        "target labels. Runs trained before the validators existed have none, hence its own seed count; "
+        f"(its `select_by`; else the default, {DEFAULT_SELECT_BY}, where computed, else its first validator) scores "
+        "highest, without target labels. Runs trained before the validators existed have none, hence its own seed count; "
         "runs resumed after they arrived are picked among their later evaluations only.",
     ]
     return "\n".join(lines)

@@ -280,15 +280,15 @@ def test_the_label_free_pick_of_a_run_follows_its_select_by():
         {"step": 5, "target_acc": 0.3, "validators": {"snd": 1.0, "mixval": 0.9}},
         {"step": 10, "target_acc": 0.6, "validators": {"snd": 2.0, "mixval": 0.5}},
     ]
-    assert label_free_pick(records, {"validators": ["snd", "mixval"]}) == {  # no entropy: the first computed
+    assert label_free_pick(records, {"validators": ["snd", "mixval"]}) == {  # no bnm: the first computed
         "validator": "snd",
         "step": 10,
         "target_acc": 0.6,
     }
     assert label_free_pick(
-        [{**r, "validators": {**r["validators"], "entropy": -i}} for i, r in enumerate(records)],
-        {"validators": ["entropy", "snd", "mixval"]},
-    ) == {"validator": "entropy", "step": 5, "target_acc": 0.3}  # the default
+        [{**r, "validators": {**r["validators"], "bnm": -i}} for i, r in enumerate(records)],
+        {"validators": ["snd", "bnm", "mixval"]},
+    ) == {"validator": "bnm", "step": 5, "target_acc": 0.3}  # the default, though not the first computed
     assert label_free_pick(records, {"validators": ["snd", "mixval"], "select_by": "snd"})["step"] == 10
     assert label_free_pick(records, {"validators": []}) is None
     for record, (intra, inter) in zip(records, [(0.7, 0.2), (0.8, 0.35)]):
@@ -446,7 +446,7 @@ def test_eval_evaluates_a_kept_pick_and_bad_sizes_are_one_line(tmp_path, capsys)
     base = ["train", "--source", "usps", "--target", "mnistm", "--steps", "4", "--eval-every", "2", *tiny]
     code = main([str(a) for a in [*base, "--select", "snd,oracle", "--out", out]])
     text = capsys.readouterr().out
-    assert code == 0 and "label-free pick (entropy, no target labels): step " in text, text
+    assert code == 0 and "label-free pick (bnm, no target labels): step " in text, text
     state = torch.load(out / "last.pt", weights_only=False)
     assert main(["eval", "--checkpoint", str(out), "--select", "snd", "--data-root", str(root)]) == 0
     assert f"step {state['picks']['snd']['step']}, picked by snd)" in capsys.readouterr().out

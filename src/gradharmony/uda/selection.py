@@ -84,8 +84,10 @@ def resolve_select_by(config: Mapping[str, Any]) -> str | None:
     if it computes it, else the first validator it computes (``None`` if it computes none).
 
     Example:
-        >>> resolve_select_by({"validators": ["entropy", "snd"]}), resolve_select_by({"validators": []})
-        ('entropy', None)
+        >>> resolve_select_by({"validators": ["entropy", "bnm"]}), resolve_select_by({"validators": ["snd", "im"]})
+        ('bnm', 'snd')
+        >>> resolve_select_by({"validators": []}) is None
+        True
     """
     if config.get("select_by"):
         return str(config["select_by"])
