@@ -7,7 +7,7 @@ its predictions are not those of a random initialisation (MixVal's and DEV's wor
 
 Each validator is timed alone through ``gradharmony.uda.engine.validation.validate`` (the code a run
 calls at every evaluation), interleaved round-robin with the others and with a bare pass (the
-forward of the scored samples and the stored predictions, which every set of validators pays
+forward and softmax of the scored samples, which every set of validators pays
 once); the median of ``--repeats`` is given in seconds and in training steps of the same trainer,
 timed in the same loop, and so is the pass of every validator together.
 
@@ -31,7 +31,7 @@ from gradharmony.uda.engine import Trainer
 from gradharmony.uda.engine.validation import validate
 from gradharmony.uda.validators import VALIDATORS
 
-BARE = "bare pass (forward of the scored samples, stored predictions)"
+BARE = "bare pass (forward and softmax of the scored samples)"
 ALL = "every validator together"
 
 
