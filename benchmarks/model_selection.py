@@ -49,7 +49,6 @@ from gradharmony.uda.report import (
     selection_benchmark_markdown,
     task_families,
 )
-from gradharmony.uda.runs import METRICS_FILE, labelled_runs, read_metrics
 from gradharmony.uda.selection import LAST, ORACLE
 from gradharmony.uda.validators import POOL_VALIDATORS, VALIDATORS
 
@@ -142,32 +141,27 @@ def always_on_note(cells: dict) -> str:
     )
 
 
-def validation_cost(runs: str | Path, tasks: list[str]) -> str:
-    """What scoring the validators cost in the finished runs of ``tasks`` under ``runs``: seconds per
-    evaluation (``validate_seconds``), and their total against the training time of the steps before
-    those evaluations (``seconds_per_step`` times the steps since the previous evaluation), a ratio
-    of two timings taken in the same runs on the same machine."""
+def validation_cost(cells: dict) -> str:
+    """What scoring the validators cost in the finished runs of ``cells`` (of :func:`collect`): seconds
+    per evaluation (``validate_seconds``), and their total against the training time of the steps
+    before those evaluations (``seconds_per_step`` times the steps since the previous evaluation), a
+    ratio of two timings taken in the same runs on the same machine."""
+    pools = [pool for cell in cells.values() for pool in cell.pools.values()]
     validate = train = 0.0
-    evaluations = finished = 0
-    for labels, folder in labelled_runs(runs):
-        if labels["task"] not in tasks or not (folder / METRICS_FILE).is_file():
-            continue
-        records = read_metrics(folder)
-        if not records or records[-1]["step"] < records[-1]["config"]["steps"]:
-            continue
-        finished += 1
+    evaluations = 0
+    for pool in pools:
         previous = 0
-        for record in records:
-            if "validate_seconds" in record and "seconds_per_step" in record:
-                validate += record["validate_seconds"]
-                train += record["seconds_per_step"] * (record["step"] - previous)
+        for candidate in pool:
+            if candidate.validate_seconds is not None and candidate.seconds_per_step is not None:
+                validate += candidate.validate_seconds
+                train += candidate.seconds_per_step * (candidate.step - previous)
                 evaluations += 1
-            previous = record["step"]
+            previous = candidate.step
     if not evaluations or train <= 0:
         return "Validation cost: no timed evaluation among these runs."
     return (
         f"Validation cost: {validate / evaluations:.2f} s per evaluation on average ({evaluations} evaluations "
-        f"of {finished} runs), {100 * validate / train:.1f}% of the training time between evaluations; "
+        f"of {len(pools)} runs), {100 * validate / train:.1f}% of the training time between evaluations; "
         "the test-set evaluation, which a run does anyway, is not counted."
     )
 
@@ -211,7 +205,7 @@ def summarize(runs: str | Path, out: str | Path | None = None) -> str:
             selection_benchmark_markdown(rows),
             always_on_note(chosen),
             "",
-            validation_cost(runs, tasks),
+            validation_cost(chosen),
             "",
             f"Per method, over {title}: mean regret in points (share of runs where the pick was the worst).",
             "",

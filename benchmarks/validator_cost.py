@@ -23,10 +23,11 @@ import statistics
 import tempfile
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
-from gradharmony.uda.config import TrainConfig
+from gradharmony.uda.demo import demo_config
 from gradharmony.uda.engine import Trainer
 from gradharmony.uda.engine.validation import validate
 from gradharmony.uda.validators import VALIDATORS
@@ -48,24 +49,19 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as out:
+        # the demo's run (DANN, LeNet, batch 32 + 32), plain, with every validator
+        config = demo_config("none", Path(out), steps=100_000, seed=0, data_root=args.data_root)
         trainer = Trainer(
-            TrainConfig(
-                method="dann",
-                source=args.source,
-                target=args.target,
-                backbone="lenet",
-                image_size=32,
-                channels=3,
-                batch_size=32,
-                steps=100_000,
-                device="cpu",
-                progress=False,
-                out=out,
-                data_root=args.data_root,
-                validators=list(VALIDATORS),
-                source_val_fraction=0.1,
-                source_val_size=1000,
-                target_val_size=1000,
+            config.with_overrides(
+                {
+                    "source": args.source,
+                    "target": args.target,
+                    "measure_every": 0,
+                    "validators": list(VALIDATORS),
+                    "source_val_fraction": 0.1,
+                    "source_val_size": 1000,
+                    "target_val_size": 1000,
+                }
             )
         )
         for _ in range(args.warmup):

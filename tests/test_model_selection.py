@@ -242,8 +242,8 @@ def benchmark_script(monkeypatch):
 def test_the_benchmark_reports_the_validation_cost_against_the_training_time(tmp_path, monkeypatch):
     script = benchmark_script(monkeypatch)
 
-    def timed_run(name, timings, task="digits a", steps=None):
-        folder = fake_run(tmp_path, name, [0.5] * len(timings), {"im": [1.0] * len(timings)}, task=task)
+    def timed_run(name, timings, task="digits a", steps=None, seed=0):
+        folder = fake_run(tmp_path, name, [0.5] * len(timings), {"im": [1.0] * len(timings)}, task=task, seed=seed)
         records = read_metrics(folder)
         for record, (validate, per_step) in zip(records, timings, strict=True):
             record.update(validate_seconds=validate, seconds_per_step=per_step)
@@ -251,12 +251,13 @@ def test_the_benchmark_reports_the_validation_cost_against_the_training_time(tmp
         (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
     timed_run("finished", [(1.0, 0.1), (1.0, 0.3)])  # steps 10 and 20: 4 s of training, 2 s of validation
-    timed_run("unfinished", [(50.0, 0.1)], steps=100)  # still running: not counted
+    timed_run("unfinished", [(50.0, 0.1)], steps=100, seed=1)  # still running: not counted
     timed_run("other task", [(50.0, 0.1)], task="digits b")
-    text = script.validation_cost(tmp_path, ["digits a"])
+    text = script.validation_cost({key: cell for key, cell in collect(tmp_path).items() if key[0] == "digits a"})
     assert "1.00 s per evaluation on average (2 evaluations of 1 runs), 50.0% of the training time" in text
     fake_run(tmp_path, "untimed", [0.5], {"im": [1.0]}, task="digits c")  # written before the timings existed
-    assert script.validation_cost(tmp_path, ["digits c"]) == "Validation cost: no timed evaluation among these runs."
+    untimed = {key: cell for key, cell in collect(tmp_path).items() if key[0] == "digits c"}
+    assert script.validation_cost(untimed) == "Validation cost: no timed evaluation among these runs."
 
 
 def test_the_default_candidates_are_ranked_by_regret_then_worst_picks_against_last(monkeypatch):

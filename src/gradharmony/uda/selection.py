@@ -52,6 +52,8 @@ class Candidate:
     predictions: str | None = None  #: the stored target predictions, relative to ``folder``
     harmonizer: str = "none"
     mixval_probes: tuple[float, float] | None = None  #: MixVal's ``(intra, inter)``, where it was computed
+    validate_seconds: float | None = None  #: what scoring the validators took (a timing field)
+    seconds_per_step: float | None = None  #: training time per step since the previous evaluation
 
 
 def candidates(folder: str | Path, records: Sequence[Mapping[str, Any]]) -> list[Candidate]:
@@ -74,6 +76,8 @@ def candidates(folder: str | Path, records: Sequence[Mapping[str, Any]]) -> list
                 predictions=details.get("predictions"),
                 harmonizer=str((r.get("config") or {}).get("harmonizer", "none")),
                 mixval_probes=probes,
+                validate_seconds=r.get("validate_seconds"),
+                seconds_per_step=r.get("seconds_per_step"),
             )
         )
     return out
