@@ -212,6 +212,13 @@ def scope_table(cells) -> str:
             f"| {task} | {method} | {variant} | {len(done)} | {_mean_std(ratio)} "
             f"| {_paired_summary(list(deltas.values()))[0]} | {share} | {_unfinished_note(runs) or '-'} |"
         )
+    lines += [
+        "",
+        "The step-time ratio divides each run's own mean seconds per step by that of the `none` run of the same "
+        "seed, which measures the geometry every 10th step and may have shared the machine with another load. "
+        "For a ratio measured in one run against plain training: `python benchmarks/grid_step_time.py "
+        "configs/benchmarks/digits_parity_stage2.yaml configs/benchmarks/digits_parity_stage6.yaml`.",
+    ]
     return "\n".join(lines)
 
 

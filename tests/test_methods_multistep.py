@@ -424,6 +424,45 @@ def test_mcd_update_equals_the_authors_step_by_hand(strategy):
     assert_same_parameters(method, ref)
 
 
+def test_plain_mcd_computes_only_the_gradients_each_phase_steps():
+    """Without a harmonizer, step B back-propagates into the classifiers alone and step C into the
+    generator alone: the gradients each phase would discard are never computed."""
+    method = make("mcd", num_k=2)
+    generator, heads = params_of(method.backbone, method.bottleneck), params_of(method.classifier, method.classifier2)
+    computed: list[str] = []
+    for name, params in (("generator", generator), ("classifiers", heads)):
+        params[0].register_hook(lambda grad, _name=name: computed.append(_name))
+    x_s, y_s, x_t = batch()
+    method.update(Batch(x_s, y_s, x_t), StepContext(0, sgd(method), None, 1.0))
+    # A: both (in backward order: the classifiers first); B: the classifiers; C x 2: the generator
+    assert computed == ["classifiers", "generator", "classifiers", "generator", "generator"]
+
+
+@pytest.mark.parametrize("harmonized", [False, True])
+def test_mcd_step_b_and_c_gradients_match_a_full_backward(harmonized, monkeypatch):
+    """The pruned backward passes give the update of full ones, bit for bit (plain and with GH)."""
+    method = make("mcd", num_k=2)
+    reference = copy.deepcopy(method)
+    x_s, y_s, x_t = batch()
+
+    def train(m: Method) -> None:
+        optimizers, harmonizer = sgd(m, momentum=0.9), harmonizer_for(m) if harmonized else None
+        for step in range(3):
+            torch.manual_seed(step)
+            m.update(Batch(x_s, y_s, x_t), StepContext(step, optimizers, harmonizer, 0.5))
+
+    train(method)
+    original = torch.Tensor.backward
+
+    def full_backward(self, *args, inputs=None, **kwargs):  # every gradient, the unused ones discarded
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "backward", full_backward)
+    train(reference)
+    for (name, p), q in zip(method.named_parameters(), reference.parameters()):
+        assert torch.equal(p, q), name
+
+
 def test_mcd_eval_heads_and_generator_momentum_groups():
     method = make("mcd").eval()
     x = batch()[0]

@@ -63,7 +63,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from gradharmony.uda.methods.base import Batch, Losses, Method, StepContext, UpdateResult, scalars
-from gradharmony.uda.methods.steps import pair_backward, step_if_finite, zero_grads
+from gradharmony.uda.methods.steps import optimizer_params, pair_backward, step_if_finite, zero_grads
 
 EVAL_HEADS = ("ensemble", "f1", "f2")
 
@@ -268,16 +268,26 @@ class MCD(Method):
         a.cls.backward()
         skipped += not step_if_finite([generator, classifiers], world=world)
 
-        # Step B: the classifiers only; GH measured on the generator, as the authors do.
+        # Step B: the classifiers only; GH measured on the generator, as the authors do.  Plain
+        # training back-propagates into the classifiers alone (the generator's gradient would be
+        # discarded): the same update, without the backward pass through the generator.
         zero_grads(every)
         b = self._forward_heads(x_s, y_s, x_t)
-        stats = pair_backward(harmonizer, cls=b.cls, align=-b.align, trade_off=trade_off, features=b.features)
+        stats = pair_backward(
+            harmonizer,
+            cls=b.cls,
+            align=-b.align,
+            trade_off=trade_off,
+            features=b.features,
+            inputs=optimizer_params([classifiers]),
+        )
         skipped += not step_if_finite([classifiers], harmonizer, world)
         zero_grads(every)  # the generator's gradients of step B are discarded
 
-        # Step C: the generator only, num_k times.
+        # Step C: the generator only, num_k times (no gradient is computed for the classifiers).
         n = x_s.shape[0]
         x = torch.cat((x_s, x_t))
+        generator_params = optimizer_params([generator])
         disc_c = torch.zeros(())
         for _ in range(self.num_k):
             zero_grads(every)
@@ -285,7 +295,7 @@ class MCD(Method):
             p1_t = F.softmax(self.classifier(f)[n:], dim=1)
             p2_t = F.softmax(self.classifier2(f)[n:], dim=1)
             disc_c = classifier_discrepancy(p1_t, p2_t)
-            (trade_off * disc_c).backward()
+            (trade_off * disc_c).backward(inputs=generator_params)
             skipped += not step_if_finite([generator], world=world)
         zero_grads(every)
 

@@ -78,6 +78,7 @@ def pair_backward(
     features: torch.Tensor | Sequence[torch.Tensor] | None = None,
     scaler: torch.amp.GradScaler | None = None,
     retain_graph: bool = False,
+    inputs: Sequence[torch.Tensor] | None = None,
 ) -> StepStats | None:
     r"""Accumulate the gradient of the pair ``(cls, align)`` into ``.grad``; the harmonizer's statistics.
 
@@ -85,14 +86,16 @@ def pair_backward(
     :math:`t\,w_a L_{align} + w_c L_{cls}` with the weights measured on this pair (the harmonizer
     averages what it writes across processes).  Without (``None``): plain training, one backward
     of :math:`L_{cls} + t\,L_{align}` (scaled by ``scaler`` if given), and ``None`` is returned;
-    averaging across processes is then the caller's (:func:`step_if_finite` does it).
+    averaging across processes is then the caller's (:func:`step_if_finite` does it).  ``inputs``
+    (plain backward only): accumulate into these tensors alone, so autograd skips the parts of the
+    graph that lead only elsewhere; a harmonizer needs its whole scope and ignores it.
     """
     if harmonizer is not None:
         return harmonizer.backward(
             cls=cls, align=align, trade_off=trade_off, features=features, scaler=scaler, retain_graph=retain_graph
         )
     total = cls + trade_off * align
-    (scaler.scale(total) if scaler is not None else total).backward(retain_graph=retain_graph)
+    (scaler.scale(total) if scaler is not None else total).backward(retain_graph=retain_graph, inputs=inputs)
     return None
 
 
