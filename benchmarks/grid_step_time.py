@@ -53,7 +53,11 @@ def variants_by_cell(grid_paths: list[str], data_root: str | None) -> dict[tuple
 
 
 def time_cell(variants: dict[str, TrainConfig], repeats: int, steps: int) -> dict[str, float]:
-    """Median ms per training step of each variant, interleaved in blocks of ``steps`` steps."""
+    """Median ms per training step of each variant, interleaved in blocks of ``steps`` steps.
+
+    The variants share the datasets of the first one (a grid's variants change how a run trains,
+    not its data).
+    """
     with tempfile.TemporaryDirectory() as out:
         reference = next(iter(variants.values()))
         domains = load_domains(reference)
