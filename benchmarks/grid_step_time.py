@@ -62,7 +62,7 @@ def time_cell(variants: dict[str, TrainConfig], repeats: int, steps: int) -> dic
         reference = next(iter(variants.values()))
         domains = load_domains(reference)
         trainers = {
-            name: Trainer(config.with_overrides({"out": f"{out}/{i}", "progress": False}), domains)
+            name: Trainer(config.with_overrides({"out": f"{out}/{i}"}), domains)
             for i, (name, config) in enumerate(variants.items())
         }
         for trainer in trainers.values():  # warm-up, untimed

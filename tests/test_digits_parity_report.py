@@ -6,24 +6,18 @@ share of the full-scope delta), and unfinished runs listed as such.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from benchmark_scripts import load_benchmark
 from gradharmony.uda.runs import write_labels
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture
 def parity(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("digits_parity_benchmark", BENCHMARKS / "digits_parity.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
+    return load_benchmark("digits_parity", monkeypatch)
 
 
 def fake_run(

@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import yaml
 
+from benchmark_scripts import load_benchmark
 from fakes.digits import write_fake_data_root
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture
-def step_time():
-    spec = importlib.util.spec_from_file_location("grid_step_time_benchmark", BENCHMARKS / "grid_step_time.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
+def step_time(monkeypatch):
+    return load_benchmark("grid_step_time", monkeypatch)
 
 
 def write_grid(tmp_path: Path, **changes) -> Path:

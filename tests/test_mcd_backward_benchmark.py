@@ -3,21 +3,15 @@ copy really computes the gradients that the shipped one skips."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from benchmark_scripts import load_benchmark
 
 
 @pytest.fixture
-def script():
-    spec = importlib.util.spec_from_file_location("mcd_backward_benchmark", BENCHMARKS / "mcd_backward.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def script(monkeypatch):
+    return load_benchmark("mcd_backward", monkeypatch)
 
 
 @pytest.mark.parametrize("mode", [None, "gh++"])

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from benchmark_scripts import load_benchmark
 from fakes.digits import write_fake_data_root
 from gradharmony.uda.cli import main
 from gradharmony.uda.config import ConfigError, TrainConfig
@@ -228,15 +229,8 @@ def test_selection_benchmark_summarises_each_validator(tmp_path):
 
 
 def benchmark_script(monkeypatch):
-    """benchmarks/model_selection.py as a module (it imports its sibling ``stages``)."""
-    import importlib.util
-
-    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
-    monkeypatch.syspath_prepend(str(benchmarks))
-    spec = importlib.util.spec_from_file_location("model_selection_benchmark", benchmarks / "model_selection.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
+    """benchmarks/model_selection.py as a module."""
+    return load_benchmark("model_selection", monkeypatch)
 
 
 def test_the_benchmark_reports_the_validation_cost_against_the_training_time(tmp_path, monkeypatch):
