@@ -99,6 +99,7 @@ EXPECTED = {
             ("mnist->usps", "mcc", "none", 0, "3f2bbb4183b4b9f7"),
         ],
     ),
+    "digits_parity_mdd_backbone_lr": (1, [("mnist->usps", "mdd", "none", 0, "4065d4700c41bb8e")]),
     "digits_parity_stage4": (
         15,
         [
@@ -273,6 +274,17 @@ def test_the_measured_baseline_uses_measure_every(expanded):
                 assert (run.config.harmonizer, run.config.measure_every) == ("none", 1)
             elif run.variant == "none":
                 assert (run.config.harmonizer, run.config.measure_every, run.config.refresh_every) == ("none", 10, 1)
+
+
+def test_the_mdd_ablation_changes_only_the_backbone_learning_rate(expanded):
+    """The ablation is stage 3's MDD run of seed 0 with ``backbone_lr_mult`` 1.0 instead of TLlib's 0.1."""
+    (ablation,) = expanded["digits_parity_mdd_backbone_lr"]
+    (stage,) = [r for r in expanded["digits_parity_stage3"] if (r.method, r.seed) == ("mdd", 0)]
+    changed, reference = ablation.config.to_dict(), stage.config.to_dict()
+    assert changed["method_params"].pop("backbone_lr_mult") == 1.0
+    assert reference["method_params"].pop("backbone_lr_mult") == 0.1
+    assert changed.pop("out") != reference.pop("out")
+    assert changed == reference
 
 
 @pytest.mark.parametrize(("first_status", "stages_run", "status"), [(130, 1, 130), (1, 2, 1), (0, 2, 0)])
