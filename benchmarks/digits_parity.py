@@ -10,8 +10,9 @@ configs/benchmarks/README.md); all write into ``runs/digits_parity``.
 ``report`` prints three tables: parity (each baseline's target accuracy, last, best over the
 evaluations, best at TLlib's epoch ends, beside TLlib's published number), GH on top (paired
 deltas against ``none`` with the same seed, a paired t-test and the gradient geometry), and the
-cheap scopes (step-time ratio to plain training from the runs' own timings, and the share of the
-full-scope paired delta each keeps).  Runs that have not finished are listed as unfinished.
+cheap scopes (step-time ratio to plain training from the runs' own timings, the share of the
+full-scope paired delta each keeps, its paired delta against the full scope of the same seed, and its
+mean weights).  Runs that have not finished are listed as unfinished.
 """
 
 from __future__ import annotations
@@ -144,13 +145,13 @@ def parity_table(cells) -> str:
     return "\n".join(lines)
 
 
-def paired_deltas(cells, task: str, method: str, variant: str, which: str = "last") -> dict[int, float]:
-    """Seed -> accuracy of ``variant`` minus ``none`` with the same seed (finished pairs only)."""
-    runs, baseline = (
-        _finished(cells.get((task, method, variant), {})),
-        _finished(cells.get((task, method, BASELINE), {})),
-    )
-    return {seed: runs[seed][which] - baseline[seed][which] for seed in sorted(runs.keys() & baseline.keys())}
+def paired_deltas(
+    cells, task: str, method: str, variant: str, which: str = "last", baseline: str = BASELINE
+) -> dict[int, float]:
+    """Seed -> accuracy of ``variant`` minus ``baseline`` with the same seed (finished pairs only)."""
+    runs = _finished(cells.get((task, method, variant), {}))
+    reference = _finished(cells.get((task, method, baseline), {}))
+    return {seed: runs[seed][which] - reference[seed][which] for seed in sorted(runs.keys() & reference.keys())}
 
 
 def _paired_summary(deltas: list[float]) -> tuple[str, str]:
@@ -196,8 +197,8 @@ def scope_table(cells) -> str:
     """Each cheap scope against plain training (time) and against the full scope (effect)."""
     lines = [
         "| task | method | variant | seeds | step time / plain | paired delta, last | share of the full-scope delta "
-        "| unfinished |",
-        "|---|---|---|---|---|---|---|---|",
+        "| minus the full scope, last | p | mean w_align | mean w_cls | unfinished |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (task, method, variant), runs in sorted(cells.items()):
         if SCOPE_MARK not in variant:
@@ -213,9 +214,14 @@ def scope_table(cells) -> str:
         share = (
             f"{statistics.mean(deltas[s] for s in common) / full_mean:.2f}" if common and abs(full_mean) > 1e-9 else "-"
         )
+        against_full, against_full_p = _paired_summary(
+            list(paired_deltas(cells, task, method, variant, baseline=full_variant).values())
+        )
+        weights = [_mean_std([r[key] for r in done.values()], 3) for key in ("mean_w_align", "mean_w_cls")]
         lines.append(
             f"| {task} | {method} | {variant} | {len(done)} | {_mean_std(ratio)} "
-            f"| {_paired_summary(list(deltas.values()))[0]} | {share} | {_unfinished_note(runs) or '-'} |"
+            f"| {_paired_summary(list(deltas.values()))[0]} | {share} | {against_full} | {against_full_p} "
+            f"| {' | '.join(weights)} | {_unfinished_note(runs) or '-'} |"
         )
     lines += [
         "",

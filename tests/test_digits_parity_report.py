@@ -1,7 +1,8 @@
 """``benchmarks/digits_parity.py report`` on hand-written run folders whose answers are known: the
 parity row (last, label-free pick, best, best at TLlib's epoch ends, gap to the published number),
-GH on top (paired deltas against ``none`` of the same seed), the cheap scopes (step-time ratio and
-share of the full-scope delta), and unfinished runs listed as such.
+GH on top (paired deltas against ``none`` of the same seed), the cheap scopes (step-time ratio, share
+of the full-scope delta, paired delta against the full scope, mean weights), and unfinished runs
+listed as such.
 """
 
 from __future__ import annotations
@@ -72,7 +73,9 @@ def test_the_parity_gh_and_scope_tables_from_known_runs(tmp_path, parity):
     assert "| +1.50 +- 0.71 (2/2 up) |" in gh_row  # last: 93 - 91, 90 - 89
     assert "| 25.0 +- 0.0 | 95.0 +- 0.0 |" in gh_row  # the geometry means
     heads_row = next(line for line in text.splitlines() if "| gh++@heads |" in line)
-    assert "| 1.10 +- 0.00 | +0.75 +- 0.35 (2/2 up) | 0.50 |" in heads_row
+    # against the full scope of the same seed: 92 - 93 and 89.5 - 90
+    assert "| 1.10 +- 0.00 | +0.75 +- 0.35 (2/2 up) | 0.50 | -0.75 +- 0.35 (0/2 up) | 0.205 |" in heads_row
+    assert "| 1.000 +- 0.000 | 1.000 +- 0.000 |" in heads_row  # its mean weights
     features_row = next(line for line in text.splitlines() if "| gh++@features |" in line)
     assert "| 0 |" in features_row and "seed 0 at step 1000 of 5000" in features_row
 
