@@ -164,6 +164,12 @@ def _paired_summary(deltas: list[float]) -> tuple[str, str]:
     return text, f"{scipy_stats.ttest_1samp(deltas, 0.0).pvalue:.3f}"
 
 
+def _significant(deltas: list[float], level: float = 0.05) -> bool:
+    """Whether paired deltas differ from zero by the two-sided t-test at ``level``."""
+    p = _paired_summary(deltas)[1]
+    return p != "-" and float(p) < level
+
+
 def gh_table(cells) -> str:
     lines = [
         "| task | method | variant | seeds | last | paired delta, last | p | paired delta, best | p "
@@ -214,6 +220,8 @@ def scope_table(cells) -> str:
         share = (
             f"{statistics.mean(deltas[s] for s in common) / full_mean:.2f}" if common and abs(full_mean) > 1e-9 else "-"
         )
+        if common and not _significant(list(full.values())):
+            share = "no full-scope effect"  # a ratio to a delta indistinguishable from zero means nothing
         against_full, against_full_p = _paired_summary(
             list(paired_deltas(cells, task, method, variant, baseline=full_variant).values())
         )
@@ -228,7 +236,9 @@ def scope_table(cells) -> str:
         "The step-time ratio divides each run's own mean seconds per step by that of the `none` run of the same "
         "seed, which measures the geometry every 10th step and may have shared the machine with another load. "
         "For a ratio measured in one run against plain training: `python benchmarks/grid_step_time.py "
-        "configs/benchmarks/digits_parity_stage2.yaml configs/benchmarks/digits_parity_stage6.yaml`.",
+        "configs/benchmarks/digits_parity_stage2.yaml configs/benchmarks/digits_parity_stage6.yaml`. "
+        "The share of the full-scope delta is given only where that delta is significant (paired t-test, "
+        "p < 0.05, over the full scope's seeds).",
     ]
     return "\n".join(lines)
 

@@ -73,11 +73,25 @@ def test_the_parity_gh_and_scope_tables_from_known_runs(tmp_path, parity):
     assert "| +1.50 +- 0.71 (2/2 up) |" in gh_row  # last: 93 - 91, 90 - 89
     assert "| 25.0 +- 0.0 | 95.0 +- 0.0 |" in gh_row  # the geometry means
     heads_row = next(line for line in text.splitlines() if "| gh++@heads |" in line)
-    # against the full scope of the same seed: 92 - 93 and 89.5 - 90
-    assert "| 1.10 +- 0.00 | +0.75 +- 0.35 (2/2 up) | 0.50 | -0.75 +- 0.35 (0/2 up) | 0.205 |" in heads_row
+    # the full scope's +2 and +1 are not significant (p 0.205): no share; against the full scope of
+    # the same seed: 92 - 93 and 89.5 - 90
+    assert (
+        "| 1.10 +- 0.00 | +0.75 +- 0.35 (2/2 up) | no full-scope effect | -0.75 +- 0.35 (0/2 up) | 0.205 |" in heads_row
+    )
     assert "| 1.000 +- 0.000 | 1.000 +- 0.000 |" in heads_row  # its mean weights
     features_row = next(line for line in text.splitlines() if "| gh++@features |" in line)
     assert "| 0 |" in features_row and "seed 0 at step 1000 of 5000" in features_row
+
+
+def test_the_share_of_a_significant_full_scope_delta(tmp_path, parity):
+    """Full scope +2.0, +2.2, +1.8 (p 0.004); the cheap scope keeps +1.0, +1.1, +0.9: half of it."""
+    runs = tmp_path / "runs"
+    for seed, (full, cheap) in enumerate([(2.0, 1.0), (2.2, 1.1), (1.8, 0.9)]):
+        fake_run(runs, "none", seed, {5000: 90.0})
+        fake_run(runs, "gh", seed, {5000: 90.0 + full})
+        fake_run(runs, "gh@heads", seed, {5000: 90.0 + cheap})
+    heads_row = next(line for line in parity.report(runs, None).splitlines() if "| gh@heads |" in line)
+    assert "| +1.00 +- 0.10 (3/3 up) | 0.50 | -1.00 +- 0.10 (0/3 up) |" in heads_row
 
 
 def test_report_without_runs_is_one_line_and_exit_2(tmp_path, parity, capsys):
