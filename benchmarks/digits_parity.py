@@ -47,6 +47,8 @@ ANCHORS = {
 }
 EPOCH = 2500  # TLlib's iterations per epoch: its protocol keeps the best epoch-end evaluation
 BASELINE = "none"
+#: The cheap-scope table gives the share of the full-scope delta only where that delta's p is below this.
+SIGNIFICANCE = 0.05
 #: A cheap-scope variant is named ``<full variant>@<scope>`` (``gh++@heads``): the same
 #: harmonizer as ``<full variant>`` over a cheaper scope, strategy or refresh interval.
 SCOPE_MARK = "@"
@@ -159,15 +161,15 @@ def _paired_summary(deltas: list[float]) -> tuple[str, str]:
         return "-", "-"
     text = f"{statistics.mean(deltas):+.2f}" + (f" +- {statistics.stdev(deltas):.2f}" if len(deltas) > 1 else "")
     text += f" ({sum(d > 0 for d in deltas)}/{len(deltas)} up)"
+    p = _paired_p(deltas)
+    return text, "-" if p is None else f"{p:.3f}"
+
+
+def _paired_p(deltas: list[float]) -> float | None:
+    """The two-sided paired t-test's p of ``deltas`` against zero (``None`` when it is undefined)."""
     if len(deltas) < 2 or statistics.pstdev(deltas) == 0:
-        return text, "-"
-    return text, f"{scipy_stats.ttest_1samp(deltas, 0.0).pvalue:.3f}"
-
-
-def _significant(deltas: list[float], level: float = 0.05) -> bool:
-    """Whether paired deltas differ from zero by the two-sided t-test at ``level``."""
-    p = _paired_summary(deltas)[1]
-    return p != "-" and float(p) < level
+        return None
+    return float(scipy_stats.ttest_1samp(deltas, 0.0).pvalue)
 
 
 def gh_table(cells) -> str:
@@ -217,11 +219,15 @@ def scope_table(cells) -> str:
         full = paired_deltas(cells, task, method, full_variant)
         common = sorted(deltas.keys() & full.keys())
         full_mean = statistics.mean(full[s] for s in common) if common else math.nan
-        share = (
-            f"{statistics.mean(deltas[s] for s in common) / full_mean:.2f}" if common and abs(full_mean) > 1e-9 else "-"
-        )
-        if common and not _significant(list(full.values())):
-            share = "no full-scope effect"  # a ratio to a delta indistinguishable from zero means nothing
+        full_p = _paired_p(list(full.values()))
+        if not common:
+            share = "-"
+        elif full_p is None or full_p >= SIGNIFICANCE:  # a ratio to a delta indistinguishable from zero means nothing
+            share = "no full-scope effect"
+        elif abs(full_mean) <= 1e-9:
+            share = "-"
+        else:
+            share = f"{statistics.mean(deltas[s] for s in common) / full_mean:.2f}"
         against_full, against_full_p = _paired_summary(
             list(paired_deltas(cells, task, method, variant, baseline=full_variant).values())
         )
@@ -238,7 +244,7 @@ def scope_table(cells) -> str:
         "For a ratio measured in one run against plain training: `python benchmarks/grid_step_time.py "
         "configs/benchmarks/digits_parity_stage2.yaml configs/benchmarks/digits_parity_stage6.yaml`. "
         "The share of the full-scope delta is given only where that delta is significant (paired t-test, "
-        "p < 0.05, over the full scope's seeds).",
+        f"p < {SIGNIFICANCE}, over the full scope's seeds).",
     ]
     return "\n".join(lines)
 
