@@ -29,10 +29,12 @@ def fake_run(
     *,
     method: str = "dann",
     steps: int = 5000,
-    seconds_per_step: float = 0.1,
+    seconds_per_step: float | dict[int, float] = 0.1,
+    cpu_seconds_per_step: dict[int, float] | None = None,
     mixval: dict[int, float] | None = None,
 ) -> None:
-    """A run folder with one evaluation record per ``step -> accuracy`` (in %)."""
+    """A run folder with one evaluation record per ``step -> accuracy`` (in %); the times are one
+    value for every record or one per step, the CPU times only where given."""
     folder = root / f"{method}-{variant}-{seed}"
     write_labels(folder, "mnist->usps", method, variant, seed)
     lines = []
@@ -40,10 +42,12 @@ def fake_run(
         record = {
             "step": step,
             "target_acc": accuracy / 100,
-            "seconds_per_step": seconds_per_step,
+            "seconds_per_step": seconds_per_step[step] if isinstance(seconds_per_step, dict) else seconds_per_step,
             "config": {"steps": steps, "validators": ["mixval"] if mixval else []},
             "harmonizer": {"conflict_rate": 0.25, "mean_angle": 95.0, "mean_w_align": 1.0, "mean_w_cls": 1.0},
         }
+        if cpu_seconds_per_step and step in cpu_seconds_per_step:
+            record["cpu_seconds_per_step"] = cpu_seconds_per_step[step]
         if mixval:
             record["validators"] = {"mixval": mixval[step]}
         lines.append(json.dumps(record))
@@ -72,11 +76,12 @@ def test_the_parity_gh_and_scope_tables_from_known_runs(tmp_path, parity):
     gh_row = next(line for line in text.splitlines() if "| dann | gh++ | 2 |" in line)
     assert "| +1.50 +- 0.71 (2/2 up) |" in gh_row  # last: 93 - 91, 90 - 89
     assert "| 25.0 +- 0.0 | 95.0 +- 0.0 |" in gh_row  # the geometry means
+    assert "| 1.50 (wall) |" in gh_row  # 0.15 / 0.10 s per step
     heads_row = next(line for line in text.splitlines() if "| gh++@heads |" in line)
     # the full scope's +2 and +1 are not significant (p 0.205): no share; against the full scope of
     # the same seed: 92 - 93 and 89.5 - 90
     assert (
-        "| 1.10 +- 0.00 | +0.75 +- 0.35 (2/2 up) | no full-scope effect | -0.75 +- 0.35 (0/2 up) | 0.205 |" in heads_row
+        "| 1.10 (wall) | +0.75 +- 0.35 (2/2 up) | no full-scope effect | -0.75 +- 0.35 (0/2 up) | 0.205 |" in heads_row
     )
     assert "| 1.000 +- 0.000 | 1.000 +- 0.000 |" in heads_row  # its mean weights
     features_row = next(line for line in text.splitlines() if "| gh++@features |" in line)
@@ -92,6 +97,34 @@ def test_the_share_of_a_significant_full_scope_delta(tmp_path, parity):
         fake_run(runs, "gh@heads", seed, {5000: 90.0 + cheap})
     heads_row = next(line for line in parity.report(runs, None).splitlines() if "| gh@heads |" in line)
     assert "| +1.00 +- 0.10 (3/3 up) | 0.50 | -1.00 +- 0.10 (0/3 up) |" in heads_row
+
+
+def test_the_step_time_ratio_is_the_fastest_interval_by_cpu_time_where_every_run_has_it(tmp_path, parity):
+    """Seed 1 of both shared the machine throughout (wall 0.4-0.5 s); seed 0 had a quiet interval.
+    By CPU time: 0.099 / 0.090; once one record lacks it, by the wall clock: 0.12 / 0.10."""
+    runs = tmp_path / "runs"
+    accuracies = {2500: 90.0, 5000: 91.0}
+    fake_run(
+        runs,
+        "none",
+        0,
+        accuracies,
+        seconds_per_step={2500: 0.3, 5000: 0.1},
+        cpu_seconds_per_step={2500: 0.092, 5000: 0.09},
+    )
+    fake_run(runs, "none", 1, accuracies, seconds_per_step=0.4, cpu_seconds_per_step={2500: 0.095, 5000: 0.094})
+    fake_run(runs, "gh", 0, accuracies)
+    cpu = {2500: 0.1, 5000: 0.099}
+    fake_run(runs, "gh@heads", 0, accuracies, seconds_per_step={2500: 0.2, 5000: 0.12}, cpu_seconds_per_step=cpu)
+    fake_run(runs, "gh@heads", 1, accuracies, seconds_per_step=0.5, cpu_seconds_per_step=cpu)
+
+    def ratio() -> str:
+        row = next(line for line in parity.report(runs, None).splitlines() if "| gh@heads |" in line)
+        return row.split("|")[5].strip()
+
+    assert ratio() == "1.10 (cpu)"
+    fake_run(runs, "gh@heads", 1, accuracies, seconds_per_step=0.5, cpu_seconds_per_step={5000: 0.099})
+    assert ratio() == "1.20 (wall)"
 
 
 def test_report_without_runs_is_one_line_and_exit_2(tmp_path, parity, capsys):

@@ -97,6 +97,28 @@ def _stops_like_ctrl_c(tmp_path, signum: int) -> None:
     assert str(read_steps(straight.out)) == str(read_steps(resumed.out))
 
 
+def test_each_record_times_its_steps_by_the_wall_clock_and_by_the_processs_cpu_time(tmp_path):
+    train(config(tmp_path), tiny_domains())
+    for record in read_metrics(tmp_path / "run"):
+        assert record["seconds_per_step"] > 0
+        assert math.isfinite(record["cpu_seconds_per_step"]) and record["cpu_seconds_per_step"] > 0
+
+
+def test_a_checkpoint_without_the_cpu_clock_leaves_only_its_own_interval_untimed(tmp_path):
+    """A run resumed mid-interval from a checkpoint written before ``cpu_seconds_per_step`` existed:
+    that interval's CPU time is unknown (None, not a partial sum); the next intervals have it."""
+    cfg = config(tmp_path)
+    interrupted_run(cfg, at_step=6)
+    checkpoint = tmp_path / "run" / "last.pt"
+    state = torch.load(checkpoint, weights_only=False)
+    assert state["interval"]["steps"] == 2
+    del state["interval"]["cpu_seconds"]
+    torch.save(state, checkpoint)
+    train(cfg, tiny_domains())
+    cpu = {r["step"]: r["cpu_seconds_per_step"] for r in read_metrics(cfg.out)}
+    assert cpu[4] > 0 and cpu[8] is None and cpu[12] > 0
+
+
 @pytest.mark.parametrize(
     "overrides",
     [

@@ -61,9 +61,9 @@ LABEL_KEYS = ("task", "method", "variant", "seed")
 #: What :func:`run_status` answers.
 STATUSES = ("done", "partial", "failed", "pending")
 
-#: Fields of an evaluation record that hold wall-clock times: the only ones two runs of one
+#: Fields of an evaluation record that hold measured times: the only ones two runs of one
 #: configuration may differ in (a resumed run and an uninterrupted one included).
-TIMING_FIELDS = ("seconds_per_step", "validate_seconds")
+TIMING_FIELDS = ("seconds_per_step", "cpu_seconds_per_step", "validate_seconds")
 
 STEP_FIELDS = ("step", "loss_cls", "loss_align", "cos", "angle", "w_align", "w_cls", "conflict", "measured", "guards")
 

@@ -4,7 +4,11 @@
 inverse-decay schedule :math:`lr_i = lr (1 + \\gamma i)^{-0.75}`, evaluation every
 ``eval_every`` steps (accuracy and per-class accuracy on the target test split; last and best both
 kept), a checkpoint after each evaluation, and one JSON line per evaluation holding the resolved
-config and the harmonizer's statistics over the interval.
+config and the harmonizer's statistics over the interval.  Each line also times the interval's
+training steps: ``seconds_per_step`` (wall clock) and ``cpu_seconds_per_step`` (this process's CPU
+time, all its threads; loader workers not included).  On a CPU run the CPU time barely moves when
+other jobs share the cores, where the wall clock grows with them, so it is the one to compare runs
+trained at different times; on a GPU it counts only the host's share of the work.
 
 Run folders, interrupts and resume: the guarantees.
 
@@ -26,7 +30,7 @@ Run folders, interrupts and resume: the guarantees.
   before its first checkpoint -- and started again with the same command ends with the same
   ``metrics.jsonl``, ``steps.csv`` and weights as an uninterrupted run: bit-identical on the same
   machine and software wherever training itself is deterministic (on CPU; on GPU as far as the
-  kernels are), except the timing field ``seconds_per_step``.
+  kernels are), except the timing fields ``seconds_per_step`` and ``cpu_seconds_per_step``.
 * **A finished run** (a checkpoint at ``steps`` of the same configuration) started again changes no
   file, takes no lock, and returns its stored result with ``already_finished: True``.
 * **Ctrl-C, SIGTERM or SIGHUP** finishes the current step (with its evaluation and checkpoint, if due),
@@ -226,6 +230,7 @@ class Trainer:
             "steps": 0,
             "skipped_nonfinite": 0,
             "seconds": 0.0,
+            "cpu_seconds": 0.0,
             "method_sums": {},
             "method_counts": {},
             "method_last": {},
@@ -277,6 +282,8 @@ class Trainer:
         self.best = dict(state["best"])
         self.picks = copy.deepcopy(state.get("picks") or {})
         self.interval = {**self._new_interval(), **copy.deepcopy(state["interval"])}
+        if "cpu_seconds" not in state["interval"] and self.interval["steps"]:
+            self.interval["cpu_seconds"] = None  # a checkpoint from before the CPU clock: this interval has none
         self.consecutive_nonfinite = int(state["consecutive_nonfinite"])
 
     def save(self) -> None:
@@ -600,6 +607,11 @@ class Trainer:
             "loss_align": self.interval["loss_align"] / n,
             "skipped_nonfinite": self.interval["skipped_nonfinite"],
             "seconds_per_step": self.interval["seconds"] / max(1, self.interval["steps"]),
+            "cpu_seconds_per_step": (
+                None
+                if self.interval["cpu_seconds"] is None
+                else self.interval["cpu_seconds"] / max(1, self.interval["steps"])
+            ),
             "harmonizer": self.harmonizer.summary(),
             # the method's scalars: mean over the interval's finite values, and the last value
             "method_logs_mean": {
@@ -696,9 +708,11 @@ class Trainer:
         try:
             with DeferredInterrupt() as interrupt:
                 while self.step < self.cfg.steps:
-                    started = time.perf_counter()
+                    started, started_cpu = time.perf_counter(), time.process_time()
                     record = self.train_step()
                     self.interval["seconds"] += time.perf_counter() - started
+                    if self.interval["cpu_seconds"] is not None:
+                        self.interval["cpu_seconds"] += time.process_time() - started_cpu
                     if record.get("measured") and record.get("angle") is not None and math.isfinite(record["angle"]):
                         recent_angles = ([*recent_angles, record["angle"]])[-50:]
                     bar.update(1)
