@@ -110,8 +110,25 @@ EXPECTED = {
     "digits_parity_stage5": (
         6,
         [
+            ("usps->mnist", "source_only", "none", 0, "419d9c7a87236b8c"),
+            ("usps->mnist", "mdd", "none", 0, "baa836d0b7de3121"),
+            ("usps->mnist", "mcc", "none", 0, "71e3f51667ab3c79"),
+        ],
+    ),
+    # stage 5 as it first ran (bilinear resizing): the same hashes as then, so those runs resume
+    "digits_parity_u2m_bilinear": (
+        6,
+        [
             ("usps->mnist", "source_only", "none", 0, "c109d349805f16c9"),
             ("usps->mnist", "mdd", "none", 0, "66820cd4d19887fe"),
+            ("usps->mnist", "mcc", "none", 0, "8121fb934cbc2d43"),
+        ],
+    ),
+    "digits_parity_m2u_bicubic": (
+        2,
+        [
+            ("mnist->usps", "dann", "none", 0, "543429320f2eb217"),
+            ("mnist->usps", "mcc", "none", 0, "a16099cb1a2acedd"),
         ],
     ),
     "digits_parity_stage6": (
@@ -285,6 +302,27 @@ def test_the_mdd_ablation_changes_only_the_backbone_learning_rate(expanded):
     assert reference["method_params"].pop("backbone_lr_mult") == 0.1
     assert changed.pop("out") != reference.pop("out")
     assert changed == reference
+
+
+def _differ_only_in_the_resize_filter(run, reference, filter_of_run: str) -> None:
+    changed, unchanged = run.config.to_dict(), reference.config.to_dict()
+    assert changed.pop("resize_filter") == filter_of_run
+    assert unchanged.pop("resize_filter") != filter_of_run
+    changed.pop("out"), unchanged.pop("out")
+    assert changed == unchanged
+
+
+def test_the_resize_filter_ablations_change_only_the_filter(expanded):
+    """Stage 5 is its bilinear ablation at bicubic, run for run; the MNIST -> USPS ablation is stage
+    1's DANN and stage 3's MCC of seed 0 at bicubic."""
+    bilinear = {(r.method, r.seed): r for r in expanded["digits_parity_u2m_bilinear"]}
+    for run in expanded["digits_parity_stage5"]:
+        _differ_only_in_the_resize_filter(run, bilinear[(run.method, run.seed)], "bicubic")
+    stages = {
+        (r.method, r.seed): r for name in ("digits_parity_stage1", "digits_parity_stage3") for r in expanded[name]
+    }
+    for run in expanded["digits_parity_m2u_bicubic"]:
+        _differ_only_in_the_resize_filter(run, stages[(run.method, run.seed)], "bicubic")
 
 
 @pytest.mark.parametrize(("first_status", "stages_run", "status"), [(130, 1, 130), (1, 2, 1), (0, 2, 0)])

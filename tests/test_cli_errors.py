@@ -111,6 +111,13 @@ def test_unknown_method_on_the_command_line(capsys):
     assert_one_line_error(code, err, "--method", "unknown method 'dan'", "did you mean 'dann'")
 
 
+def test_unknown_resize_filter_in_a_recipe(tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("method: dann\nresize_filter: bicubc\n")
+    code, err = run_cli(["train", "--config", recipe], capsys)
+    assert_one_line_error(code, err, str(recipe), "unknown resize_filter 'bicubc'", "did you mean 'bicubic'")
+
+
 def test_unknown_flag_suggests_the_nearest(capsys):
     code, err = run_cli(["train", "--stepz", "10"], capsys)
     assert_one_line_error(code, err, "unrecognized arguments", "--steps")

@@ -165,3 +165,16 @@ def test_uci8_fixed_stratified_split(tmp_path):
         all_images[img.tobytes()] += 1
     assert sum(all_images.values()) == 1797  # every image in exactly one split (duplicates counted)
     assert train.images.max() == 255
+
+
+def test_each_resize_filter_has_its_own_cache_entry(tmp_path):
+    """UCI 8x8 digits to 16x16: bicubic differs from bilinear, and each comes back from its own entry."""
+    bilinear = load("uci8", "test", tmp_path, image_size=16, channels=1)
+    bicubic = load("uci8", "test", tmp_path, image_size=16, channels=1, resize_filter="bicubic")
+    assert not torch.equal(bilinear.images, bicubic.images)
+    assert len(list((tmp_path / "cache").iterdir())) == 3  # native, bilinear 16, bicubic 16
+    assert torch.equal(load("uci8", "test", tmp_path, image_size=16, channels=1).images, bilinear.images)
+    again = load("uci8", "test", tmp_path, image_size=16, channels=1, resize_filter="bicubic")
+    assert torch.equal(again.images, bicubic.images)
+    with pytest.raises(ValueError, match="unknown resize_filter 'box'"):
+        load("uci8", "test", tmp_path, image_size=16, channels=1, resize_filter="box")

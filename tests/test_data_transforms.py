@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
+from PIL import Image
 
 from gradharmony.uda.data.transforms import resize, to_channels, to_input_space
 
@@ -58,3 +61,22 @@ def test_to_input_space_combines_both():
     out = to_input_space(gray, 32, 3)
     assert out.shape == (4, 3, 32, 32)
     assert all(torch.equal(out[:, i : i + 1], resize(gray, 32)) for i in range(3))
+
+
+@pytest.mark.parametrize(("channels", "size_in", "size_out"), [(1, 16, 28), (3, 32, 28)])
+def test_bicubic_is_pillows_default_resize_pixel_for_pixel(channels, size_in, size_out):
+    """What TLlib's ``ResizeImage`` gives: ``Image.resize`` with Pillow's default filter, gray or RGB."""
+    images = torch.randint(
+        0, 256, (4, channels, size_in, size_in), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
+    )
+    ours = resize(images, size_out, "bicubic")
+    for image, resized in zip(images, ours, strict=True):
+        array = image.permute(1, 2, 0).numpy().squeeze(-1) if channels == 1 else image.permute(1, 2, 0).numpy()
+        pillow = np.asarray(Image.fromarray(array).resize((size_out, size_out))).reshape(size_out, size_out, channels)
+        assert np.array_equal(resized.permute(1, 2, 0).numpy(), pillow)
+    assert not torch.equal(ours, resize(images, size_out))  # a different filter from the default
+
+
+def test_an_unknown_resize_filter_is_refused():
+    with pytest.raises(ValueError, match="resize_filter must be one of bilinear, bicubic, got 'nearest'"):
+        resize(torch.zeros(1, 1, 4, 4, dtype=torch.uint8), 8, "nearest")

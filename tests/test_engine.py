@@ -325,6 +325,7 @@ def test_the_hash_that_names_run_folders_is_stable():
     # Sweeps name run folders by this hash: a new config field must not rename existing runs.
     assert TrainConfig().outcome_hash() == "c89608463b31d70a"
     assert TrainConfig(amp="bf16").outcome_hash() != TrainConfig().outcome_hash()
+    assert TrainConfig(resize_filter="bicubic").outcome_hash() != TrainConfig().outcome_hash()
     assert TrainConfig(out="elsewhere", threads=2).outcome_hash() == TrainConfig().outcome_hash()
 
 

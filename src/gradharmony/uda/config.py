@@ -77,6 +77,7 @@ ADDED_FIELD_DEFAULTS: dict[str, Any] = {
     "crop": 224,
     "sync_batchnorm": False,
     "measure_every": 0,
+    "resize_filter": "bilinear",
     # label-free model selection: none of these changes the weights a run trains, but they change
     # its records (validators, select) or its training data (source_val_fraction), so they count
     # once they differ from the values below (the validators computed by default follow
@@ -107,6 +108,7 @@ def field_choices() -> dict[str, tuple[str, ...]]:
     Read from the registries (methods, harmonizer modes, strategies, backbones), so that validation,
     ``gradharmony train --help`` and the command line's checks always agree.
     """
+    from gradharmony.uda.data.transforms import RESIZE_FILTERS
     from gradharmony.uda.methods import METHODS
     from gradharmony.uda.models import BACKBONES, FEATURE_BACKBONES
     from gradharmony.uda.models.backbones import IMAGE_BACKBONE_NAMES
@@ -119,6 +121,7 @@ def field_choices() -> dict[str, tuple[str, ...]]:
         "scope": SCOPES,
         "lead": LEAD_CHOICES,
         "amp": AMP_MODES,
+        "resize_filter": RESIZE_FILTERS,
     }
 
 
@@ -417,6 +420,12 @@ class TrainConfig:
     )
     image_size: int = _option(32, "digit domains: images are resized to this many pixels a side", group=WHAT, minimum=1)
     channels: int = _option(3, "digit domains: 1 (grey) or 3 (RGB)", group=WHAT)
+    resize_filter: str = _option(
+        "bilinear",
+        "digit domains: the filter that resizes them, bilinear (antialiased) or bicubic (Pillow's, "
+        "as TLlib's digit scripts)",
+        group=WHAT,
+    )
     resize: int = _option(256, "image benchmarks: resize to this square size, then crop", group=WHAT, minimum=1)
     crop: int = _option(
         224,
@@ -637,6 +646,7 @@ class TrainConfig:
         if self.channels not in (1, 3):
             raise ConfigError(f"channels must be 1 or 3, got {self.channels}")
         _check_name("amp", self.amp, choices["amp"])
+        _check_name("resize_filter", self.resize_filter, choices["resize_filter"])
         self._validate_selection()
         self._validate_names(choices)
         self._validate_method_params()

@@ -13,7 +13,7 @@ from gradharmony.uda.data.cache import cache_path, legacy_cache_dir, load_cached
 from gradharmony.uda.data.domain import Domain
 from gradharmony.uda.data.office_caltech import FEATURE_DOMAINS, load_feature_domain
 from gradharmony.uda.data.registry import DOMAIN_NAMES, DOMAINS, SPLITS, DomainSpec
-from gradharmony.uda.data.transforms import to_input_space
+from gradharmony.uda.data.transforms import RESIZE_FILTERS, to_input_space
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = "1"  # bump when the cache format or a shared step (e.g. resizing) changes
@@ -25,7 +25,9 @@ def default_data_root() -> Path:
     return Path(env).expanduser() if env else Path.cwd() / "data"
 
 
-def _check_arguments(name: str, split: str, image_size: int, channels: int, seed: int, limit: int | None) -> DomainSpec:
+def _check_arguments(
+    name: str, split: str, image_size: int, channels: int, seed: int, limit: int | None, resize_filter: str
+) -> DomainSpec:
     if name not in DOMAINS:
         raise ValueError(f"unknown domain {name!r}; valid domains: {', '.join(DOMAIN_NAMES)}")
     if split not in SPLITS:
@@ -38,6 +40,8 @@ def _check_arguments(name: str, split: str, image_size: int, channels: int, seed
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be None or a positive int, got {limit!r}")
+    if resize_filter not in RESIZE_FILTERS:
+        raise ValueError(f"unknown resize_filter {resize_filter!r}; valid filters: {', '.join(RESIZE_FILTERS)}")
     return DOMAINS[name]
 
 
@@ -79,6 +83,7 @@ def load_domain(
     *,
     limit: int | None = None,
     use_cache: bool = True,
+    resize_filter: str = "bilinear",
 ) -> Domain:
     """Load one split of a digit domain as uint8 ``[N, channels, image_size, image_size]``.
 
@@ -90,7 +95,7 @@ def load_domain(
             module's docstring gives the source and layout.
         split: ``"train"`` or ``"test"``.
         data_root: folder holding the datasets (default :func:`default_data_root`).
-        image_size: output height and width; images are resized bilinearly (antialiased).
+        image_size: output height and width.
         channels: 1 (RGB -> luminance) or 3 (gray repeated).
         seed: seeds the generated domains (``mnistm-synth``, ``syndigits``); ignored by the others.
         cache_dir: where decoded/generated tensors are cached (default
@@ -101,6 +106,8 @@ def load_domain(
         limit: keep only the first ``limit`` examples of the split (for generated domains: the
             first ``limit`` of the full split, generated alone, so small tests stay fast).
         use_cache: set False to neither read nor write the cache.
+        resize_filter: ``bilinear`` (antialiased) or ``bicubic`` (Pillow's, as TLlib's digit
+            scripts); see :mod:`gradharmony.uda.data.transforms`.
 
     Raises:
         ValueError: unknown name or split, or invalid size, channels, seed or limit.
@@ -113,7 +120,7 @@ def load_domain(
     root = Path(data_root).expanduser() if data_root is not None else default_data_root()
     if name in FEATURE_DOMAINS:  # pre-extracted features: no resizing, no cache needed (small .mat files)
         return load_feature_domain(name, split, root)
-    spec = _check_arguments(name, split, image_size, channels, seed, limit)
+    spec = _check_arguments(name, split, image_size, channels, seed, limit, resize_filter)
     found = spec.locate(split, root)
     folder = resolve_cache_dir(cache_dir)
     legacy = legacy_cache_dir(root)
@@ -130,11 +137,10 @@ def load_domain(
     }
     native_path = cache_path(folder, name, split, native_parts)
     is_native = (image_size, channels) == (spec.size, spec.channels)
-    final_path = (
-        native_path
-        if is_native
-        else cache_path(folder, name, split, {**native_parts, "image_size": image_size, "channels": channels})
-    )
+    resized_parts = {**native_parts, "image_size": image_size, "channels": channels}
+    if resize_filter != "bilinear":  # the bilinear entries keep the keys they were written under
+        resized_parts["resize_filter"] = resize_filter
+    final_path = native_path if is_native else cache_path(folder, name, split, resized_parts)
 
     def make(images: torch.Tensor, labels: torch.Tensor) -> Domain:
         return Domain(name, split, images, labels, spec.num_classes, found.description)
@@ -150,7 +156,7 @@ def load_domain(
         if use_cache:
             save_cached(native_path, images, labels, found.description)
     if not is_native:
-        images = to_input_space(images, image_size, channels)
+        images = to_input_space(images, image_size, channels, resize_filter)
         if use_cache:
             save_cached(final_path, images, labels, found.description)
     return make(images, labels)

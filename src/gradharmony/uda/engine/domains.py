@@ -91,5 +91,11 @@ def _load(
         benchmark, domain = name.split(":", 1)
         return load_image_domain(benchmark, domain, split, root, train=train, resize=cfg.resize, crop=cfg.crop)
     return load_domain(
-        name, split, data_root=root, image_size=cfg.image_size, channels=cfg.channels, cache_dir=cache_dir
+        name,
+        split,
+        data_root=root,
+        image_size=cfg.image_size,
+        channels=cfg.channels,
+        cache_dir=cache_dir,
+        resize_filter=cfg.resize_filter,
     )
