@@ -105,9 +105,9 @@ def step_time_ratio(variant_runs: dict[int, dict], plain_runs: dict[int, dict]) 
     of a variant's own cost when its runs shared the machine with other jobs at other times.  CPU
     time where every run has it (it barely moves under such contention), else the wall clock.
     """
-    runs = [*variant_runs.values(), *plain_runs.values()]
     if not variant_runs or not plain_runs:
         return "-"
+    runs = [*variant_runs.values(), *plain_runs.values()]
     clock = "cpu" if all(not math.isnan(r["fastest_cpu_seconds_per_step"]) for r in runs) else "wall"
     key = "fastest_cpu_seconds_per_step" if clock == "cpu" else "fastest_seconds_per_step"
     ratio = min(r[key] for r in variant_runs.values()) / min(r[key] for r in plain_runs.values())
