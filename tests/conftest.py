@@ -2,7 +2,9 @@
 
 * In CI, hypothesis draws the same examples every run (no flaky property tests).
 * Decoded and generated datasets are cached in a temporary folder of the test session (shared by its
-  subprocesses through ``$GRADHARMONY_CACHE_DIR``), never in the user's cache.
+  subprocesses and its pytest-xdist workers through ``$GRADHARMONY_CACHE_DIR``; entries are written
+  atomically), never in the user's cache.
+* Each pytest-xdist worker runs torch on one thread, so ``-n N`` uses N cores, not N x all of them.
 """
 
 import os
@@ -20,6 +22,10 @@ _SESSION_CACHE: str | None = None
 
 def pytest_configure(config):
     global _SESSION_CACHE
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
     if "GRADHARMONY_CACHE_DIR" not in os.environ:
         _SESSION_CACHE = tempfile.mkdtemp(prefix="gradharmony-test-cache-")
         os.environ["GRADHARMONY_CACHE_DIR"] = _SESSION_CACHE
