@@ -13,11 +13,18 @@ deltas against ``none`` with the same seed, a paired t-test, the gradient geomet
 time), and the cheap scopes (step-time ratio to plain training from the runs' own timings, the
 share of the full-scope paired delta each keeps, its paired delta against the full scope of the
 same seed, and its mean weights).  Runs that have not finished are listed as unfinished.
+
+A runs folder does not outlive the machine it was made on, and the stages take days of CPU time,
+so ``report`` keeps the summary of every finished run (accuracies, curve, geometry, step times) in
+``docs/digits_parity/runs.json``, committed with the report, and reads it back beside the runs
+folder: the tables grow run by run across machines.  A finished run in the runs folder replaces its
+archived summary; the archive keeps a finished run whose folder is unfinished or gone.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import sys
@@ -28,7 +35,7 @@ from scipy import stats as scipy_stats
 from stages import ROOT, run_stages
 
 from gradharmony.uda.config import DEFAULT_SELECT_BY
-from gradharmony.uda.runs import METRICS_FILE, labelled_runs, read_metrics
+from gradharmony.uda.runs import METRICS_FILE, atomic_write_bytes, labelled_runs, read_metrics
 from gradharmony.uda.selection import label_free_pick
 
 RUNS = ROOT / "runs" / "digits_parity"
@@ -50,6 +57,8 @@ ANCHORS = {
     ("usps->mnist", "source_only"): "75.87 at 5000",
     ("usps->mnist", "mcc"): "98.46 at 5000",
 }
+#: Beside report.md: every finished run's summary, so that the report outlives the runs folder.
+ARCHIVE = "runs.json"
 EPOCH = 2500  # TLlib's iterations per epoch: its protocol keeps the best epoch-end evaluation
 BASELINE = "none"
 #: The cheap-scope table gives the share of the full-scope delta only where that delta's p is below this.
@@ -59,41 +68,115 @@ SIGNIFICANCE = 0.05
 SCOPE_MARK = "@"
 
 
-def load_runs(root: Path) -> dict[tuple[str, str, str], dict[int, dict]]:
-    """``(task, method, variant) -> seed -> summary`` of every finished labelled run under ``root``.
+def summarize_runs(root: Path) -> dict[str, tuple[dict, dict]]:
+    """``folder name -> (labels, summary)`` of every labelled run under ``root``.
 
-    A summary holds ``last``, ``best`` (over evaluations), ``epoch_best`` (over the evaluations at
-    multiples of 2500 steps), ``pick`` (at the run's label-free validator's pick, ``pick_by``; NaN
-    for a run that computed none), the time per step of its fastest evaluation interval by the wall
-    clock and by CPU time (NaN where a record lacks it: runs from before the CPU clock), and geometry
-    means; an unfinished run has ``unfinished = (step, steps)`` only.
+    A finished run's summary holds ``last``, ``best`` (over evaluations), ``epoch_best`` (over the
+    evaluations at multiples of 2500 steps), ``pick`` (at the run's label-free validator's pick,
+    ``pick_by``; NaN for a run that computed none), the time per step of its fastest evaluation
+    interval by the wall clock and by CPU time (NaN where a record lacks it: runs from before the CPU
+    clock), geometry means and its ``curve`` (``[step, accuracy]`` per evaluation); an unfinished
+    run's has ``unfinished = (step, steps)`` only.
     """
-    cells: dict[tuple[str, str, str], dict[int, dict]] = defaultdict(dict)
+    summaries = {}
     for labels, folder in labelled_runs(root):
-        key, seed = (labels["task"], labels["method"], labels["variant"]), int(labels["seed"])
         records = read_metrics(folder) if (folder / METRICS_FILE).is_file() else []
         steps = records[-1]["config"]["steps"] if records else None
         if not records or records[-1]["step"] < steps:
-            if seed not in cells[key]:  # a folder with records wins over one left by a changed grid
-                cells[key][seed] = {"unfinished": (records[-1]["step"] if records else 0, steps)}
+            summaries[folder.name] = (labels, {"unfinished": (records[-1]["step"] if records else 0, steps)})
             continue
         accuracy = [100 * r["target_acc"] for r in records]
         at_epochs = [100 * r["target_acc"] for r in records if r["step"] % EPOCH == 0]
         picked = label_free_pick(records, records[-1]["config"])  # None: the run computed no validator
-        cells[key][seed] = {
-            "pick": 100 * picked["target_acc"] if picked else math.nan,
-            "pick_by": picked["validator"] if picked else None,
-            "last": accuracy[-1],
-            "best": max(accuracy),
-            "epoch_best": max(at_epochs) if at_epochs else math.nan,
-            "fastest_seconds_per_step": min(r["seconds_per_step"] for r in records),
-            "fastest_cpu_seconds_per_step": _fastest(r.get("cpu_seconds_per_step") for r in records),
-            "conflict_rate": _mean(r["harmonizer"].get("conflict_rate") for r in records),
-            "mean_angle": _mean(r["harmonizer"].get("mean_angle") for r in records),
-            "mean_w_align": _mean(r["harmonizer"].get("mean_w_align") for r in records),
-            "mean_w_cls": _mean(r["harmonizer"].get("mean_w_cls") for r in records),
+        summaries[folder.name] = (
+            labels,
+            {
+                "pick": 100 * picked["target_acc"] if picked else math.nan,
+                "pick_by": picked["validator"] if picked else None,
+                "last": accuracy[-1],
+                "best": max(accuracy),
+                "epoch_best": max(at_epochs) if at_epochs else math.nan,
+                "fastest_seconds_per_step": min(r["seconds_per_step"] for r in records),
+                "fastest_cpu_seconds_per_step": _fastest(r.get("cpu_seconds_per_step") for r in records),
+                "conflict_rate": _mean(r["harmonizer"].get("conflict_rate") for r in records),
+                "mean_angle": _mean(r["harmonizer"].get("mean_angle") for r in records),
+                "mean_w_align": _mean(r["harmonizer"].get("mean_w_align") for r in records),
+                "mean_w_cls": _mean(r["harmonizer"].get("mean_w_cls") for r in records),
+                "curve": [[r["step"], round(a, 4)] for r, a in zip(records, accuracy, strict=True)],
+            },
+        )
+    return summaries
+
+
+def read_archive(path: Path) -> dict[str, tuple[dict, dict]]:
+    """The finished runs' summaries kept in ``path`` (``{}`` if there is none): the same shape as
+    :func:`summarize_runs`, so that a report outlives the runs folder it was made from."""
+    if not path.is_file():
+        return {}
+    try:
+        entries = json.loads(path.read_text())
+        return {
+            name: (
+                {key: entry["labels"][key] for key in ("task", "method", "variant", "seed")},
+                {
+                    key: (math.nan if value is None and key != "pick_by" else value)
+                    for key, value in entry["summary"].items()
+                },
+            )
+            for name, entry in entries.items()
         }
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ArchiveError(f"{path} is not an archive of run summaries ({type(error).__name__}: {error})") from None
+
+
+class ArchiveError(ValueError):
+    """The archive of run summaries cannot be read."""
+
+
+def write_archive(path: Path, summaries: dict[str, tuple[dict, dict]]) -> None:
+    """Keep the finished runs of ``summaries`` in ``path`` (JSON; NaN as null), one entry per run folder."""
+    entries = {
+        name: {
+            "labels": labels,
+            "summary": {key: (None if isinstance(v, float) and math.isnan(v) else v) for key, v in summary.items()},
+        }
+        for name, (labels, summary) in sorted(summaries.items())
+        if "unfinished" not in summary
+    }
+    atomic_write_bytes(path, (json.dumps(entries, indent=1, sort_keys=True) + "\n").encode())
+
+
+def merge_summaries(archived: dict, current: dict) -> dict[str, tuple[dict, dict]]:
+    """The archive's runs, updated by the runs folder's: a finished run there replaces its archived
+    summary; an unfinished one never replaces a finished one (a run started again in a fresh runs
+    folder)."""
+    merged = dict(archived)
+    for name, entry in current.items():
+        if "unfinished" in entry[1] and name in merged:
+            continue  # the archive holds it finished
+        merged[name] = entry
+    return merged
+
+
+def cells_of(summaries: dict[str, tuple[dict, dict]]) -> dict[tuple[str, str, str], dict[int, dict]]:
+    """``(task, method, variant) -> seed -> summary``; a finished run wins over an unfinished one
+    with the same labels (a folder left by a changed grid)."""
+    cells: dict[tuple[str, str, str], dict[int, dict]] = defaultdict(dict)
+    for _, (labels, summary) in sorted(summaries.items()):
+        key, seed = (labels["task"], labels["method"], labels["variant"]), int(labels["seed"])
+        if "unfinished" in summary:
+            previous = cells[key].get(seed)
+            if previous is None or ("unfinished" in previous and previous["unfinished"][0] < summary["unfinished"][0]):
+                cells[key][seed] = summary
+            continue
+        cells[key][seed] = summary
     return cells
+
+
+def load_runs(root: Path) -> dict[tuple[str, str, str], dict[int, dict]]:
+    """``(task, method, variant) -> seed -> summary`` of every labelled run under ``root``
+    (see :func:`summarize_runs`)."""
+    return cells_of(summarize_runs(root))
 
 
 def _fastest(values) -> float:
@@ -287,15 +370,25 @@ def scope_table(cells) -> str:
 
 
 def report(root: Path, out: Path | None) -> str:
-    cells = load_runs(root)
+    """The three tables of the runs under ``root``, with ``out/runs.json``'s archived runs.
+
+    With ``out``, write ``out/report.md`` and keep every finished run's summary in ``out/runs.json``:
+    a runs folder does not outlive its machine, the archive is committed with the report.
+    """
+    summaries = summarize_runs(root) if root.is_dir() else {}
+    if out is not None:
+        summaries = merge_summaries(read_archive(out / ARCHIVE), summaries)
+    cells = cells_of(summaries)
     text = (
-        f"# Digits at TLlib's recipe\n\nRuns: `{root.relative_to(ROOT) if root.is_relative_to(ROOT) else root}`. "
-        "Accuracies in %, mean +- standard deviation over seeds.\n\n"
+        f"# Digits at TLlib's recipe\n\nRuns: `{root.relative_to(ROOT) if root.is_relative_to(ROOT) else root}`"
+        + (f" and the archive of finished runs `{ARCHIVE}` beside this file" if out is not None else "")
+        + ". Accuracies in %, mean +- standard deviation over seeds.\n\n"
         f"## Parity\n\n{parity_table(cells)}\n\n## GH and GH++ on top\n\n{gh_table(cells)}\n\n"
         f"## Cheap exact scopes\n\n{scope_table(cells)}\n"
     )
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
+        write_archive(out / ARCHIVE, summaries)
         (out / "report.md").write_text(text)
     return text
 
@@ -314,10 +407,17 @@ def main(argv: list[str]) -> int:
         return run_stages("digits_parity", rest)
     if rest:
         parser.error(f"unrecognised arguments: {' '.join(rest)}")
-    if not args.runs.is_dir():
-        print(f"error: no runs folder {args.runs}: run the stages first", file=sys.stderr)
+    if not args.runs.is_dir() and not (args.out / ARCHIVE).is_file():
+        print(
+            f"error: no runs folder {args.runs} and no archive {args.out / ARCHIVE}: run the stages first",
+            file=sys.stderr,
+        )
         return 2
-    print(report(args.runs, args.out))
+    try:
+        print(report(args.runs, args.out))
+    except ArchiveError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -131,3 +131,48 @@ def test_report_without_runs_is_one_line_and_exit_2(tmp_path, parity, capsys):
     assert parity.main(["report", "--runs", str(tmp_path / "missing"), "--out", str(tmp_path / "docs")]) == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
     assert not (tmp_path / "docs").exists()
+
+
+def test_the_report_outlives_its_runs_folder_through_the_archive(tmp_path, parity):
+    """A report written with --out keeps each finished run in runs.json; a later report from a fresh
+    runs folder (another machine) holds both machines' runs, and an unfinished restart of an archived
+    run does not replace its finished summary."""
+    docs, first, second = tmp_path / "docs", tmp_path / "machine1", tmp_path / "machine2"
+    fake_run(first, "none", 0, {2500: 90.0, 5000: 91.0})
+    fake_run(first, "gh", 0, {5000: 1.0}, steps=10000)  # unfinished: not archived
+    parity.report(first, docs)
+    archived = json.loads((docs / "runs.json").read_text())
+    assert list(archived) == ["dann-none-0"]
+    assert archived["dann-none-0"]["summary"]["curve"] == [[2500, 90.0], [5000, 91.0]]
+    assert archived["dann-none-0"]["summary"]["pick"] is None  # NaN (no validator) as null
+
+    fake_run(second, "none", 0, {500: 10.0}, steps=5000)  # the same run started again, at step 500
+    fake_run(second, "gh", 0, {2500: 92.0, 5000: 93.0})
+    text = parity.report(second, docs)
+    gh_row = next(line for line in text.splitlines() if "| dann | gh | 1 |" in line)
+    assert "| +2.00 (1/1 up) |" in gh_row  # 93 (machine 2) - 91 (machine 1, archived)
+    assert set(json.loads((docs / "runs.json").read_text())) == {"dann-none-0", "dann-gh-0"}
+    # without a runs folder at all, the archive alone makes the same tables
+    assert parity.main(["report", "--runs", str(tmp_path / "gone"), "--out", str(docs)]) == 0
+    assert (docs / "report.md").read_text().split("\n", 3)[3] == text.split("\n", 3)[3]
+
+
+def test_a_finished_run_in_the_runs_folder_replaces_its_archived_summary(tmp_path, parity):
+    docs, runs = tmp_path / "docs", tmp_path / "runs"
+    fake_run(runs, "none", 0, {5000: 91.0})
+    parity.report(runs, docs)
+    fake_run(runs, "none", 0, {5000: 88.0})  # trained again to the end, e.g. after a fix
+    parity.report(runs, docs)
+    assert json.loads((docs / "runs.json").read_text())["dann-none-0"]["summary"]["last"] == 88.0
+
+
+def test_a_corrupt_archive_is_one_line_and_exit_2_and_left_as_it_was(tmp_path, parity, capsys):
+    docs, runs = tmp_path / "docs", tmp_path / "runs"
+    fake_run(runs, "none", 0, {5000: 91.0})
+    docs.mkdir()
+    (docs / "runs.json").write_text('{"dann-none-0": {"labels": {"task": "mnist->usps"}}}')
+    assert parity.main(["report", "--runs", str(runs), "--out", str(docs)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "runs.json" in error
+    assert (docs / "runs.json").read_text() == '{"dann-none-0": {"labels": {"task": "mnist->usps"}}}'
+    assert not (docs / "report.md").exists()
