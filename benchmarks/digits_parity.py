@@ -108,6 +108,10 @@ def summarize_runs(root: Path) -> dict[str, tuple[dict, dict]]:
     return summaries
 
 
+class ArchiveError(ValueError):
+    """The archive of run summaries cannot be read."""
+
+
 def read_archive(path: Path) -> dict[str, tuple[dict, dict]]:
     """The finished runs' summaries kept in ``path`` (``{}`` if there is none): the same shape as
     :func:`summarize_runs`, so that a report outlives the runs folder it was made from."""
@@ -127,10 +131,6 @@ def read_archive(path: Path) -> dict[str, tuple[dict, dict]]:
         }
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise ArchiveError(f"{path} is not an archive of run summaries ({type(error).__name__}: {error})") from None
-
-
-class ArchiveError(ValueError):
-    """The archive of run summaries cannot be read."""
 
 
 def write_archive(path: Path, summaries: dict[str, tuple[dict, dict]]) -> None:
@@ -171,12 +171,6 @@ def cells_of(summaries: dict[str, tuple[dict, dict]]) -> dict[tuple[str, str, st
             continue
         cells[key][seed] = summary
     return cells
-
-
-def load_runs(root: Path) -> dict[tuple[str, str, str], dict[int, dict]]:
-    """``(task, method, variant) -> seed -> summary`` of every labelled run under ``root``
-    (see :func:`summarize_runs`)."""
-    return cells_of(summarize_runs(root))
 
 
 def _fastest(values) -> float:
