@@ -134,7 +134,7 @@ def read_archive(path: Path) -> dict[str, tuple[dict, dict]]:
 
 
 def write_archive(path: Path, summaries: dict[str, tuple[dict, dict]]) -> None:
-    """Keep the finished runs of ``summaries`` in ``path`` (JSON; NaN as null), one entry per run folder."""
+    """Keep the finished runs of ``summaries`` in ``path``: JSON, one line per run folder (NaN as null)."""
     entries = {
         name: {
             "labels": labels,
@@ -143,7 +143,8 @@ def write_archive(path: Path, summaries: dict[str, tuple[dict, dict]]) -> None:
         for name, (labels, summary) in sorted(summaries.items())
         if "unfinished" not in summary
     }
-    atomic_write_bytes(path, (json.dumps(entries, indent=1, sort_keys=True) + "\n").encode())
+    lines = ",\n".join(f" {json.dumps(name)}: {json.dumps(entry, sort_keys=True)}" for name, entry in entries.items())
+    atomic_write_bytes(path, ("{\n" + lines + "\n}\n" if entries else "{}\n").encode())
 
 
 def merge_summaries(archived: dict, current: dict) -> dict[str, tuple[dict, dict]]:
