@@ -59,6 +59,8 @@ ANCHORS = {
 }
 #: Beside report.md: every finished run's summary, so that the report outlives the runs folder.
 ARCHIVE = "runs.json"
+#: The summary's fields that may be null; the archive's other nulls are NaN.
+TEXT_FIELDS = ("pick_by", "machine")
 EPOCH = 2500  # TLlib's iterations per epoch: its protocol keeps the best epoch-end evaluation
 BASELINE = "none"
 #: The cheap-scope table gives the share of the full-scope delta only where that delta's p is below this.
@@ -75,7 +77,9 @@ def summarize_runs(root: Path) -> dict[str, tuple[dict, dict]]:
     evaluations at multiples of 2500 steps), ``pick`` (at the run's label-free validator's pick,
     ``pick_by``; NaN for a run that computed none), the time per step of its fastest evaluation
     interval by the wall clock and by CPU time (NaN where a record lacks it: runs from before the CPU
-    clock), geometry means and its ``curve`` (``[step, accuracy]`` per evaluation); an unfinished
+    clock), geometry means, its ``curve`` (``[step, accuracy]`` per evaluation) and the ``machine`` it
+    trained on (``None`` for records from before the field; machines joined by ``" + "`` for a run
+    resumed on another); an unfinished
     run's has ``unfinished = (step, steps)`` only.
     """
     summaries = {}
@@ -103,6 +107,7 @@ def summarize_runs(root: Path) -> dict[str, tuple[dict, dict]]:
                 "mean_w_align": _mean(r["harmonizer"].get("mean_w_align") for r in records),
                 "mean_w_cls": _mean(r["harmonizer"].get("mean_w_cls") for r in records),
                 "curve": [[r["step"], round(a, 4)] for r, a in zip(records, accuracy, strict=True)],
+                "machine": _machine(records),
             },
         )
     return summaries
@@ -123,7 +128,7 @@ def read_archive(path: Path) -> dict[str, tuple[dict, dict]]:
             name: (
                 {key: entry["labels"][key] for key in ("task", "method", "variant", "seed")},
                 {
-                    key: (math.nan if value is None and key != "pick_by" else value)
+                    key: (math.nan if value is None and key not in TEXT_FIELDS else value)
                     for key, value in entry["summary"].items()
                 },
             )
@@ -172,6 +177,34 @@ def cells_of(summaries: dict[str, tuple[dict, dict]]) -> dict[tuple[str, str, st
             continue
         cells[key][seed] = summary
     return cells
+
+
+def _machine(records: list[dict]) -> str | None:
+    """The machines of ``records`` in a line: CPU, kernel level, torch, threads, device."""
+    seen = []
+    for record in records:
+        machine = record.get("machine")
+        if machine is None:
+            continue
+        text = (
+            f"{machine['cpu']}, {machine['cpu_capability']}, torch {machine['torch']}, "
+            f"{machine['threads']} thread(s), {machine['device']}"
+        )
+        if text not in seen:
+            seen.append(text)
+    return " + ".join(seen) or None
+
+
+def same_machine_pairs(cells, task: str, method: str, variant: str) -> str:
+    """How many of the finished seed pairs of ``variant`` and ``none`` trained on one machine."""
+    runs = _finished(cells.get((task, method, variant), {}))
+    reference = _finished(cells.get((task, method, BASELINE), {}))
+    pairs = [(runs[s].get("machine"), reference[s].get("machine")) for s in runs.keys() & reference.keys()]
+    if not pairs:
+        return "-"
+    same = sum(a is not None and a == b and " + " not in a for a, b in pairs)
+    unknown = sum(a is None or b is None for a, b in pairs)
+    return f"{same}/{len(pairs)}" + (f" ({unknown} unrecorded)" if unknown else "")
 
 
 def _fastest(values) -> float:
@@ -282,8 +315,9 @@ def _paired_p(deltas: list[float]) -> float | None:
 def gh_table(cells) -> str:
     lines = [
         "| task | method | variant | seeds | last | paired delta, last | p | paired delta, best | p "
-        "| conflict rate % | mean angle | mean w_align | mean w_cls | step time / none (fastest interval) | unfinished |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| conflict rate % | mean angle | mean w_align | mean w_cls | step time / none (fastest interval) "
+        "| pairs on one machine | unfinished |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     harmonized = {(t, m) for t, m, v in cells if v != BASELINE and SCOPE_MARK not in v}
     for (task, method, variant), runs in sorted(cells.items()):
@@ -293,8 +327,9 @@ def gh_table(cells) -> str:
         last_delta, last_p = _paired_summary(list(paired_deltas(cells, task, method, variant).values()))
         best_delta, best_p = _paired_summary(list(paired_deltas(cells, task, method, variant, "best").values()))
         step_time = step_time_ratio(done, _finished(cells.get((task, method, BASELINE), {})))
+        machines = same_machine_pairs(cells, task, method, variant)
         if variant == BASELINE:
-            last_delta = last_p = best_delta = best_p = step_time = "(baseline)"
+            last_delta = last_p = best_delta = best_p = step_time = machines = "(baseline)"
         geometry = [
             _mean_std([100 * r["conflict_rate"] for r in done.values()], 1),
             _mean_std([r["mean_angle"] for r in done.values()], 1),
@@ -304,12 +339,14 @@ def gh_table(cells) -> str:
         lines.append(
             f"| {task} | {method} | {variant} | {len(done)} | {_mean_std([r['last'] for r in done.values()])} "
             f"| {last_delta} | {last_p} | {best_delta} | {best_p} | {' | '.join(geometry)} | {step_time} "
-            f"| {_unfinished_note(runs) or '-'} |"
+            f"| {machines} | {_unfinished_note(runs) or '-'} |"
         )
     lines += [
         "",
         "The step time is the runs' own, as in the cheap-scope table below: the fastest 500-step interval "
-        "over all seeds of the variant, over the same for `none`.",
+        "over all seeds of the variant, over the same for `none`. A run repeats bit for bit on the same machine "
+        'and software, and differs on another as a new seed would: "pairs on one machine" counts the seed '
+        "pairs whose two runs trained on one (records before 2026-12-02 do not name theirs: unrecorded).",
     ]
     return "\n".join(lines)
 

@@ -32,6 +32,7 @@ def fake_run(
     seconds_per_step: float | dict[int, float] = 0.1,
     cpu_seconds_per_step: dict[int, float] | None = None,
     mixval: dict[int, float] | None = None,
+    machine: str | None = None,
 ) -> None:
     """A run folder with one evaluation record per ``step -> accuracy`` (in %); the times are one
     value for every record or one per step, the CPU times only where given."""
@@ -50,6 +51,14 @@ def fake_run(
             record["cpu_seconds_per_step"] = cpu_seconds_per_step[step]
         if mixval:
             record["validators"] = {"mixval": mixval[step]}
+        if machine:
+            record["machine"] = {
+                "cpu": machine,
+                "cpu_capability": "AVX2",
+                "torch": "2.14.1",
+                "threads": 1,
+                "device": "cpu",
+            }
         lines.append(json.dumps(record))
     (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
 
@@ -176,3 +185,17 @@ def test_a_corrupt_archive_is_one_line_and_exit_2_and_left_as_it_was(tmp_path, p
     assert error.count("\n") == 0 and "runs.json" in error
     assert (docs / "runs.json").read_text() == '{"dann-none-0": {"labels": {"task": "mnist->usps"}}}'
     assert not (docs / "report.md").exists()
+
+
+def test_the_gh_table_counts_the_seed_pairs_trained_on_one_machine(tmp_path, parity):
+    """Seed 0: both on machine A; seed 1: on A and B; seed 2: `none` from before records named it."""
+    docs, runs = tmp_path / "docs", tmp_path / "runs"
+    for seed, (plain, harmonized) in enumerate([("A", "A"), ("A", "B"), (None, "A")]):
+        fake_run(runs, "none", seed, {5000: 90.0}, machine=plain)
+        fake_run(runs, "gh", seed, {5000: 91.0}, machine=harmonized)
+    for _ in range(2):  # from the runs folder, then with the archive it wrote
+        row = next(line for line in parity.report(runs, docs).splitlines() if "| dann | gh |" in line)
+        assert "| 1/3 (1 unrecorded) |" in row
+    archived = json.loads((docs / "runs.json").read_text())
+    assert archived["dann-gh-1"]["summary"]["machine"] == "B, AVX2, torch 2.14.1, 1 thread(s), cpu"
+    assert archived["dann-none-2"]["summary"]["machine"] is None

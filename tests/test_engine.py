@@ -104,6 +104,18 @@ def test_each_record_times_its_steps_by_the_wall_clock_and_by_the_processs_cpu_t
         assert math.isfinite(record["cpu_seconds_per_step"]) and record["cpu_seconds_per_step"] > 0
 
 
+def test_each_record_names_the_machine_and_software_it_was_trained_on(tmp_path):
+    train(config(tmp_path), tiny_domains())
+    for record in read_metrics(tmp_path / "run"):
+        machine = record["machine"]
+        assert (
+            machine["torch"] == torch.__version__
+            and machine["threads"] == torch.get_num_threads()
+            and machine["device"] == "cpu"
+        )
+        assert machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and machine["cpu"]
+
+
 def test_a_checkpoint_without_the_cpu_clock_leaves_only_its_own_interval_untimed(tmp_path):
     """A run resumed mid-interval from a checkpoint written before ``cpu_seconds_per_step`` existed:
     that interval's CPU time is unknown (None, not a partial sum); the next intervals have it."""

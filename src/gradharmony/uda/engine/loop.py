@@ -31,6 +31,8 @@ Run folders, interrupts and resume: the guarantees.
   ``metrics.jsonl``, ``steps.csv`` and weights as an uninterrupted run: bit-identical on the same
   machine and software wherever training itself is deterministic (on CPU; on GPU as far as the
   kernels are), except the timing fields ``seconds_per_step`` and ``cpu_seconds_per_step``.
+  Each record names the machine it was made on (``machine``: CPU, torch's kernel level and version,
+  threads, device), since another machine gives other numbers for the same configuration.
 * **A finished run** (a checkpoint at ``steps`` of the same configuration) started again changes no
   file, takes no lock, and returns its stored result with ``already_finished: True``.
 * **Ctrl-C, SIGTERM or SIGHUP** finishes the current step (with its evaluation and checkpoint, if due),
@@ -93,6 +95,7 @@ from gradharmony.uda.engine.builders import build_harmonizer, build_model, build
 from gradharmony.uda.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from gradharmony.uda.engine.domains import load_domains
 from gradharmony.uda.engine.evaluation import evaluate, num_classes_of
+from gradharmony.uda.engine.machine import describe_machine
 from gradharmony.uda.engine.process import init_distributed, summary_writer, synchronised_batch_norm
 from gradharmony.uda.engine.validation import checkpoint_of_pick, prepare_validation, validate
 from gradharmony.uda.methods import Batch, StepContext, UpdateResult
@@ -612,6 +615,7 @@ class Trainer:
                 if self.interval["cpu_seconds"] is None
                 else self.interval["cpu_seconds"] / max(1, self.interval["steps"])
             ),
+            "machine": describe_machine(self.device),
             "harmonizer": self.harmonizer.summary(),
             # the method's scalars: mean over the interval's finite values, and the last value
             "method_logs_mean": {
