@@ -18,7 +18,8 @@ A runs folder does not outlive the machine it was made on, and the stages take d
 so ``report`` keeps the summary of every finished run (accuracies, curve, geometry, step times) in
 ``docs/digits_parity/runs.json``, committed with the report, and reads it back beside the runs
 folder: the tables grow run by run across machines.  A finished run in the runs folder replaces its
-archived summary; the archive keeps a finished run whose folder is unfinished or gone.
+archived summary; the archive keeps a finished run whose folder is unfinished or gone.  ``run``
+passes the archive to ``gradharmony sweep --skip-archived``, so archived runs are not trained again.
 """
 
 from __future__ import annotations
@@ -437,6 +438,8 @@ def main(argv: list[str]) -> int:
     )
     args, rest = parser.parse_known_args(argv)
     if args.command == "run":
+        if (DOCS / ARCHIVE).is_file() and "--skip-archived" not in rest:
+            rest = [*rest, "--skip-archived", str(DOCS / ARCHIVE)]  # finished on another machine: not again
         return run_stages("digits_parity", rest)
     if rest:
         parser.error(f"unrecognised arguments: {' '.join(rest)}")

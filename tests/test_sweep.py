@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 import yaml
@@ -32,7 +33,7 @@ from gradharmony.uda.runs import (
     write_error,
     write_labels,
 )
-from gradharmony.uda.sweep import expand, run_grid
+from gradharmony.uda.sweep import expand, read_archived, run_grid
 
 
 def tiny_grid(tmp_path):
@@ -274,3 +275,33 @@ def test_task_families_split_on_the_first_word():
         "surf": ["surf A->W", "surf C->A"],
     }
     assert task_families(["mnist->usps", "mnist->mnistm"]) == {"all": ["mnist->mnistm", "mnist->usps"]}
+
+
+def test_runs_archived_elsewhere_are_not_trained_again(tmp_path, capsys):
+    """A JSON archive keyed by run folder names (as digits_parity.py report keeps) marks those runs
+    finished elsewhere: the dry run lists them as archived and the sweep trains only the others."""
+    grid = tiny_grid(tmp_path)
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    kept, *others = expand(grid)
+    archive = tmp_path / "runs.json"
+    archive.write_text(json.dumps({kept.out.name: {"summary": {"last": 90.0}}}))
+    assert main(["sweep", str(path), "--dry-run", "--skip-archived", str(archive)]) == 0
+    listed = {Path(line.split()[-1]).name: line.split()[0] for line in capsys.readouterr().out.splitlines()}
+    assert listed == {kept.out.name: "archived", **{r.out.name: "pending" for r in others}}
+    assert run_grid(grid, workers=1, archived=read_archived(archive)) == {"done": 3, "failed": 0, "archived": 1}
+    assert not (kept.out / "last.pt").exists()
+    assert all(run_status(r.out, r.config.steps) == "done" for r in others)
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '"a name"'])
+def test_an_unreadable_archive_is_one_line_and_exit_2(tmp_path, capsys, text):
+    grid = tiny_grid(tmp_path)
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    archive = tmp_path / "runs.json"
+    archive.write_text(text)
+    assert main(["sweep", str(path), "--skip-archived", str(archive)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "runs.json" in error
+    assert not Path(grid["out"]).exists()

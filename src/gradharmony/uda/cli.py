@@ -439,19 +439,19 @@ def _cluster_options(args: argparse.Namespace) -> Any:
 def cmd_sweep(args: argparse.Namespace) -> int:
     """``gradharmony sweep``: run (or list, or submit to SLURM) every run of a grid, then write its report."""
     from gradharmony.uda.report import write_report
-    from gradharmony.uda.runs import run_status
-    from gradharmony.uda.sweep import expand, load_grid, run_grid
+    from gradharmony.uda.sweep import expand, load_grid, planned_status, read_archived, run_grid
 
     _check_launcher_flags(args)
     grid = load_grid(args.grid)
+    archived = read_archived(args.skip_archived) if args.skip_archived else frozenset()
     if args.dry_run:
         for run in expand(grid):
             print(
-                f"{run_status(run.out, run.config.steps):8s} {run.task} {run.method} {run.variant} seed {run.seed} -> {run.out}"
+                f"{planned_status(run, archived):8s} {run.task} {run.method} {run.variant} seed {run.seed} -> {run.out}"
             )
         return 0
     if args.launcher == "local":
-        counts = run_grid(grid, workers=args.workers, retry_failed=args.retry_failed)
+        counts = run_grid(grid, workers=args.workers, retry_failed=args.retry_failed, archived=archived)
     else:
         from gradharmony.uda.launchers import submit_grid
 
@@ -461,6 +461,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             wait=not args.no_wait,
             retry_failed=args.retry_failed,
             job_name=f"gradharmony-{args.grid.stem}",
+            archived=archived,
         )
         if args.no_wait:
             print(
@@ -651,6 +652,13 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--dry-run", action="store_true", help="list the runs and their status only")
     sweep.add_argument(
         "--retry-failed", action="store_true", help="also run again the runs that failed (those with an error.txt)"
+    )
+    sweep.add_argument(
+        "--skip-archived",
+        type=Path,
+        metavar="JSON",
+        help="a JSON object keyed by run folder names (or a list of them) whose runs finished elsewhere and "
+        "whose results are kept, e.g. docs/digits_parity/runs.json: those runs are not trained again",
     )
     sweep.add_argument(
         "--launcher",

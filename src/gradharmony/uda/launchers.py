@@ -30,6 +30,7 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -265,6 +266,7 @@ def submit_grid(
     wait: bool = True,
     retry_failed: bool = False,
     job_name: str = "gradharmony-sweep",
+    archived: Collection[str] = (),
 ) -> dict[str, int]:
     """Submit every unfinished run of ``grid`` as one job array; returns outcome counts.
 
@@ -287,11 +289,13 @@ def submit_grid(
     runs = expand(grid)
     root = Path(grid["out"])
     folder = Path(options.folder) if options.folder is not None else root / "submitit"
-    statuses, todo = runs_to_train(runs, retry_failed)
+    statuses, todo = runs_to_train(runs, retry_failed, archived)
     active = _jobs_still_active(submitit, todo, root)
     busy = {r.out for r in todo if r.out not in active and _is_busy(r)}
     to_submit = [r for r in todo if r.out not in active and r.out not in busy]
     counts = {"done": statuses.count("done"), "failed": 0 if retry_failed else statuses.count("failed")}
+    if statuses.count("archived"):
+        counts["archived"] = statuses.count("archived")
     if busy:
         counts["busy"] = len(busy)
     print(

@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import ctypes
+import json
 import multiprocessing as mp
 import os
 import signal
@@ -48,7 +49,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -548,6 +549,7 @@ def run_grid(
     workers: int | None = None,
     retry_failed: bool = False,
     runs_per_process: int = RUNS_PER_PROCESS,
+    archived: Collection[str] = (),
 ) -> dict[str, int]:
     """Run every unfinished run of ``grid`` with ``workers`` processes; returns outcome counts.
 
@@ -556,7 +558,8 @@ def run_grid(
     features); each run seeds every generator itself, so a reused worker trains bit for bit the same
     run as a fresh one (tested).  The periodic replacement bounds whatever a long sweep could leak.
 
-    The counts are by outcome: ``done`` (including runs finished before), ``failed`` (an error
+    Runs named in ``archived`` (finished elsewhere, see :func:`runs_to_train`) are not trained.
+    The counts are by outcome: ``done`` (including runs finished before), ``archived``, ``failed`` (an error
     is recorded in the run's folder), ``busy`` (another live process is training the run's folder:
     run the sweep again once it has ended) and, after an interrupt, ``interrupted``.
 
@@ -568,13 +571,16 @@ def run_grid(
     if runs_per_process < 1:
         raise ConfigError(f"runs_per_process must be at least 1, got {runs_per_process}")
     runs = expand(grid)
-    statuses, todo = runs_to_train(runs, retry_failed)
+    statuses, todo = runs_to_train(runs, retry_failed, archived)
     workers = workers or int(grid.get("workers") or 1)
     if workers < 1:
         raise ConfigError(f"workers must be at least 1, got {workers}")
     done = statuses.count("done")
+    kept = statuses.count("archived")
     print(
-        f"grid: {len(runs)} runs, {done} already done, {len(todo)} to run with {workers} process(es); "
+        f"grid: {len(runs)} runs, {done} already done, "
+        + (f"{kept} finished elsewhere (archived), " if kept else "")
+        + f"{len(todo)} to run with {workers} process(es); "
         f"results under {grid['out']}/",
         flush=True,
     )
@@ -582,6 +588,8 @@ def run_grid(
         _label_run(run)
     prepare_data(todo)
     counts = {"done": done, "failed": 0 if retry_failed else statuses.count("failed")}
+    if kept:
+        counts["archived"] = kept
     started = time.perf_counter()
     with _Interrupts() as interrupts:
         for i, (run, outcome, note) in enumerate(_run_workers(todo, workers, runs_per_process, interrupts), 1):
@@ -606,15 +614,48 @@ def run_grid(
     return counts
 
 
-def runs_to_train(runs: list[PlannedRun], retry_failed: bool = False) -> tuple[list[str], list[PlannedRun]]:
+def runs_to_train(
+    runs: list[PlannedRun], retry_failed: bool = False, archived: Collection[str] = ()
+) -> tuple[list[str], list[PlannedRun]]:
     """Each run's status on disk (:func:`gradharmony.uda.runs.run_status`) and the runs still to train.
 
     Those are the ``pending`` and ``partial`` runs, and with ``retry_failed`` the ``failed`` ones too
-    (a run with a recorded error is otherwise left alone until asked).
+    (a run with a recorded error is otherwise left alone until asked).  A run whose folder name is in
+    ``archived`` (finished elsewhere, its results kept: see :func:`read_archived`) and that is not
+    done here is ``archived``, not trained.
     """
-    statuses = [folder_status(r.out, r.config.steps) for r in runs]
+    statuses = [planned_status(r, archived) for r in runs]
     wanted = ("pending", "partial", "failed") if retry_failed else ("pending", "partial")
     return statuses, [r for r, status in zip(runs, statuses) if status in wanted]
+
+
+def planned_status(run: PlannedRun, archived: Collection[str] = ()) -> str:
+    """The run's status on disk, or ``archived`` if it is not done here and ``archived`` names its folder."""
+    status = folder_status(run.out, run.config.steps)
+    return "archived" if status != "done" and run.out.name in archived else status
+
+
+def read_archived(path: str | Path) -> frozenset[str]:
+    """The run folder names that a JSON file keeps the results of: its object's keys or its list's items.
+
+    ``benchmarks/digits_parity.py report`` keeps such a file (``docs/digits_parity/runs.json``) so that
+    runs finished on another machine, whose folders are gone, are not trained again.
+
+    Raises:
+        ConfigError: the file cannot be read or holds neither an object nor a list of names.
+    """
+    path = Path(path)
+    try:
+        names = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"cannot read the archive of finished runs {path}: {error}") from None
+    if isinstance(names, dict):
+        names = list(names)
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise ConfigError(
+            f"{path}: an archive of finished runs is a JSON object keyed by run folder names, or a list of them"
+        )
+    return frozenset(names)
 
 
 def prepare_data(runs: list[PlannedRun]) -> None:
