@@ -36,7 +36,7 @@ from scipy import stats as scipy_stats
 from stages import ROOT, run_stages
 
 from gradharmony.uda.config import DEFAULT_SELECT_BY
-from gradharmony.uda.runs import METRICS_FILE, atomic_write_bytes, labelled_runs, read_metrics
+from gradharmony.uda.runs import LABEL_KEYS, METRICS_FILE, atomic_write_bytes, json_safe, labelled_runs, read_metrics
 from gradharmony.uda.selection import label_free_pick
 
 RUNS = ROOT / "runs" / "digits_parity"
@@ -81,8 +81,7 @@ def summarize_runs(root: Path) -> dict[str, tuple[dict, dict]]:
     interval by the wall clock and by CPU time (NaN where a record lacks it: runs from before the CPU
     clock), geometry means, its ``curve`` (``[step, accuracy]`` per evaluation) and the ``machine`` it
     trained on (``None`` for records from before the field; machines joined by ``" + "`` for a run
-    resumed on another); an unfinished
-    run's has ``unfinished = (step, steps)`` only.
+    resumed on another); an unfinished run's has ``unfinished = (step, steps)`` only.
     """
     summaries = {}
     for labels, folder in labelled_runs(root):
@@ -128,7 +127,7 @@ def read_archive(path: Path) -> dict[str, tuple[dict, dict]]:
         entries = json.loads(path.read_text())
         return {
             name: (
-                {key: entry["labels"][key] for key in ("task", "method", "variant", "seed")},
+                {key: entry["labels"][key] for key in LABEL_KEYS},
                 {
                     key: (math.nan if value is None and key not in TEXT_FIELDS else value)
                     for key, value in entry["summary"].items()
@@ -143,10 +142,7 @@ def read_archive(path: Path) -> dict[str, tuple[dict, dict]]:
 def write_archive(path: Path, summaries: dict[str, tuple[dict, dict]]) -> None:
     """Keep the finished runs of ``summaries`` in ``path``: JSON, one line per run folder (NaN as null)."""
     entries = {
-        name: {
-            "labels": labels,
-            "summary": {key: (None if isinstance(v, float) and math.isnan(v) else v) for key, v in summary.items()},
-        }
+        name: json_safe({"labels": labels, "summary": summary})
         for name, (labels, summary) in sorted(summaries.items())
         if "unfinished" not in summary
     }

@@ -38,7 +38,7 @@ from typing import Any
 
 from gradharmony.uda.config import ConfigError
 from gradharmony.uda.runs import ERROR_FILE, RunFolderBusy, RunFolderLock, atomic_write_bytes, run_status, write_labels
-from gradharmony.uda.sweep import PlannedRun, expand, prepare_data, runs_to_train, train_planned_run
+from gradharmony.uda.sweep import PlannedRun, expand, prepare_data, runs_to_train, status_counts, train_planned_run
 
 SUBMITIT_INSTALL = "pip install 'gradharmony[slurm]'"
 #: The ``--launcher`` names that submit through submitit, and the submitit cluster each selects.
@@ -293,9 +293,7 @@ def submit_grid(
     active = _jobs_still_active(submitit, todo, root)
     busy = {r.out for r in todo if r.out not in active and _is_busy(r)}
     to_submit = [r for r in todo if r.out not in active and r.out not in busy]
-    counts = {"done": statuses.count("done"), "failed": 0 if retry_failed else statuses.count("failed")}
-    if statuses.count("archived"):
-        counts["archived"] = statuses.count("archived")
+    counts = status_counts(statuses, retry_failed)
     if busy:
         counts["busy"] = len(busy)
     print(

@@ -68,14 +68,14 @@ TIMING_FIELDS = ("seconds_per_step", "cpu_seconds_per_step", "validate_seconds")
 STEP_FIELDS = ("step", "loss_cls", "loss_align", "cos", "angle", "w_align", "w_cls", "conflict", "measured", "guards")
 
 
-def _clean(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """JSON has no NaN or infinity: write them as null."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -398,7 +398,7 @@ class RunLog:
     def add_evaluation(self, record: dict[str, Any]) -> None:
         """Append one evaluation record to ``metrics.jsonl`` (NaN and infinity written as null)."""
         with self.metrics_path.open("a") as f:
-            f.write(json.dumps(_clean(record)) + "\n")
+            f.write(json.dumps(json_safe(record)) + "\n")
         self.metrics_records += 1
 
 

@@ -587,9 +587,7 @@ def run_grid(
     for run in todo:
         _label_run(run)
     prepare_data(todo)
-    counts = {"done": done, "failed": 0 if retry_failed else statuses.count("failed")}
-    if kept:
-        counts["archived"] = kept
+    counts = status_counts(statuses, retry_failed)
     started = time.perf_counter()
     with _Interrupts() as interrupts:
         for i, (run, outcome, note) in enumerate(_run_workers(todo, workers, runs_per_process, interrupts), 1):
@@ -627,6 +625,15 @@ def runs_to_train(
     statuses = [planned_status(r, archived) for r in runs]
     wanted = ("pending", "partial", "failed") if retry_failed else ("pending", "partial")
     return statuses, [r for r, status in zip(runs, statuses) if status in wanted]
+
+
+def status_counts(statuses: list[str], retry_failed: bool = False) -> dict[str, int]:
+    """The outcome counts a sweep starts from: ``done`` and ``failed`` (unless retried) on disk, and
+    ``archived`` where any run is."""
+    counts = {"done": statuses.count("done"), "failed": 0 if retry_failed else statuses.count("failed")}
+    if "archived" in statuses:
+        counts["archived"] = statuses.count("archived")
+    return counts
 
 
 def planned_status(run: PlannedRun, archived: Collection[str] = ()) -> str:
