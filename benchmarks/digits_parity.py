@@ -5,6 +5,7 @@ configs/benchmarks/README.md); all write into ``runs/digits_parity``.
 
     python benchmarks/digits_parity.py run                 # every stage in order; resumable
     python benchmarks/digits_parity.py run --dry-run       # each run and its status
+    python benchmarks/digits_parity.py run --stage 4       # one stage (repeatable)
     python benchmarks/digits_parity.py report              # tables on stdout and in docs/digits_parity/
 
 ``report`` prints three tables: parity (each baseline's target accuracy, last, best over the
@@ -426,7 +427,9 @@ def report(root: Path, out: Path | None) -> str:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("run", help="sweep every stage in order (other flags go to gradharmony sweep)")
+    commands.add_parser(
+        "run", help="sweep every stage in order, or those named by --stage N (other flags go to gradharmony sweep)"
+    )
     report_parser = commands.add_parser("report", help="print the tables and write them to --out")
     report_parser.add_argument("--runs", type=Path, default=RUNS, help="the runs folder (default runs/digits_parity)")
     report_parser.add_argument(

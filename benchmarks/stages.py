@@ -2,12 +2,17 @@
 
 The helper of ``benchmarks/digits.py``, ``office_caltech.py`` and ``efficientnet_lite.py``: each stage
 runs as ``gradharmony sweep <grid> ARGS`` from the repository root, which the grids' paths are
-relative to.
+relative to.  ``--stage N`` (repeatable) runs only the named stages, in order:
+
+    python benchmarks/digits_parity.py run --stage 4 --workers 1
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import re
+import sys
 from pathlib import Path
 
 from gradharmony.uda.cli import main
@@ -20,14 +25,33 @@ GRIDS = ROOT / "configs" / "benchmarks"
 INTERRUPTED = 130
 
 
-def run_stages(benchmark: str, args: list[str]) -> int:
-    """Sweep every stage of ``benchmark`` with the flags ``args``; the highest exit status of the stages.
+def stage_number(grid: Path) -> int:
+    """The ``N`` of ``<benchmark>_stageN.yaml``."""
+    return int(re.search(r"_stage(\d+)\.yaml$", grid.name).group(1))
 
-    An interrupted stage (Ctrl-C, SIGTERM) ends the sequence there: the stages after it do not start.
+
+def run_stages(benchmark: str, args: list[str]) -> int:
+    """Sweep the stages of ``benchmark`` with the flags ``args``; the highest exit status of the stages.
+
+    ``args`` may name stages with ``--stage N`` (repeatable; default: every stage); the other flags
+    go to ``gradharmony sweep``.  A stage that does not exist is one line and exit status 2, before
+    anything runs.  An interrupted stage (Ctrl-C, SIGTERM) ends the sequence there: the stages after
+    it do not start.
     """
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--stage", type=int, action="append", default=[])
+    chosen, args = parser.parse_known_args(args)
+    grids = sorted(GRIDS.glob(f"{benchmark}_stage*.yaml"), key=stage_number)
+    missing = sorted(set(chosen.stage) - {stage_number(grid) for grid in grids})
+    if missing:
+        known = ", ".join(str(stage_number(grid)) for grid in grids)
+        print(f"error: {benchmark} has no stage {missing[0]} (its stages: {known})", file=sys.stderr)
+        return 2
+    if chosen.stage:
+        grids = [grid for grid in grids if stage_number(grid) in chosen.stage]
     os.chdir(ROOT)
     status = 0
-    for stage in sorted(GRIDS.glob(f"{benchmark}_stage*.yaml")):
+    for stage in grids:
         code = main(["sweep", str(stage.relative_to(ROOT)), *args])
         if code == INTERRUPTED:
             return code

@@ -328,15 +328,46 @@ def test_the_resize_filter_ablations_change_only_the_filter(expanded):
 @pytest.mark.parametrize(("first_status", "stages_run", "status"), [(130, 1, 130), (1, 2, 1), (0, 2, 0)])
 def test_an_interrupted_stage_ends_the_sequence(monkeypatch, tmp_path, first_status, stages_run, status):
     """benchmarks/stages.py: after an interrupted stage (exit 130) no later stage starts; a failed one goes on."""
+    stages, calls = _fake_stages(monkeypatch, tmp_path, (1, 2), first_status)
+    assert stages.run_stages("bench", ["--workers", "1"]) == status
+    assert [argv[1] for argv in calls] == ["bench_stage1.yaml", "bench_stage2.yaml"][:stages_run]
+
+
+def _fake_stages(monkeypatch, tmp_path, numbers, first_status=0):
+    """benchmarks/stages.py over grids ``bench_stageN.yaml`` in ``tmp_path``; the sweeps it calls, in order.
+
+    The first sweep exits with ``first_status``, the others with 0.
+    """
     monkeypatch.syspath_prepend(str(GRIDS.parents[1] / "benchmarks"))
     import stages
 
-    for n in (1, 2):
+    for n in numbers:
         (tmp_path / f"bench_stage{n}.yaml").write_text("out: runs/bench\n")
     calls = []
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(stages, "ROOT", tmp_path)
     monkeypatch.setattr(stages, "GRIDS", tmp_path)
-    monkeypatch.setattr(stages, "main", lambda argv: calls.append(argv[1]) or (first_status if len(calls) == 1 else 0))
-    assert stages.run_stages("bench", ["--workers", "1"]) == status
-    assert calls == ["bench_stage1.yaml", "bench_stage2.yaml"][:stages_run]
+    monkeypatch.setattr(stages, "main", lambda argv: calls.append(argv) or (first_status if len(calls) == 1 else 0))
+    return stages, calls
+
+
+def test_named_stages_run_alone_in_numeric_order(monkeypatch, tmp_path):
+    """``--stage N`` (repeatable) runs those stages only, stage 10 after stage 4; the other flags reach the sweep."""
+    stages, calls = _fake_stages(monkeypatch, tmp_path, (1, 4, 10))
+    assert stages.run_stages("bench", ["--stage", "10", "--workers", "1", "--stage", "4"]) == 0
+    assert calls == [
+        ["sweep", "bench_stage4.yaml", "--workers", "1"],
+        ["sweep", "bench_stage10.yaml", "--workers", "1"],
+    ]
+    calls.clear()
+    assert stages.run_stages("bench", []) == 0
+    assert [argv[1] for argv in calls] == ["bench_stage1.yaml", "bench_stage4.yaml", "bench_stage10.yaml"]
+
+
+def test_a_stage_that_does_not_exist_is_one_line_and_exit_2(monkeypatch, tmp_path, capsys):
+    """A wrong ``--stage`` runs nothing, even the stages that exist, and names the ones there are."""
+    stages, calls = _fake_stages(monkeypatch, tmp_path, (1, 2))
+    assert stages.run_stages("bench", ["--stage", "1", "--stage", "7"]) == 2
+    assert calls == []
+    error = capsys.readouterr().err
+    assert error.strip() == "error: bench has no stage 7 (its stages: 1, 2)"
