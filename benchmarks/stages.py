@@ -41,17 +41,16 @@ def run_stages(benchmark: str, args: list[str]) -> int:
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--stage", type=int, action="append", default=[])
     chosen, args = parser.parse_known_args(args)
-    grids = sorted(GRIDS.glob(f"{benchmark}_stage*.yaml"), key=stage_number)
-    missing = sorted(set(chosen.stage) - {stage_number(grid) for grid in grids})
+    grids = {stage_number(grid): grid for grid in GRIDS.glob(f"{benchmark}_stage*.yaml")}
+    missing = sorted(set(chosen.stage) - grids.keys())
     if missing:
-        known = ", ".join(str(stage_number(grid)) for grid in grids)
+        known = ", ".join(map(str, sorted(grids)))
         print(f"error: {benchmark} has no stage {missing[0]} (its stages: {known})", file=sys.stderr)
         return 2
-    if chosen.stage:
-        grids = [grid for grid in grids if stage_number(grid) in chosen.stage]
     os.chdir(ROOT)
     status = 0
-    for stage in grids:
+    for number in sorted(set(chosen.stage) or grids):
+        stage = grids[number]
         code = main(["sweep", str(stage.relative_to(ROOT)), *args])
         if code == INTERRUPTED:
             return code

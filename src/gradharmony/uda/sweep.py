@@ -575,11 +575,10 @@ def run_grid(
     workers = workers or int(grid.get("workers") or 1)
     if workers < 1:
         raise ConfigError(f"workers must be at least 1, got {workers}")
-    done = statuses.count("done")
-    kept = statuses.count("archived")
+    counts = status_counts(statuses, retry_failed)
     print(
-        f"grid: {len(runs)} runs, {done} already done, "
-        + (f"{kept} finished elsewhere (archived), " if kept else "")
+        f"grid: {len(runs)} runs, {counts['done']} already done, "
+        + (f"{counts['archived']} finished elsewhere (archived), " if "archived" in counts else "")
         + f"{len(todo)} to run with {workers} process(es); "
         f"results under {grid['out']}/",
         flush=True,
@@ -587,7 +586,6 @@ def run_grid(
     for run in todo:
         _label_run(run)
     prepare_data(todo)
-    counts = status_counts(statuses, retry_failed)
     started = time.perf_counter()
     with _Interrupts() as interrupts:
         for i, (run, outcome, note) in enumerate(_run_workers(todo, workers, runs_per_process, interrupts), 1):
