@@ -428,7 +428,9 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser(
-        "run", help="sweep every stage in order, or those named by --stage N (other flags go to gradharmony sweep)"
+        "run",
+        add_help=False,  # run --help lists the stages and their flags (benchmarks/stages.py)
+        help="sweep every stage in order, or those named by --stage N (other flags go to gradharmony sweep)",
     )
     report_parser = commands.add_parser("report", help="print the tables and write them to --out")
     report_parser.add_argument("--runs", type=Path, default=RUNS, help="the runs folder (default runs/digits_parity)")
@@ -439,7 +441,7 @@ def main(argv: list[str]) -> int:
     if args.command == "run":
         if (DOCS / ARCHIVE).is_file() and "--skip-archived" not in rest:
             rest = [*rest, "--skip-archived", str(DOCS / ARCHIVE)]  # finished on another machine: not again
-        return run_stages("digits_parity", rest)
+        return run_stages("digits_parity", rest, prog="python benchmarks/digits_parity.py run")
     if rest:
         parser.error(f"unrecognised arguments: {' '.join(rest)}")
     if not args.runs.is_dir() and not (args.out / ARCHIVE).is_file():

@@ -371,3 +371,15 @@ def test_a_stage_that_does_not_exist_is_one_line_and_exit_2(monkeypatch, tmp_pat
     assert calls == []
     error = capsys.readouterr().err
     assert error.strip() == "error: bench has no stage 7 (its stages: 1, 2)"
+
+
+def test_help_lists_the_stages_and_runs_nothing(monkeypatch, tmp_path, capsys):
+    """``--help`` names every stage's grid and the ``--stage`` flag, exits 0, and sweeps nothing."""
+    stages, calls = _fake_stages(monkeypatch, tmp_path, (1, 4))
+    with pytest.raises(SystemExit) as exit_info:
+        stages.run_stages("bench", ["--help"], prog="bench run")
+    assert exit_info.value.code == 0
+    assert calls == []
+    text = capsys.readouterr().out
+    assert text.startswith("usage: bench run [--stage N ...]")
+    assert "bench_stage1.yaml" in text and "bench_stage4.yaml" in text and "--stage N" in text

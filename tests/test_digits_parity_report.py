@@ -142,6 +142,16 @@ def test_report_without_runs_is_one_line_and_exit_2(tmp_path, parity, capsys):
     assert not (tmp_path / "docs").exists()
 
 
+def test_run_help_lists_the_stages_and_trains_nothing(parity, capsys):
+    """``run --help`` reaches the stage runner (the ``run`` subcommand does not swallow it)."""
+    with pytest.raises(SystemExit) as exit_info:
+        parity.main(["run", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: python benchmarks/digits_parity.py run [--stage N ...]")
+    assert "configs/benchmarks/digits_parity_stage4.yaml" in text
+
+
 def test_the_report_outlives_its_runs_folder_through_the_archive(tmp_path, parity):
     """A report written with --out keeps each finished run in runs.json; a later report from a fresh
     runs folder (another machine) holds both machines' runs, and an unfinished restart of an archived
