@@ -40,8 +40,8 @@ def run_stages(benchmark: str, args: list[str], prog: str | None = None) -> int:
     it do not start.  ``--help`` lists the stages and the flags; ``prog`` names the command in it
     (default ``python benchmarks/<benchmark>.py``).
     """
-    grids = {stage_number(grid): grid for grid in GRIDS.glob(f"{benchmark}_stage*.yaml")}
-    stage_list = "\n".join(f"  {number:>2}  {grids[number].relative_to(ROOT)}" for number in sorted(grids))
+    grids = dict(sorted((stage_number(grid), grid) for grid in GRIDS.glob(f"{benchmark}_stage*.yaml")))
+    stage_list = "\n".join(f"  {number:>2}  {grid.relative_to(ROOT)}" for number, grid in grids.items())
     parser = argparse.ArgumentParser(
         prog=prog or f"python benchmarks/{benchmark}.py",
         usage="%(prog)s [--stage N ...] [gradharmony sweep flags]",
@@ -57,12 +57,12 @@ def run_stages(benchmark: str, args: list[str], prog: str | None = None) -> int:
     chosen, args = parser.parse_known_args(args)
     missing = sorted(set(chosen.stage) - grids.keys())
     if missing:
-        known = ", ".join(map(str, sorted(grids)))
+        known = ", ".join(map(str, grids))
         print(f"error: {benchmark} has no stage {missing[0]} (its stages: {known})", file=sys.stderr)
         return 2
     os.chdir(ROOT)
     status = 0
-    for number in sorted(set(chosen.stage) or grids):
+    for number in sorted(set(chosen.stage)) or grids:
         stage = grids[number]
         code = main(["sweep", str(stage.relative_to(ROOT)), *args])
         if code == INTERRUPTED:

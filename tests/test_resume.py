@@ -180,20 +180,27 @@ def test_a_run_killed_at_random_moments_ends_as_an_uninterrupted_one(tmp_path, z
     # with the moments halved.
     for round_ in range(4):
         folder = tmp_path / f"killed{round_}"
-        outcomes = []
-        for delay in delays:
-            pid = zygote.start(folder, **RUN)
-            time.sleep(duration / 2**round_ * delay / 1000)
-            kill(pid)
-            outcomes.append(zygote.wait())
-            assert outcomes[-1] != "failed", zygote.errors()
-            if outcomes[-1] == "finished":
-                break
+        outcomes = _kill_at(zygote, folder, [duration / 2**round_ * delay / 1000 for delay in delays])
         if "killed" in outcomes:
             break
     assert "killed" in outcomes, "every run finished before its kill, in four rounds"
     zygote.train(folder, **RUN)
     assert_same_run(tmp_path / "straight" / "run", folder / "run")
+
+
+def _kill_at(zygote: Zygote, folder: Path, moments: list[float]) -> list[str]:
+    """Start the run in ``folder`` and kill it ``moments[i]`` seconds in, restart after restart, until
+    one finishes; how each start ended."""
+    outcomes = []
+    for moment in moments:
+        pid = zygote.start(folder, **RUN)
+        time.sleep(moment)
+        kill(pid)
+        outcomes.append(zygote.wait())
+        assert outcomes[-1] != "failed", zygote.errors()
+        if outcomes[-1] == "finished":
+            break
+    return outcomes
 
 
 # ----------------------------------------------------------------------------- kill points, in process
